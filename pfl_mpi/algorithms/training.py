@@ -1,0 +1,74 @@
+"""What a client computes locally: minibatch SGD epochs and evaluation on tensors.
+
+No DataLoader and no model copies on this path: a client's tensors already sit on the
+device, batches are index slices of one permutation drawn from the client's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """Client-side local training (config section ``train``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    local_epochs: int = Field(1, ge=1, description="epochs over the client's training split per round (E)")
+    batch_size: int = Field(32, ge=1, description="minibatch size (B)")
+    lr: float = Field(0.05, gt=0, description="client learning rate (eta)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="client SGD momentum, reset every round")
+    weight_decay: float = Field(0.0, ge=0, description="client L2 weight decay")
+
+
+Regulariser = Callable[[], torch.Tensor]
+
+
+def sgd_epochs(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    params: list[torch.nn.Parameter] | None = None,
+    regulariser: Regulariser | None = None,
+    epochs: int | None = None,
+) -> float:
+    """Train ``params`` (default: all) for ``epochs`` (default cfg.local_epochs); return the mean batch loss.
+
+    ``regulariser`` adds a term to every batch's loss (FedProx's proximal term, Ditto's pull to w).
+    """
+    params = list(model.parameters()) if params is None else params
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    model.train()
+    n, total, batches = x.shape[0], 0.0, 0
+    for _ in range(cfg.local_epochs if epochs is None else epochs):
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            objective = loss if regulariser is None else loss + regulariser()
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
+    return total / max(batches, 1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    n = max(x.shape[0], 1)
+    return loss_sum / n, correct / n

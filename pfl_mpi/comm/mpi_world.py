@@ -1,0 +1,101 @@
+"""The world over MPI: non-blocking collectives on flat numpy buffers, completed by polling.
+
+A rank blocked in an MPI call busy-polls and takes a core from the ranks that are computing
+(measured in shared/HPC-NOTES.md). So every collective here is started non-blocking and
+completed by ``Test()`` with a sleep that doubles from ``POLL_MIN`` up to ``poll_max``: short
+waits stay short, long waits cost almost no CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util.dtlib import from_numpy_dtype
+
+from .world import SERVER, World
+
+POLL_MIN = 20e-6
+
+
+class MPIWorld(World):
+    """A world of MPI ranks (``MPI.COMM_WORLD``)."""
+
+    def __init__(self, poll_max: float = 5e-3) -> None:
+        super().__init__()
+        self.comm = MPI.COMM_WORLD.Dup()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank = node.Get_rank()
+        node.Free()
+        self.hosts = self.comm.allgather(MPI.Get_processor_name())  # small metadata, once
+        self.poll_max = poll_max
+
+    # -- completion -----------------------------------------------------------------------
+    def _complete(self, request: MPI.Request, label: str, sent: int, received: int, start: float) -> None:
+        delay = POLL_MIN
+        while not request.Test():
+            time.sleep(delay)
+            delay = min(2.0 * delay, self.poll_max)
+        self.ledger.record(label, sent, received, time.perf_counter() - start)
+
+    @staticmethod
+    def _spec(buf: np.ndarray, counts: Sequence[int]) -> list:
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        return [buf, list(map(int, counts)), list(map(int, displs)), from_numpy_dtype(buf.dtype)]
+
+    # -- collectives ----------------------------------------------------------------------
+    def bcast(self, buf: np.ndarray, label: str) -> None:
+        start = time.perf_counter()
+        request = self.comm.Ibcast(buf, root=SERVER)
+        peers = self.size - 1
+        sent, received = (buf.nbytes * peers, 0) if self.is_server else (0, buf.nbytes)
+        self._complete(request, label, sent, received, start)
+
+    def scatterv(self, send: np.ndarray | None, counts: Sequence[int], recv: np.ndarray, label: str) -> None:
+        start = time.perf_counter()
+        if self.is_server:
+            assert send is not None
+            request = self.comm.Iscatterv(self._spec(send, counts), MPI.IN_PLACE, root=SERVER)
+            sent, received = (sum(counts) - counts[SERVER]) * send.itemsize, 0
+            recv.reshape(-1)[:] = send.reshape(-1)[: counts[SERVER]]  # the root's own part (P = 1)
+        else:
+            request = self.comm.Iscatterv(None, recv, root=SERVER)
+            sent, received = 0, recv.nbytes
+        self._complete(request, label, sent, received, start)
+
+    def reduce_sum(self, buf: np.ndarray, label: str) -> None:
+        start = time.perf_counter()
+        if self.is_server:
+            request = self.comm.Ireduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=SERVER)
+            sent, received = 0, buf.nbytes * (self.size - 1)
+        else:
+            request = self.comm.Ireduce(buf, None, op=MPI.SUM, root=SERVER)
+            sent, received = buf.nbytes, 0
+        self._complete(request, label, sent, received, start)
+
+    def gatherv(self, send: np.ndarray, counts: Sequence[int], recv: np.ndarray | None, label: str) -> None:
+        start = time.perf_counter()
+        if self.is_server:
+            assert recv is not None
+            recv.reshape(-1)[: counts[SERVER]] = send.reshape(-1)  # the root's own part (P = 1)
+            request = self.comm.Igatherv(MPI.IN_PLACE, self._spec(recv, counts), root=SERVER)
+            sent, received = 0, (sum(counts) - counts[SERVER]) * recv.itemsize
+        else:
+            request = self.comm.Igatherv(send, None, root=SERVER)
+            sent, received = send.nbytes, 0
+        self._complete(request, label, sent, received, start)
+
+    def gather_rows(self, row: np.ndarray, label: str) -> np.ndarray | None:
+        row = np.ascontiguousarray(row, dtype=np.float64)
+        out = np.empty((self.size, row.size), dtype=np.float64) if self.is_server else None
+        self.gatherv(row, [row.size] * self.size, out, label)
+        return out
+
+    def abort(self, code: int) -> None:
+        MPI.COMM_WORLD.Abort(code)
+
+    def barrier(self) -> None:
+        self._complete(self.comm.Ibarrier(), "control", 0, 0, time.perf_counter())

@@ -1,0 +1,137 @@
+"""The run configuration: schema, YAML loading, ``--set`` overrides and one-line validation errors.
+
+Each subsystem owns the schema of its section (data, model, train, algorithm); this module
+composes them. :func:`load_config` returns a validated :class:`RunConfig` or raises
+:class:`~pfl_mpi.errors.ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .algorithms import resolve
+from .algorithms.training import TrainConfig
+from .data import DataConfig
+from .errors import ConfigError
+from .models import ModelConfig
+
+
+class CommConfig(BaseModel):
+    """How ranks wait for messages."""
+
+    model_config = ConfigDict(extra="forbid")
+    poll_max_ms: float = Field(5.0, gt=0, description="longest sleep between polls of a pending collective (ms)")
+
+
+class RunConfig(BaseModel):
+    """One experiment. Every field can be set in YAML or with ``--set key.sub=value``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("run", min_length=1, description="run name; the default output is runs/<name>.h5")
+    seed: int = Field(0, ge=0, description="root of every random choice (data, sampling, init, client RNG)")
+    rounds: int = Field(20, ge=1, description="communication rounds")
+    clients_per_round: int | None = Field(10, ge=1, description="clients sampled per round; null = all")
+    eval_every: int = Field(1, ge=1, description="evaluate every k rounds (and after the last round)")
+    state_every: int = Field(10, ge=0, description="snapshot client and global state every k rounds; 0 = last only")
+    threads: int = Field(1, ge=1, description="torch threads per rank")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU by node-local rank if any")
+    output: str | None = Field(None, description="HDF5 run file; default runs/<name>.h5")
+    plugins: list[str] = Field(default_factory=list, description="modules imported on every rank (own algorithms)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
+    comm: CommConfig = Field(default_factory=CommConfig)
+
+    @model_validator(mode="after")
+    def _clients_fit(self) -> RunConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
+            )
+        return self
+
+    @property
+    def sampled_per_round(self) -> int:
+        return self.data.num_clients if self.clients_per_round is None else self.clients_per_round
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / f"{self.name}.h5"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(text, "an override is written key=value, e.g. --set train.lr=0.1")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` of ``overrides`` in the nested dict ``raw`` (in place)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path[: i + 1]), "is not a section, cannot set a key inside it")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _first_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    return ConfigError(key, message)
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict: the schema, then the plugins and the algorithm's own parameters."""
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", "the configuration must be a mapping of keys to values")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _first_error(err) from None
+    for module in cfg.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError("plugins", f"cannot import {module!r}: {err}") from None
+    cls, params = resolve(cfg.algorithm)
+    cfg.algorithm = {"name": cls.name, **params.model_dump(mode="json")}
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (empty file: empty mapping)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError("config", f"cannot read {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError("config", f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return {} if raw is None else raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (or the defaults), apply ``overrides``, validate."""
+    raw = read_yaml(path) if path else {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of keys to values")
+    return validate(apply_overrides(raw, overrides or []))

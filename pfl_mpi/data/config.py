@@ -1,0 +1,155 @@
+"""Configuration of the federated data: which data set, how many clients, how it is split."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pfl_mpi.errors import ConfigError
+
+DataName = Literal["digits", "mnist1d", "synthetic", "file"]
+PartitionName = Literal["natural", "iid", "dirichlet", "shards", "quantity"]
+
+
+class SyntheticConfig(BaseModel):
+    """Synthetic(alpha, beta) of FedProx (Li et al., MLSys 2020, section 5)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(
+        1.0, ge=0, description="Spread of the local models: u_k ~ N(0, alpha) is the mean of W_k and b_k."
+    )
+    beta: float = Field(
+        1.0, ge=0, description="Spread of the local inputs: B_k ~ N(0, beta) is the mean of v_k (x's mean)."
+    )
+    iid: bool = Field(
+        False,
+        description="Synthetic-IID: one W, b shared by all clients and x ~ N(0, Sigma) everywhere "
+        "(alpha and beta are then unused).",
+    )
+    dimension: int = Field(60, ge=1, description="Input dimension d.")
+    num_classes: int = Field(10, ge=2, description="Number of classes.")
+    size_mean: float = Field(
+        4.0, description="Samples per client: int(lognormal(size_mean, size_sigma)) + size_offset."
+    )
+    size_sigma: float = Field(2.0, ge=0, description="Sigma of the lognormal number of samples per client.")
+    size_offset: int = Field(50, ge=2, description="Samples every client gets on top of the lognormal draw.")
+    max_samples: int | None = Field(
+        None,
+        ge=2,
+        description="Cap on samples per client (train + test). None: no cap, as in the paper; the lognormal "
+        "tail is heavy (with 1,000 clients the largest one holds ~34,000 samples, median of the max).",
+    )
+
+
+class Mnist1dConfig(BaseModel):
+    """MNIST-1D (Greydanus 2020), generated locally from the templates shipped in the ``mnist1d`` package."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_samples: int = Field(
+        4000,
+        ge=10,
+        multiple_of=10,
+        description="Samples generated in total (the generator makes num_samples / 10 per class); "
+        "they are pooled and then partitioned.",
+    )
+    seed: int = Field(
+        42,
+        ge=0,
+        description="Seed of the generator; fixes the pooled data set (42 is the package's default). "
+        "The partition is drawn from the run seed.",
+    )
+    shuffle_seq: bool = Field(
+        False, description="Permute the 40 positions of every signal (the package's 'shuffled' variant)."
+    )
+
+
+class DataConfig(BaseModel):
+    """Which data set, how many clients, how the samples are dealt out and split into train and test."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: DataName = Field(
+        "digits",
+        description="digits: scikit-learn's 8x8 digits (1,797 samples); mnist1d: MNIST-1D; synthetic: "
+        "FedProx's Synthetic(alpha, beta); file: your own .npz or .h5 (see path).",
+    )
+    num_clients: int = Field(100, ge=1, description="Number of simulated clients N.")
+    partition: PartitionName | None = Field(
+        None,
+        description="How pooled samples are dealt to clients: natural (synthetic, or a file with a "
+        "'client' array), iid, dirichlet (label skew), shards (classes_per_client classes each), quantity "
+        "(size skew). None: natural for synthetic and for files with client ids, else iid.",
+    )
+    dirichlet_alpha: float = Field(
+        0.5,
+        gt=0,
+        description="dirichlet: concentration alpha of q_k ~ Dir(alpha * p), p the pooled class "
+        "frequencies (Hsu et al. 2019); small alpha = few classes per client.",
+    )
+    classes_per_client: int = Field(
+        2, ge=1, description="shards: distinct classes per client (pFedHN's split, Shamsian et al. 2021)."
+    )
+    quantity_sigma: float = Field(
+        1.0,
+        gt=0,
+        description="quantity: client sizes proportional to lognormal(0, sigma) weights on top of "
+        "min_samples; labels iid.",
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Fraction of each client's samples held out as its test set."
+    )
+    stratify: bool = Field(
+        True, description="Split each client's samples into train and test with its label proportions kept."
+    )
+    min_samples: int = Field(
+        10,
+        ge=2,
+        description="Fewest samples (train + test) any client may hold; a partition that cannot give every "
+        "client this many is rejected. At least 2, so that every client has 1 train and 1 test sample.",
+    )
+    path: str | None = Field(
+        None,
+        description="file only: a .npz or .h5/.hdf5 with arrays x (float, [n, ...]), y (int labels 0..C-1) "
+        "and optionally client (int client id per sample, for the natural partition).",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="Seed of the data alone (partition, splits, synthetic samples). None: the run's seed. "
+        "Set it to keep the same clients across runs with different training seeds.",
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="name: synthetic only.")
+    mnist1d: Mnist1dConfig = Field(default_factory=Mnist1dConfig, description="name: mnist1d only.")
+
+
+def check_static(cfg: DataConfig) -> None:
+    """Reject combinations of options that are wrong whatever the data; raises ``ConfigError``."""
+    if cfg.name == "file" and not cfg.path:
+        raise ConfigError("data.path", "required when data.name is 'file'")
+    if cfg.name != "file" and cfg.path is not None:
+        raise ConfigError("data.path", f"only read when data.name is 'file', but data.name is {cfg.name!r}")
+    if cfg.name == "synthetic" and cfg.partition not in (None, "natural"):
+        raise ConfigError(
+            "data.partition",
+            f"synthetic data is generated per client, so only 'natural' applies, not {cfg.partition!r}",
+        )
+    if cfg.name in ("digits", "mnist1d") and cfg.partition == "natural":
+        raise ConfigError(
+            "data.partition",
+            f"{cfg.name} has no natural split by client; use iid, dirichlet, shards or quantity",
+        )
+    syn = cfg.synthetic
+    if cfg.name == "synthetic" and syn.max_samples is not None and syn.max_samples < cfg.min_samples:
+        raise ConfigError(
+            "data.synthetic.max_samples",
+            f"{syn.max_samples} is below data.min_samples = {cfg.min_samples}",
+        )
+    if cfg.name == "synthetic" and syn.size_offset < cfg.min_samples:
+        raise ConfigError(
+            "data.synthetic.size_offset",
+            f"{syn.size_offset} is below data.min_samples = {cfg.min_samples}; the smallest client would "
+            "hold too few samples",
+        )

@@ -1,0 +1,76 @@
+"""Flat views of a model's parameters: the vectors that travel through MPI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+class ParamLayout:
+    """Which parameters of a model form a flat vector, in a fixed order.
+
+    The layout is built from one model and applies to any model with the same parameter names and shapes
+    (e.g. the rank's single model instance, loaded with each client's parameters in turn).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        params = dict(model.named_parameters())
+        names = tuple(names)
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"model has no parameters named {missing}")
+        if len(set(names)) != len(names):
+            raise ValueError("parameter names repeat")
+        self.names: tuple[str, ...] = names
+        self.shapes: tuple[torch.Size, ...] = tuple(params[n].shape for n in names)
+        self.numels: tuple[int, ...] = tuple(params[n].numel() for n in names)
+        self.numel: int = sum(self.numels)
+
+    def _params(self, model: nn.Module) -> list[nn.Parameter]:
+        params = [model.get_parameter(n) for n in self.names]
+        for p, shape, n in zip(params, self.shapes, self.names, strict=True):
+            if p.shape != shape:
+                raise ValueError(f"parameter {n} has shape {tuple(p.shape)}, the layout has {tuple(shape)}")
+        return params
+
+    def flatten(self, model: nn.Module) -> torch.Tensor:
+        """The parameters as one 1-D float32 contiguous CPU tensor (a detached copy)."""
+        params = self._params(model)
+        if not params:
+            return torch.zeros(0, dtype=torch.float32)
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        return flat.to(device="cpu", dtype=torch.float32).contiguous()
+
+    @torch.no_grad()
+    def load(self, model: nn.Module, flat: torch.Tensor) -> None:
+        """Copy ``flat`` (any device, any float dtype) into the model's parameters, in place."""
+        if flat.dim() != 1 or flat.numel() != self.numel:
+            raise ValueError(f"expected a 1-D tensor of {self.numel} values, got shape {tuple(flat.shape)}")
+        params = self._params(model)
+        if not params:
+            return
+        flat = flat.to(device=params[0].device)
+        for p, chunk in zip(params, flat.split(self.numels), strict=True):
+            p.copy_(chunk.view(p.shape))
+
+    def grads(self, model: nn.Module) -> torch.Tensor:
+        """The gradients as one 1-D float32 CPU tensor; zeros for parameters whose ``.grad`` is None."""
+        params = self._params(model)
+        if not params:
+            return torch.zeros(0, dtype=torch.float32)
+        parts = [
+            p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+            for p in params
+        ]
+        return torch.cat([t.to(parts[0].device, torch.float32) for t in parts]).to("cpu").contiguous()
+
+
+def split_names(model: nn.Module, personal: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+    """(shared, personal) parameter names, each in ``model.named_parameters()`` order."""
+    shared: list[str] = []
+    own: list[str] = []
+    for name, _ in model.named_parameters():
+        (own if personal(name) else shared).append(name)
+    return shared, own

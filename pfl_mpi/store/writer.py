@@ -1,0 +1,211 @@
+"""The run file's only writer (rank 0): per-round records, snapshots and the checkpoint.
+
+The file is kept open with HDF5's default format and flushed after every round: killed at any
+moment, it reopens with every completed round (shared/HPC-NOTES.md). A round is committed by
+the ``rounds_completed`` attribute, written last. Datasets on the round axis may hold one
+uncommitted row more; readers slice and resume truncates.
+
+The checkpoint has two slots and round t writes slot t % 2, so a crash in the middle of round
+t leaves the slot of round t-1 untouched. A slot is made current by writing the client rows
+that changed in the previous round as well as those of this round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .layout import (
+    CHECKPOINT,
+    CLIENT_STATE,
+    CLIENTS,
+    COMM,
+    FORMAT,
+    FORMAT_VERSION,
+    GLOBAL_STATE,
+    PARTITION,
+    RANKS,
+    ROUNDS,
+    slot_of,
+)
+
+_BLOCK = 1024  # clients per block when streaming [N, numel] tables
+
+
+def _append(group: h5py.Group, name: str, t: int, value: np.ndarray, dtype, fill=np.nan) -> None:
+    """Write ``value`` as row ``t`` of ``group[name]``, an array growing along its first axis."""
+    value = np.asarray(value, dtype=dtype)
+    if name not in group:
+        chunk_rows = max(1, min(256, (1 << 20) // max(value.nbytes, 1)))
+        group.create_dataset(
+            name,
+            shape=(0, *value.shape),
+            maxshape=(None, *value.shape),
+            dtype=dtype,
+            chunks=(chunk_rows, *value.shape),
+            compression="gzip" if value.size > 1 else None,
+            fillvalue=fill,
+        )
+    ds = group[name]
+    if ds.shape[0] < t + 1:
+        ds.resize(t + 1, axis=0)
+    ds[t] = value
+
+
+class RunWriter:
+    """Writes one run file. Open it with :meth:`create` or :meth:`reopen`."""
+
+    def __init__(self, file: h5py.File):
+        self.f = file
+        self.pending: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # rows changed last round
+
+    # -- opening --------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        attrs: Mapping[str, object],
+        partition: Mapping[str, np.ndarray],
+        state_spec: Mapping[str, int],
+        init_state: Callable[[int], dict[str, np.ndarray]],
+        num_clients: int,
+    ) -> RunWriter:
+        """A new file with the run's description, partition and initial client states in both slots."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(path, "w")
+        f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "rounds_completed": 0})
+        f.attrs.update({k: (json.dumps(v) if isinstance(v, list | dict) else v) for k, v in attrs.items()})
+        f.attrs["status"] = "running"
+        part = f.create_group(PARTITION)
+        for name, values in partition.items():
+            part.create_dataset(name, data=values)
+        for group in (ROUNDS, CLIENTS, CLIENT_STATE, GLOBAL_STATE, COMM, RANKS):
+            f.require_group(group)
+        writer = cls(f)
+        for slot in (0, 1):
+            clients = f.require_group(f"{slot_of(slot)}/clients")
+            f.require_group(f"{slot_of(slot)}/server")
+            for name, numel in state_spec.items():
+                clients.create_dataset(name, shape=(num_clients, numel), dtype=np.float32,
+                                       chunks=(min(num_clients, max(1, (1 << 20) // (4 * max(numel, 1)))), numel))
+            for start in range(0, num_clients, _BLOCK):
+                block = range(start, min(start + _BLOCK, num_clients))
+                states = [init_state(k) for k in block]
+                for name in state_spec:
+                    clients[name][block.start : block.stop] = np.stack([s[name] for s in states])
+        f.flush()
+        return writer
+
+    @classmethod
+    def reopen(cls, path: Path) -> tuple[RunWriter, int]:
+        """Reopen a run file to continue it: drop uncommitted rows; return the writer and the rounds completed."""
+        f = h5py.File(path, "r+")
+        done = int(f.attrs["rounds_completed"])
+        for group in (ROUNDS, CLIENTS, COMM, RANKS):
+            for ds in f[group].values():
+                if isinstance(ds, h5py.Dataset) and ds.shape[0] > done:
+                    ds.resize(done, axis=0)
+        for group in (CLIENT_STATE, GLOBAL_STATE):
+            g = f[group]
+            if "round" in g:
+                keep = int(np.sum(g["round"][:] < done))
+                for ds in g.values():
+                    ds.resize(keep, axis=0)
+        f.attrs["status"] = "running"
+        return cls(f), done
+
+    # -- per round ------------------------------------------------------------------------
+    def append_round(
+        self,
+        t: int,
+        scalars: Mapping[str, float],
+        clients: Mapping[str, np.ndarray],
+        comm: Mapping[str, np.ndarray],
+        ranks: Mapping[str, np.ndarray],
+    ) -> None:
+        """Row ``t`` of every per-round dataset (a metric missing this round is NaN)."""
+        rounds = self.f[ROUNDS]
+        for name in set(scalars) | set(rounds):
+            _append(rounds, name, t, scalars.get(name, np.nan), np.float64)
+        for name, values in clients.items():
+            dtype = np.uint8 if values.dtype == bool else np.float32
+            _append(self.f[CLIENTS], name, t, values, dtype, fill=0 if dtype == np.uint8 else np.nan)
+        for name, values in comm.items():
+            _append(self.f[COMM], name, t, values, np.float64, fill=0)
+        for name, values in ranks.items():
+            _append(self.f[RANKS], name, t, values, np.float64)
+
+    def set_round_value(self, t: int, name: str, value: float) -> None:
+        """Overwrite one per-round scalar (e.g. the seconds spent writing the round itself)."""
+        _append(self.f[ROUNDS], name, t, value, np.float64)
+
+    def checkpoint(self, t: int, server: Mapping[str, np.ndarray], clients: Iterable[int],
+                   rows: Mapping[str, np.ndarray]) -> None:
+        """Make slot t % 2 hold the state after round t: the server's, and the rows of changed clients."""
+        slot = self.f[slot_of(t)]
+        for name, value in server.items():
+            value = np.asarray(value)
+            if name in slot["server"] and slot["server"][name].shape != value.shape:
+                del slot["server"][name]
+            if name not in slot["server"]:
+                slot["server"].create_dataset(name, shape=value.shape, dtype=value.dtype)
+            slot["server"][name][...] = value
+        clients = np.asarray(list(clients), dtype=np.int64)
+        for changed, values in ([self.pending] if self.pending else []) + [(clients, rows)]:
+            order = np.argsort(changed)
+            for name, table in values.items():
+                if len(changed):
+                    slot["clients"][name][changed[order]] = table[order]
+        slot.attrs["round"] = t
+        self.pending = (clients, dict(rows))
+
+    def pend_all(self, clients: np.ndarray, rows: Mapping[str, np.ndarray]) -> None:
+        """After a resume: the next checkpoint rewrites these rows (the whole restored state)."""
+        self.pending = (clients, dict(rows))
+
+    def snapshot(self, t: int, global_state: Mapping[str, np.ndarray]) -> None:
+        """Copy the server's model and every client's current state (slot of round t) into the snapshots."""
+        g = self.f[GLOBAL_STATE]
+        s = g["round"].shape[0] if "round" in g else 0
+        _append(g, "round", s, t, np.int64, fill=-1)
+        for name, value in global_state.items():
+            _append(g, name, s, value, np.float32)
+        c = self.f[CLIENT_STATE]
+        _append(c, "round", s, t, np.int64, fill=-1)
+        for name, table in self.f[slot_of(t)]["clients"].items():
+            n, numel = table.shape
+            if name not in c:
+                c.create_dataset(name, shape=(0, n, numel), maxshape=(None, n, numel), dtype=np.float32,
+                                 chunks=(1, min(n, max(1, (1 << 20) // (4 * max(numel, 1)))), numel),
+                                 compression="gzip")
+            c[name].resize(s + 1, axis=0)
+            for start in range(0, n, _BLOCK):
+                c[name][s, start : start + _BLOCK] = table[start : start + _BLOCK]
+
+    def commit(self, t: int) -> None:
+        """Mark round t complete and flush: from here on the file holds it for good."""
+        self.f.attrs["rounds_completed"] = t + 1
+        self.f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.f.flush()
+
+    def close(self, status: str) -> None:
+        self.f.attrs["status"] = status
+        self.f.close()
+
+    # -- resume ---------------------------------------------------------------------------
+    def read_checkpoint(self, done: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Server state and full client-state tables after round ``done - 1``."""
+        slot = self.f[slot_of(done - 1)]
+        if int(slot.attrs.get("round", -1)) != done - 1:
+            raise RuntimeError(f"checkpoint slot holds round {slot.attrs.get('round')}, expected {done - 1}")
+        server = {name: ds[...] for name, ds in slot["server"].items()}
+        clients = {name: ds[...] for name, ds in slot["clients"].items()}
+        return server, clients
+
+
+__all__ = ["RunWriter", "CHECKPOINT"]
