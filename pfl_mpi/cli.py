@@ -41,13 +41,29 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run an experiment (under mpiexec, with -n P, or as one process)")
     run.add_argument("config", nargs="?", help="YAML experiment file (default: built-in defaults)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set train.lr=0.1 (repeatable)")
-    run.add_argument("-n", "--ranks", type=int, default=None, metavar="P",
-                     help="start P MPI ranks with the venv's mpiexec (ignored when already under MPI)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=0.1 (repeatable)",
+    )
+    run.add_argument(
+        "-n",
+        "--ranks",
+        type=int,
+        default=None,
+        metavar="P",
+        help="start P MPI ranks with the venv's mpiexec (ignored when already under MPI)",
+    )
     run.add_argument("--out", default=None, help="HDF5 run file (default: runs/<name>.h5)")
-    run.add_argument("--resume", default=None, metavar="RUN.h5",
-                     help="continue an interrupted run from its file (only --set rounds=... may change)")
+    run.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN.h5",
+        help="continue an interrupted run from its file (only --set rounds=... may change)",
+    )
     run.add_argument("--quiet", action="store_true", help="no per-round progress")
 
     info = sub.add_parser("info", help="what a run file holds: config, ranks, progress, final metrics")
@@ -112,8 +128,10 @@ def _summary(metrics: dict[str, float], totals: tuple[float, float], path: Path)
     acc = metrics.get("test_acc", math.nan)
     lines = [f"done: {int(metrics['round']) + 1} rounds, wrote {path}"]
     if not math.isnan(acc):
-        lines.append(f"  final test accuracy {acc:.4f} (client mean {metrics['test_acc_mean']:.4f} "
-                     f"+- {metrics['test_acc_std']:.4f}), test loss {metrics['test_loss']:.4f}")
+        lines.append(
+            f"  final test accuracy {acc:.4f} (client mean {metrics['test_acc_mean']:.4f} "
+            f"+- {metrics['test_acc_std']:.4f}), test loss {metrics['test_loss']:.4f}"
+        )
     lines.append(f"  bytes moved by the algorithm: down {totals[0]:.3e}, up {totals[1]:.3e}")
     return "\n".join(lines)
 
@@ -136,8 +154,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         code = engine.run()
     except Exception:
         sys.stdout.flush()
-        print(f"pfl-mpi: rank {world.rank} of {world.size} failed:\n{traceback.format_exc()}",
-              file=sys.stderr, flush=True)
+        print(
+            f"pfl-mpi: rank {world.rank} of {world.size} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True
+        )
         world.abort(1)
         return 1
     if world.is_server:
@@ -147,8 +166,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             from .store import read_summary
 
             rounds = read_summary(cfg.output_path).rounds
-            print(_summary(engine.last_metrics, (rounds["bytes_down"].sum(), rounds["bytes_up"].sum()),
-                           cfg.output_path), flush=True)
+            print(
+                _summary(engine.last_metrics, (rounds["bytes_down"].sum(), rounds["bytes_up"].sum()), cfg.output_path),
+                flush=True,
+            )
     return code
 
 
@@ -162,8 +183,10 @@ def _info(args: argparse.Namespace) -> int:
         return 1
     a, r = summary.attrs, summary.rounds
     print(f"{summary.path}: run '{a['name']}', algorithm {a['algorithm']}, seed {a['seed']}")
-    print(f"  status {a['status']}, {summary.rounds_completed}/{a['rounds_planned']} rounds completed, "
-          f"last written {a.get('updated', '-')}")
+    print(
+        f"  status {a['status']}, {summary.rounds_completed}/{a['rounds_planned']} rounds completed, "
+        f"last written {a.get('updated', '-')}"
+    )
     hosts = a["hosts"]
     print(f"  {a['world_size']} rank(s) on {len(set(hosts))} host(s): {', '.join(sorted(set(hosts)))}")
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
@@ -171,14 +194,20 @@ def _info(args: argparse.Namespace) -> int:
         evaluated = [i for i, v in enumerate(r.get("test_acc", [])) if not math.isnan(v)]
         if evaluated:
             i = evaluated[-1]
-            print(f"  last evaluation (round {i + 1}): test accuracy {r['test_acc'][i]:.4f} "
-                  f"(client mean {r['test_acc_mean'][i]:.4f} +- {r['test_acc_std'][i]:.4f}), "
-                  f"test loss {r['test_loss'][i]:.4f}")
+            print(
+                f"  last evaluation (round {i + 1}): test accuracy {r['test_acc'][i]:.4f} "
+                f"(client mean {r['test_acc_mean'][i]:.4f} +- {r['test_acc_std'][i]:.4f}), "
+                f"test loss {r['test_loss'][i]:.4f}"
+            )
         print(f"  last train loss {r['train_loss'][-1]:.4f}")
-        print(f"  bytes moved by the algorithm: down {r['bytes_down'].sum():.3e}, up {r['bytes_up'].sum():.3e}; "
-              f"other messages {r['bytes_other'].sum():.3e}")
-        print(f"  wall time {r['seconds_wall'].sum():.2f} s over {summary.rounds_completed} rounds "
-              f"(compute {r['seconds_compute'].sum():.2f} s, server CPU {100 * r['server_cpu'].mean():.1f}% of a core)")
+        print(
+            f"  bytes moved by the algorithm: down {r['bytes_down'].sum():.3e}, up {r['bytes_up'].sum():.3e}; "
+            f"other messages {r['bytes_other'].sum():.3e}"
+        )
+        print(
+            f"  wall time {r['seconds_wall'].sum():.2f} s over {summary.rounds_completed} rounds "
+            f"(compute {r['seconds_compute'].sum():.2f} s, server CPU {100 * r['server_cpu'].mean():.1f}% of a core)"
+        )
     return 0
 
 

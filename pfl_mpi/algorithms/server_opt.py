@@ -32,9 +32,7 @@ class ServerOptConfig(BaseModel):
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only: heavy-ball momentum mu.")
     beta1: float = Field(0.9, ge=0, lt=1, description="adam/yogi/adagrad: decay of the first moment m.")
     beta2: float = Field(0.99, ge=0, lt=1, description="adam/yogi: decay of the second moment v.")
-    tau: float = Field(
-        1e-3, gt=0, allow_inf_nan=False, description="adam/yogi/adagrad: adaptivity; v starts at tau^2."
-    )
+    tau: float = Field(1e-3, gt=0, allow_inf_nan=False, description="adam/yogi/adagrad: adaptivity; v starts at tau^2.")
 
     @model_validator(mode="after")
     def _momentum_is_sgd_only(self) -> ServerOptConfig:
@@ -64,8 +62,7 @@ class ServerOptimizer:
         update Delta_t = sum p_k (w_k - w)."""
         if params.shape != (self.numel,) or update.shape != (self.numel,):
             raise ValueError(
-                f"expected 1-D tensors of {self.numel} values, "
-                f"got {tuple(params.shape)} and {tuple(update.shape)}"
+                f"expected 1-D tensors of {self.numel} values, got {tuple(params.shape)} and {tuple(update.shape)}"
             )
         self._move_to(params.device)
         update = update.to(device=params.device, dtype=torch.float32)
@@ -103,9 +100,7 @@ class ServerOptimizer:
         for k, t in self._state.items():
             src = torch.as_tensor(state[k])
             if src.shape != t.shape:
-                raise ValueError(
-                    f"server optimiser state {k} has shape {tuple(src.shape)}, expected {tuple(t.shape)}"
-                )
+                raise ValueError(f"server optimiser state {k} has shape {tuple(src.shape)}, expected {tuple(t.shape)}")
             t.copy_(src)
         self.steps = int(torch.as_tensor(state["step"]).item())
 

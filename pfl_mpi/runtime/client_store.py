@@ -11,9 +11,7 @@ import torch
 class ClientStore:
     """Persistent per-client state of the clients hosted on this rank (no model objects)."""
 
-    def __init__(
-        self, spec: dict[str, int], clients: Sequence[int], init: Callable[[int], dict[str, torch.Tensor]]
-    ):
+    def __init__(self, spec: dict[str, int], clients: Sequence[int], init: Callable[[int], dict[str, torch.Tensor]]):
         self.spec = dict(spec)
         self.numel = sum(spec.values())
         self.row = {int(k): i for i, k in enumerate(clients)}

@@ -31,6 +31,7 @@ from ..algorithms import (
     Broadcast,
     Client,
     Collected,
+    Gathered,
     PerClient,
     Setup,
     WeightedMean,
@@ -68,8 +69,12 @@ class RoundTimes:
     start_cpu: float = field(default_factory=time.process_time)
 
     def row(self) -> list[float]:
-        return [self.compute, self.aggregate, time.process_time() - self.start_cpu,
-                time.perf_counter() - self.start_wall]
+        return [
+            self.compute,
+            self.aggregate,
+            time.process_time() - self.start_cpu,
+            time.perf_counter() - self.start_wall,
+        ]
 
 
 class Engine:
@@ -87,8 +92,9 @@ class Engine:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         cls, params = resolve(cfg.algorithm)
-        self.algo: Algorithm = cls(params, Setup(model, self.device, cfg.train, self.num_clients,
-                                                 self.data.num_classes, cfg.seed))
+        self.algo: Algorithm = cls(
+            params, Setup(model, self.device, cfg.train, self.num_clients, self.data.num_classes, cfg.seed)
+        )
         self.state_spec = self.algo.client_state_spec()
         self.metric_names = self.algo.client_metrics
         self.stop_code = 0
@@ -112,23 +118,37 @@ class Engine:
 
         cfg, data = self.cfg, self.data
         attrs = {
-            "name": cfg.name, "config": cfg.to_yaml(), "algorithm": cfg.algorithm["name"], "seed": cfg.seed,
-            "rounds_planned": cfg.rounds, "num_clients": self.num_clients, "world_size": self.world.size,
-            "hosts": self.world.hosts, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "comm_labels": list(LABELS), "comm_fields": list(FIELDS), "rank_fields": list(RANK_FIELDS),
-            "versions": {"pfl_mpi": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                         "h5py": h5py.__version__, "mpi4py": mpi4py.__version__},
+            "name": cfg.name,
+            "config": cfg.to_yaml(),
+            "algorithm": cfg.algorithm["name"],
+            "seed": cfg.seed,
+            "rounds_planned": cfg.rounds,
+            "num_clients": self.num_clients,
+            "world_size": self.world.size,
+            "hosts": self.world.hosts,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "comm_labels": list(LABELS),
+            "comm_fields": list(FIELDS),
+            "rank_fields": list(RANK_FIELDS),
+            "versions": {
+                "pfl_mpi": __version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "h5py": h5py.__version__,
+                "mpi4py": mpi4py.__version__,
+            },
         }
         partition = {
-            "train_sizes": data.train_sizes, "test_sizes": data.test_sizes,
-            "label_histograms": data.label_histograms(), "host_rank": self.host,
+            "train_sizes": data.train_sizes,
+            "test_sizes": data.test_sizes,
+            "label_histograms": data.label_histograms(),
+            "host_rank": self.host,
         }
 
         def init_state(k: int) -> dict[str, np.ndarray]:
             return {name: v.numpy() for name, v in self.algo.init_client_state(k).items()}
 
-        return RunWriter.create(self.cfg.output_path, attrs, partition, self.state_spec, init_state,
-                                self.num_clients)
+        return RunWriter.create(self.cfg.output_path, attrs, partition, self.state_spec, init_state, self.num_clients)
 
     def _restore(self) -> None:
         """Continue a run file: server state from its checkpoint, client states scattered to their hosts."""
@@ -164,14 +184,20 @@ class Engine:
             return [None] * len(mine)
         n = self.algo.down_numel()
         if isinstance(down, Broadcast):
-            buf = (self.algo.downlink(t, plan.order).detach().cpu().numpy().astype(np.float32, copy=True)
-                   if self.world.is_server else np.empty(n, dtype=np.float32))
+            buf = (
+                self.algo.downlink(t, plan.order).detach().cpu().numpy().astype(np.float32, copy=True)
+                if self.world.is_server
+                else np.empty(n, dtype=np.float32)
+            )
             self.world.bcast(buf, label)
             payload = torch.from_numpy(buf)
             return [payload] * len(mine)
         assert isinstance(down, PerClient)
-        send = (np.ascontiguousarray(self.algo.downlink(t, plan.order).detach().cpu().numpy(), dtype=np.float32)
-                if self.world.is_server else None)
+        send = (
+            np.ascontiguousarray(self.algo.downlink(t, plan.order).detach().cpu().numpy(), dtype=np.float32)
+            if self.world.is_server
+            else None
+        )
         recv = np.empty((len(mine), n), dtype=np.float32)
         self.world.scatterv(send, [c * n for c in plan.per_rank], recv, label)
         return [torch.from_numpy(row) for row in recv]
@@ -192,8 +218,11 @@ class Engine:
                 return None
             return WeightedMean(torch.from_numpy(buf[:n] / buf[n]), float(buf[n]), len(plan.order))
         assert isinstance(up, Gathered)
-        send = (np.stack([u.payload.detach().cpu().numpy() for u in updates]).astype(np.float32)
-                if updates else np.empty((0, n), dtype=np.float32))
+        send = (
+            np.stack([u.payload.detach().cpu().numpy() for u in updates]).astype(np.float32)
+            if updates
+            else np.empty((0, n), dtype=np.float32)
+        )
         recv = np.empty((len(plan.order), n), dtype=np.float32) if w.is_server else None
         w.gatherv(send, [c * n for c in plan.per_rank], recv, "up")
         if not w.is_server:
@@ -224,12 +253,17 @@ class Engine:
         payloads = self._down(t, plan, "down")
 
         start, updates = time.perf_counter(), []
-        for k, payload in zip(mine, payloads):
+        for k, payload in zip(mine, payloads, strict=True):
             updates.append(self.algo.client_update(self._client(k, t), payload))
         times.compute = time.perf_counter() - start
 
-        rows = np.array([[k, u.weight, self.client_data[k].y_train.shape[0], *(u.metrics[m] for m in self.metric_names)]
-                         for k, u in zip(mine, updates)], dtype=np.float64).reshape(len(mine), 3 + len(self.metric_names))
+        rows = np.array(
+            [
+                [k, u.weight, self.client_data[k].y_train.shape[0], *(u.metrics[m] for m in self.metric_names)]
+                for k, u in zip(mine, updates, strict=True)
+            ],
+            dtype=np.float64,
+        ).reshape(len(mine), 3 + len(self.metric_names))
         aggregate_input = self._up(plan, updates, None)
         client_rows = self._gather_rows(plan, rows, "metrics")
         if w.is_server and isinstance(aggregate_input, Collected):
@@ -264,7 +298,7 @@ class Engine:
         plan = self.all_clients
         payloads = self._down(t, plan, "eval_down")
         rows = np.empty((len(self.hosted), 4), dtype=np.float64)
-        for i, (k, payload) in enumerate(zip(self.hosted, payloads)):
+        for i, (k, payload) in enumerate(zip(self.hosted, payloads, strict=True)):
             client = self._client(k, t)
             self.algo.load_for_eval(client, payload)
             loss, acc = evaluate(self.algo.setup.model, client.data.x_test, client.data.y_test)
@@ -281,8 +315,11 @@ class Engine:
             clients[name] = np.full(n, np.nan)
             clients[name][ids] = client_rows[:, 3 + j]
         samples = client_rows[:, 2]
-        scalars = {"round": t, "num_sampled": len(ids),
-                   "train_loss": float(np.sum(samples * client_rows[:, 3]) / np.sum(samples))}
+        scalars = {
+            "round": t,
+            "num_sampled": len(ids),
+            "train_loss": float(np.sum(samples * client_rows[:, 3]) / np.sum(samples)),
+        }
         clients["test_loss"], clients["test_acc"] = np.full(n, np.nan), np.full(n, np.nan)
         if evaluated is not None:
             eids, n_test = evaluated[:, 0].astype(np.int64), evaluated[:, 1]
@@ -294,7 +331,7 @@ class Engine:
                 test_acc_std=float(np.std(evaluated[:, 3])),
             )
         table = ledgers[:, : len(LABELS) * len(FIELDS)].reshape(-1, len(LABELS), len(FIELDS))
-        per_rank = ledgers[:, len(LABELS) * len(FIELDS):]
+        per_rank = ledgers[:, len(LABELS) * len(FIELDS) :]
         sent, received, seconds = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds"))
         algo_rows = [LABELS.index(label) for label in ALGORITHM_LABELS]
         workers = self.world.workers
@@ -315,7 +352,9 @@ class Engine:
         start = time.perf_counter()
         writer = self.writer
         writer.append_round(
-            t, scalars, clients,
+            t,
+            scalars,
+            clients,
             {f: table[:, :, i] for i, f in enumerate(FIELDS)},
             {f: per_rank[:, i] for i, f in enumerate(RANK_FIELDS)},
         )
@@ -340,13 +379,17 @@ class Engine:
 
     def _check_finite(self, t: int, scalars: dict[str, float], client_rows: np.ndarray) -> None:
         bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(scalars.get(k, 0.0))]
-        bad += [f"server state {k}" for k, v in self.algo.server_state().items()
-                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad += [
+            f"server state {k}"
+            for k, v in self.algo.server_state().items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
         if bad:
             self.stop_code = EXIT_DIVERGED
             self.divergence = DivergenceError(
                 f"round {t + 1}: {', '.join(bad)} became NaN or infinite; stopped, "
-                f"the file keeps the {t} completed round(s)")
+                f"the file keeps the {t} completed round(s)"
+            )
 
     # -- the whole run --------------------------------------------------------------------
     def run(self) -> int:

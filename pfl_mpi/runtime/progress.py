@@ -35,9 +35,11 @@ class Progress:
     def __init__(self, total: int, start: int = 0, enabled: bool = True):
         self.total = total
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True) if (
-            enabled and sys.stdout.isatty()
-        ) else None
+        self.bar = (
+            tqdm(total=total, initial=start, unit="round", dynamic_ncols=True)
+            if (enabled and sys.stdout.isatty())
+            else None
+        )
 
     def update(self, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -91,8 +91,12 @@ class RunWriter:
             clients = f.require_group(f"{slot_of(slot)}/clients")
             f.require_group(f"{slot_of(slot)}/server")
             for name, numel in state_spec.items():
-                clients.create_dataset(name, shape=(num_clients, numel), dtype=np.float32,
-                                       chunks=(min(num_clients, max(1, (1 << 20) // (4 * max(numel, 1)))), numel))
+                clients.create_dataset(
+                    name,
+                    shape=(num_clients, numel),
+                    dtype=np.float32,
+                    chunks=(min(num_clients, max(1, (1 << 20) // (4 * max(numel, 1)))), numel),
+                )
             for start in range(0, num_clients, _BLOCK):
                 block = range(start, min(start + _BLOCK, num_clients))
                 states = [init_state(k) for k in block]
@@ -144,8 +148,9 @@ class RunWriter:
         """Overwrite one per-round scalar (e.g. the seconds spent writing the round itself)."""
         _append(self.f[ROUNDS], name, t, value, np.float64)
 
-    def checkpoint(self, t: int, server: Mapping[str, np.ndarray], clients: Iterable[int],
-                   rows: Mapping[str, np.ndarray]) -> None:
+    def checkpoint(
+        self, t: int, server: Mapping[str, np.ndarray], clients: Iterable[int], rows: Mapping[str, np.ndarray]
+    ) -> None:
         """Make slot t % 2 hold the state after round t: the server's, and the rows of changed clients."""
         slot = self.f[slot_of(t)]
         for name, value in server.items():
@@ -180,9 +185,14 @@ class RunWriter:
         for name, table in self.f[slot_of(t)]["clients"].items():
             n, numel = table.shape
             if name not in c:
-                c.create_dataset(name, shape=(0, n, numel), maxshape=(None, n, numel), dtype=np.float32,
-                                 chunks=(1, min(n, max(1, (1 << 20) // (4 * max(numel, 1)))), numel),
-                                 compression="gzip")
+                c.create_dataset(
+                    name,
+                    shape=(0, n, numel),
+                    maxshape=(None, n, numel),
+                    dtype=np.float32,
+                    chunks=(1, min(n, max(1, (1 << 20) // (4 * max(numel, 1)))), numel),
+                    compression="gzip",
+                )
             c[name].resize(s + 1, axis=0)
             for start in range(0, n, _BLOCK):
                 c[name][s, start : start + _BLOCK] = table[start : start + _BLOCK]
