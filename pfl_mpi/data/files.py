@@ -20,6 +20,10 @@ _NPZ = (".npz",)
 _H5 = (".h5", ".hdf5")
 
 
+# x's shape and dtype, y, and the client ids if any: what a file holds, before validation
+_Raw = tuple[tuple[int, ...], np.dtype, np.ndarray, np.ndarray | None]
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """What partitioning needs from a file, read without loading x."""
@@ -73,7 +77,7 @@ def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...],
     return tuple(shape), np.dtype(dtype)
 
 
-def _inspect_npz(path: Path):
+def _inspect_npz(path: Path) -> _Raw:
     with zipfile.ZipFile(path) as archive:
         names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
     for required in ("x", "y"):
@@ -87,7 +91,7 @@ def _inspect_npz(path: Path):
     return x_shape, x_dtype, y, client
 
 
-def _inspect_h5(path: Path):
+def _inspect_h5(path: Path) -> _Raw:
     import h5py
 
     with h5py.File(path, "r") as f:
@@ -101,7 +105,14 @@ def _inspect_h5(path: Path):
     return x_shape, x_dtype, np.asarray(y), None if client is None else np.asarray(client)
 
 
-def _validated(path, kind, x_shape, x_dtype, y, client) -> FileInfo:
+def _validated(
+    path: Path,
+    kind: Literal["npz", "h5"],
+    x_shape: tuple[int, ...],
+    x_dtype: np.dtype,
+    y: np.ndarray,
+    client: np.ndarray | None,
+) -> FileInfo:
     if len(x_shape) < 2:
         raise ConfigError(KEY, f"x must have shape [n, ...] with at least one feature axis, got {x_shape}")
     if not (np.issubdtype(x_dtype, np.floating) or np.issubdtype(x_dtype, np.integer)):

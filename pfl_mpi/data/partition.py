@@ -61,9 +61,7 @@ def iid(num_samples: int, num_clients: int, min_samples: int, rng: np.random.Gen
     return _cut(rng.permutation(num_samples), _equal_sizes(num_samples, num_clients))
 
 
-def quantity(
-    num_samples: int, num_clients: int, min_samples: int, sigma: float, rng: np.random.Generator
-) -> Partition:
+def quantity(num_samples: int, num_clients: int, min_samples: int, sigma: float, rng: np.random.Generator) -> Partition:
     """Quantity skew: client k holds min_samples plus a share of the rest proportional to w_k ~ lognormal(0,
     sigma) (largest-remainder rounding); which samples it holds is iid."""
     _need_samples(num_samples, num_clients, min_samples)

@@ -318,6 +318,7 @@ class Engine:
         scalars = {
             "round": t,
             "num_sampled": len(ids),
+            "world_size": self.world.size,
             "train_loss": float(np.sum(samples * client_rows[:, 3]) / np.sum(samples)),
         }
         clients["test_loss"], clients["test_acc"] = np.full(n, np.nan), np.full(n, np.nan)
@@ -395,6 +396,7 @@ class Engine:
     def run(self) -> int:
         """Run the remaining rounds; return the exit code every rank agrees on (0, or 3 on divergence)."""
         code = 0
+        self.world.barrier()  # start-up (data, models) is not part of round 1's timings
         for t in range(self.start_round, self.cfg.rounds):
             code = self._round(t)
             if code:

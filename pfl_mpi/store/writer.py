@@ -37,23 +37,32 @@ from .layout import (
 _BLOCK = 1024  # clients per block when streaming [N, numel] tables
 
 
-def _append(group: h5py.Group, name: str, t: int, value: np.ndarray, dtype, fill=np.nan) -> None:
-    """Write ``value`` as row ``t`` of ``group[name]``, an array growing along its first axis."""
+def _append(group: h5py.Group, name: str, t: int, value: np.ndarray, dtype, fill=np.nan, ragged: bool = False) -> None:
+    """Write ``value`` as row ``t`` of ``group[name]``, an array growing along its first axis.
+
+    ``ragged``: the other axes may grow too (the rank axis, when a run resumes on more ranks);
+    a smaller value fills the leading part of its row and leaves the rest at ``fill``.
+    """
     value = np.asarray(value, dtype=dtype)
     if name not in group:
         chunk_rows = max(1, min(256, (1 << 20) // max(value.nbytes, 1)))
         group.create_dataset(
             name,
             shape=(0, *value.shape),
-            maxshape=(None, *value.shape),
+            maxshape=(None, *((None,) * value.ndim if ragged else value.shape)),
             dtype=dtype,
             chunks=(chunk_rows, *value.shape),
             compression="gzip" if value.size > 1 else None,
             fillvalue=fill,
         )
     ds = group[name]
-    if ds.shape[0] < t + 1:
-        ds.resize(t + 1, axis=0)
+    shape = (max(ds.shape[0], t + 1), *np.maximum(ds.shape[1:], value.shape)) if ragged else (max(ds.shape[0], t + 1),)
+    if shape != ds.shape[: len(shape)]:
+        ds.resize(shape if ragged else (shape[0], *ds.shape[1:]))
+    if ragged and value.shape != ds.shape[1:]:
+        row = np.full(ds.shape[1:], fill, dtype=dtype)
+        row[tuple(slice(0, n) for n in value.shape)] = value
+        value = row
     ds[t] = value
 
 
@@ -140,9 +149,9 @@ class RunWriter:
             dtype = np.uint8 if values.dtype == bool else np.float32
             _append(self.f[CLIENTS], name, t, values, dtype, fill=0 if dtype == np.uint8 else np.nan)
         for name, values in comm.items():
-            _append(self.f[COMM], name, t, values, np.float64, fill=0)
+            _append(self.f[COMM], name, t, values, np.float64, fill=0, ragged=True)
         for name, values in ranks.items():
-            _append(self.f[RANKS], name, t, values, np.float64)
+            _append(self.f[RANKS], name, t, values, np.float64, ragged=True)
 
     def set_round_value(self, t: int, name: str, value: float) -> None:
         """Overwrite one per-round scalar (e.g. the seconds spent writing the round itself)."""

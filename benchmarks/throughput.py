@@ -1,0 +1,332 @@
+"""Throughput of pfl_mpi against a bare PyTorch FedAvg loop on the same workload.
+
+The workload: FedAvg, 100 clients (iid digits by default), an MLP, E = 1 local epoch, every client
+in every round. It runs twice in one invocation, one after the other:
+
+- pfl_mpi: ``mpiexec -n W+1 python -m pfl_mpi run ...`` (rank 0 server, W workers); the figures
+  come from the run file (/rounds, /ranks), and the server's CPU is also sampled from /proc.
+- bare: ``mpiexec -n W python throughput.py --bare ...``: each process trains its share of the
+  same clients (same placement, tensors, model shape, batch size, epochs and lr) one after the
+  other in a plain PyTorch loop (no DataLoader, no deepcopy, one optimizer), then one Allreduce
+  of the weighted sum of updates. No framework code runs inside the timed loop.
+
+Round 0 (warm-up) and the last round (pfl_mpi evaluates every client there) are left out of the
+medians. Timings on a shared machine are noisy: compare the ratios of one invocation, and the
+CPU-time ratio, which time-sharing with other processes disturbs less than wall time.
+
+    .venv/bin/python benchmarks/throughput.py              # W = 2 workers
+    .venv/bin/python benchmarks/throughput.py --workers 3 --rounds 30 --json /tmp/t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TARGET_RATIO, TARGET_SERVER_CPU = 1.3, 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Figures: see benchmarks/README.md")
+    p.add_argument("--workers", "-W", type=int, default=2, help="worker processes W (pfl_mpi runs W+1 ranks)")
+    p.add_argument("--rounds", type=int, default=22, help="rounds per run (first and last are not in the medians)")
+    p.add_argument("--clients", type=int, default=100, help="number of clients, all of them train every round")
+    p.add_argument("--data", choices=("digits", "mnist1d", "synthetic"), default="digits", help="data set")
+    p.add_argument("--hidden", type=int, nargs="*", default=[64], help="hidden widths of the MLP")
+    p.add_argument("--batch-size", type=int, default=10, help="client minibatch size B")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs E")
+    p.add_argument("--lr", type=float, default=0.05, help="client learning rate")
+    p.add_argument("--seed", type=int, default=0, help="run seed (data, placement)")
+    p.add_argument("--repeats", type=int, default=1, help="alternate bare and pfl_mpi runs this many times")
+    p.add_argument("--sample", type=float, default=0.5, help="seconds between samples of the server's CPU")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--bare", metavar="OUT", help=argparse.SUPPRESS)  # internal: run as one bare rank
+    return p.parse_args(argv)
+
+
+def pfl_overrides(a: argparse.Namespace, out: Path) -> list[str]:
+    """pfl-mpi --set overrides of the workload (no evaluation before the last round, no snapshots)."""
+    sets = {
+        "name": "throughput",
+        "seed": a.seed,
+        "rounds": a.rounds,
+        "clients_per_round": "null",
+        "eval_every": a.rounds + 1,
+        "state_every": 0,
+        "threads": 1,
+        "device": "cpu",
+        "output": out,
+        "data.name": a.data,
+        "data.num_clients": a.clients,
+        "model.name": "mlp",
+        "model.hidden": json.dumps(a.hidden),
+        "train.local_epochs": a.epochs,
+        "train.batch_size": a.batch_size,
+        "train.lr": a.lr,
+        "algorithm.name": "fedavg",
+    }
+    if a.data != "synthetic":
+        sets["data.partition"] = "iid"
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+# -- the bare reference: one process of `mpiexec -n W` --------------------------------------
+def bare_rank(a: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+    from mpi4py import MPI
+    from torch import nn
+
+    from pfl_mpi.config import load_config  # set-up only: the same clients as pfl_mpi
+    from pfl_mpi.data import load_federated
+    from pfl_mpi.runtime.placement import place_clients
+
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    cfg = load_config(None, pfl_overrides(a, Path(os.devnull)))
+    data = load_federated(cfg.data, cfg.seed)
+    host = place_clients(data.train_sizes, list(range(1, size + 1)))  # pfl_mpi's worker ranks are 1..W
+    mine = [data.client(int(k)) for k in np.flatnonzero(host == rank + 1)]
+    clients = [(d.x_train, d.y_train, float(d.y_train.shape[0])) for d in mine]
+
+    torch.manual_seed(a.seed)
+    widths = [int(np.prod(data.input_shape)), *a.hidden]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], data.num_classes))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=a.lr)
+    w = nn.utils.parameters_to_vector(params).detach().clone()
+    acc = torch.zeros(w.numel() + 1)
+    gen = torch.Generator().manual_seed(a.seed + rank)
+    times = np.zeros((a.rounds, 4))  # wall, compute, allreduce, cpu
+    for t in range(a.rounds):
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        acc.zero_()
+        for x, y, n in clients:
+            with torch.no_grad():
+                nn.utils.vector_to_parameters(w, params)
+            for _ in range(a.epochs):
+                order = torch.randperm(x.shape[0], generator=gen)
+                for start in range(0, x.shape[0], a.batch_size):
+                    idx = order[start : start + a.batch_size]
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                acc[:-1].add_(nn.utils.parameters_to_vector(params) - w, alpha=n)
+                acc[-1] += n
+        wall1 = time.perf_counter()
+        comm.Allreduce(MPI.IN_PLACE, acc.numpy(), op=MPI.SUM)
+        w += acc[:-1] / acc[-1]
+        wall2 = time.perf_counter()
+        times[t] = (wall2 - wall0, wall1 - wall0, wall2 - wall1, time.process_time() - cpu0)
+    everyone = comm.gather(times, root=0)  # small metadata, once
+    if rank == 0:
+        Path(a.bare).write_text(json.dumps(np.stack(everyone, axis=1).tolist()))  # [round, rank, 4]
+
+
+# -- the driver ----------------------------------------------------------------------------
+def proc_cpu_seconds(pid: int) -> float:
+    """CPU seconds of all threads of ``pid`` so far (from /proc/<pid>/task/*/schedstat, in ns)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def find_rank(tag: str, rank: int) -> int | None:
+    """The pid of MPI rank ``rank`` of the job whose environment holds ``tag``."""
+    want = (f"PFL_BENCH_TAG={tag}".encode(), f"PMI_RANK={rank}".encode())
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w in env for w in want):
+            return int(pid)
+    return None
+
+
+class CpuSampler(threading.Thread):
+    """Samples the CPU seconds of rank 0 of a tagged MPI job every ``every`` seconds until it exits."""
+
+    def __init__(self, tag: str, every: float):
+        super().__init__(daemon=True)
+        self.tag, self.every, self.samples = tag, every, []  # (wall, cpu seconds)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        pid = None
+        while pid is None and not self.done.is_set():
+            pid = find_rank(self.tag, 0)
+            time.sleep(0.02)
+        while pid is not None and not self.done.is_set():
+            try:
+                self.samples.append((time.perf_counter(), proc_cpu_seconds(pid)))
+            except (OSError, ValueError):
+                return
+            time.sleep(self.every)
+
+    def usage(self) -> np.ndarray:
+        """CPU share of a core in each interval between samples."""
+        s = np.array(self.samples).reshape(-1, 2)
+        return np.diff(s[:, 1]) / np.diff(s[:, 0]) if len(s) > 1 else np.array([np.nan])
+
+
+def launch(cmd: list[str], tag: str) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PFL_BENCH_TAG": tag}
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def run_bare(a: argparse.Namespace, workdir: Path, i: int) -> tuple[np.ndarray, float]:
+    out = workdir / f"bare{i}.json"
+    args = ["--rounds", a.rounds, "--clients", a.clients, "--data", a.data, "--hidden", *a.hidden, "--batch-size",
+            a.batch_size, "--epochs", a.epochs, "--lr", a.lr, "--seed", a.seed, "--bare", out]
+    cmd = [str(BIN / "mpiexec"), "-n", str(a.workers), sys.executable, __file__, *map(str, args)]
+    seconds = launch(cmd, uuid.uuid4().hex)
+    return np.array(json.loads(out.read_text())), seconds
+
+
+def run_pfl(a: argparse.Namespace, workdir: Path, i: int) -> tuple[dict, np.ndarray, float]:
+    import h5py
+
+    out, tag = workdir / f"pfl{i}.h5", uuid.uuid4().hex
+    sets = [x for s in pfl_overrides(a, out) for x in ("--set", s)]
+    cmd = [str(BIN / "mpiexec"), "-n", str(a.workers + 1), sys.executable, "-m", "pfl_mpi", "run", "--quiet", *sets]
+    sampler = CpuSampler(tag, a.sample)
+    sampler.start()
+    seconds = launch(cmd, tag)
+    sampler.done.set()
+    sampler.join()
+    with h5py.File(out, "r") as f:
+        rounds = {k: v[:] for k, v in f["rounds"].items()}
+        rounds.update({f"rank_{k}": v[:] for k, v in f["ranks"].items()})  # [round, rank]
+    return rounds, sampler.usage(), seconds
+
+
+def measure(a: argparse.Namespace) -> dict:
+    """Run both, ``repeats`` times; return the figures."""
+    steady = slice(1, a.rounds - 1)
+    bare, pfl, usage, job = [], [], [], {"bare": [], "pfl": []}
+    with tempfile.TemporaryDirectory(prefix="pfl-throughput-") as tmp:
+        for i in range(a.repeats):
+            b, s = run_bare(a, Path(tmp), i)
+            bare.append(b[steady])
+            job["bare"].append(s)
+            r, u, s = run_pfl(a, Path(tmp), i)
+            pfl.append({k: v[steady] for k, v in r.items()})
+            usage.append(u)
+            job["pfl"].append(s)
+    b = np.concatenate(bare)  # [round, rank, (wall, compute, allreduce, cpu)]
+    r = {k: np.concatenate([p[k] for p in pfl]) for k in pfl[0]}
+    med = np.median
+    bare_round = med(b[:, :, 0].max(axis=1))
+    bare_cpu = med(b[:, :, 3].sum(axis=1))
+    workers = slice(1, None)
+    pfl_round = med(r["rank_wall_seconds"][:, workers].max(axis=1))  # a worker's round = the round period
+    compute, aggregate, io = med(r["seconds_compute"]), med(r["seconds_aggregate"]), med(r["seconds_io"])
+    comm = med(np.maximum(r["seconds_comm"] - r["seconds_compute"], 0.0))  # server in collectives, not waiting on compute
+    cpu = r["rank_cpu_seconds"]
+    return {
+        "workload": {k: getattr(a, k) for k in ("workers", "rounds", "clients", "data", "hidden", "batch_size",
+                                                 "epochs", "lr", "seed", "repeats")},
+        "steady_rounds": int(len(b)),
+        "loadavg_after": os.getloadavg(),
+        "bare": {
+            "round_seconds": bare_round,
+            "compute_seconds": med(b[:, :, 1].max(axis=1)),
+            "allreduce_seconds": med(b[:, :, 2].max(axis=1)),
+            "cpu_seconds_per_round": bare_cpu,
+            "updates_per_second": a.clients / bare_round,
+            "job_seconds": med(job["bare"]),
+        },
+        "pfl": {
+            "round_seconds": pfl_round,
+            "server_round_seconds": med(r["seconds_wall"] + r["seconds_io"]),
+            "compute_seconds": compute,
+            "comm_seconds": comm,
+            "aggregate_seconds": aggregate,
+            "io_seconds": io,
+            "other_seconds": pfl_round - compute - comm - aggregate - io,
+            "worker_cpu_seconds_per_round": med(cpu[:, workers].sum(axis=1)),
+            "cpu_seconds_per_round": med(cpu.sum(axis=1)),
+            "updates_per_second": a.clients / pfl_round,
+            "server_cpu_file": med(r["server_cpu"]),
+            "server_cpu_proc_median": med(np.concatenate(usage)),
+            "server_cpu_proc_whole_job": float(np.mean(np.concatenate(usage))),
+            "job_seconds": med(job["pfl"]),
+        },
+        "ratio": pfl_round / bare_round,
+        "cpu_ratio": med(cpu.sum(axis=1)) / bare_cpu,
+        "overhead_share": (pfl_round - bare_round) / pfl_round,
+    }
+
+
+def table(f: dict) -> str:
+    b, p, ms = f["bare"], f["pfl"], lambda s: f"{1e3 * s:.1f} ms"
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    rnd = p["round_seconds"]
+    part = lambda s: f"{ms(s)} ({pct(s / rnd)})"  # noqa: E731
+    w = f["workload"]
+    rows = [
+        ("workload", f"{w['clients']} clients x {w['epochs']} epoch, {w['data']} iid, MLP {w['hidden']}, "
+                     f"B={w['batch_size']}, W={w['workers']} workers, {f['steady_rounds']} steady rounds"),
+        ("client updates / s: bare", f"{b['updates_per_second']:.0f}"),
+        ("client updates / s: pfl_mpi", f"{p['updates_per_second']:.0f}"),
+        ("round time: bare (compute + Allreduce)",
+         f"{ms(b['round_seconds'])} ({ms(b['compute_seconds'])} + {ms(b['allreduce_seconds'])})"),
+        ("round time: pfl_mpi (a worker's round period)", ms(rnd)),
+        ("round time: pfl_mpi (server: seconds_wall + seconds_io)", ms(p["server_round_seconds"])),
+        ("pfl_mpi compute (slowest worker's client loop)", part(p["compute_seconds"])),
+        ("pfl_mpi communication (server in collectives - compute)", part(p["comm_seconds"])),
+        ("pfl_mpi aggregation", part(p["aggregate_seconds"])),
+        ("pfl_mpi I/O (HDF5 round record, flush)", part(p["io_seconds"])),
+        ("pfl_mpi other (rest of the round period)", part(p["other_seconds"])),
+        ("framework overhead share (pfl - bare) / pfl", pct(f["overhead_share"])),
+        (f"**time ratio pfl / bare** (target < {TARGET_RATIO})", f"**{f['ratio']:.2f}**"),
+        ("CPU s per round, all ranks: bare / pfl_mpi (workers only)",
+         f"{b['cpu_seconds_per_round']:.3f} / {p['cpu_seconds_per_round']:.3f} "
+         f"({p['worker_cpu_seconds_per_round']:.3f})"),
+        ("CPU ratio pfl / bare", f"{f['cpu_ratio']:.2f}"),
+        (f"**idle server CPU**, file server_cpu (target < {pct(TARGET_SERVER_CPU)})", f"**{pct(p['server_cpu_file'])}**"),
+        ("idle server CPU, /proc sampled: median interval / whole job",
+         f"{pct(p['server_cpu_proc_median'])} / {pct(p['server_cpu_proc_whole_job'])}"),
+        ("whole job incl. start-up: bare / pfl_mpi", f"{b['job_seconds']:.1f} s / {p['job_seconds']:.1f} s"),
+        ("load average after the runs", " ".join(f"{x:.2f}" for x in f["loadavg_after"])),
+    ]
+    return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.bare:
+        bare_rank(a)
+        return 0
+    figures = measure(a)
+    print(table(figures))
+    if a.json:
+        Path(a.json).write_text(json.dumps(figures, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Per-rank message accounting: record, flatten for gathering, unpack, reset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pfl_mpi.comm import ALGORITHM_LABELS, FIELDS, LABELS, Ledger
+from pfl_mpi.comm.ledger import unpack_rows
+from pfl_mpi.comm.serial import SerialWorld
+
+
+def test_labels_and_fields():
+    assert set(ALGORITHM_LABELS) <= set(LABELS)
+    assert len(set(LABELS)) == len(LABELS)
+    assert FIELDS == ("calls", "bytes_sent", "bytes_received", "seconds")
+
+
+def test_new_ledger_is_zero():
+    ledger = Ledger()
+    assert ledger.table.shape == (len(LABELS), len(FIELDS))
+    assert not ledger.table.any()
+    assert ledger.seconds() == 0.0
+
+
+def test_record_accumulates_per_label():
+    ledger = Ledger()
+    ledger.record("up", 400, 0, 0.25)
+    ledger.record("up", 100, 8, 0.5)
+    ledger.record("down", 0, 1000, 1.0)
+    up = ledger.table[LABELS.index("up")]
+    assert up.tolist() == [2.0, 500.0, 8.0, 0.75]
+    down = ledger.table[LABELS.index("down")]
+    assert down.tolist() == [1.0, 0.0, 1000.0, 1.0]
+    others = [i for i, label in enumerate(LABELS) if label not in ("up", "down")]
+    assert not ledger.table[others].any()
+    assert ledger.seconds() == pytest.approx(1.75)
+
+
+def test_record_unknown_label_fails():
+    with pytest.raises(ValueError):
+        Ledger().record("gossip", 1, 1, 0.1)
+
+
+def test_as_row_unpack_rows_round_trip():
+    ledgers = []
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        ledger = Ledger()
+        for _ in range(10):
+            label = LABELS[int(rng.integers(len(LABELS)))]
+            ledger.record(label, int(rng.integers(1000)), int(rng.integers(1000)), float(rng.random()))
+        ledgers.append(ledger)
+    rows = np.stack([ledger.as_row() for ledger in ledgers])
+    assert rows.shape == (3, len(LABELS) * len(FIELDS))
+    assert rows.dtype == np.float64
+    table = unpack_rows(rows)
+    assert table.shape == (3, len(LABELS), len(FIELDS))
+    for r, ledger in enumerate(ledgers):
+        np.testing.assert_array_equal(table[r], ledger.table)
+        assert table[r, :, FIELDS.index("seconds")].sum() == pytest.approx(ledger.seconds())
+
+
+def test_as_row_is_a_copy():
+    ledger = Ledger()
+    ledger.record("control", 8, 0, 0.0)
+    row = ledger.as_row()
+    row[:] = 99.0
+    assert ledger.table[LABELS.index("control"), 0] == 1.0
+    ledger.record("control", 8, 0, 0.0)
+    assert row[0] == 99.0
+
+
+def test_reset():
+    ledger = Ledger()
+    ledger.record("metrics", 10, 20, 0.3)
+    table = ledger.table
+    ledger.reset()
+    assert ledger.table is table
+    assert not ledger.table.any()
+    assert ledger.seconds() == 0.0
+    ledger.record("metrics", 1, 2, 0.1)
+    assert ledger.table[LABELS.index("metrics")].tolist() == [1.0, 1.0, 2.0, 0.1]
+
+
+def test_serial_world_collectives_copy_locally():
+    world = SerialWorld()
+    assert world.rank == 0 and world.size == 1 and world.workers == [0]
+    assert world.is_server and world.is_worker
+    send = np.arange(6, dtype=np.float32)
+    recv = np.zeros(6, dtype=np.float32)
+    world.scatterv(send, [6], recv, "down")
+    np.testing.assert_array_equal(recv, send)
+    out = np.zeros(6, dtype=np.float32)
+    world.gatherv(send * 2, [6], out, "up")
+    np.testing.assert_array_equal(out, send * 2)
+    rows = world.gather_rows(np.ones(3), "ledger")
+    assert rows.shape == (1, 3)
+    buf = send.copy()
+    world.bcast(buf, "control")
+    world.reduce_sum(buf, "up")
+    np.testing.assert_array_equal(buf, send)
