@@ -18,6 +18,7 @@ the other ranks wait without spinning: the in-memory sum is what a reduce cannot
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -60,38 +61,41 @@ def time_numpy_add(a: np.ndarray, b: np.ndarray, c: np.ndarray, repeats: int) ->
     return float(np.median(times))
 
 
+def measure_size(comm: MPI.Comm, nbytes: int, repeats: int) -> dict[str, float]:
+    """Median seconds of np.add (rank 0 only), Reduce and Allreduce on float32 buffers of ``nbytes``."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    n = nbytes // 4
+    a = np.full(n, rank + 1, dtype=np.float32)
+    b = np.ones(n, dtype=np.float32)
+    c = np.empty(n, dtype=np.float32)
+    expected = size * (size + 1) / 2
+    seconds = {}
+    quiet_barrier(comm)
+    if rank == 0:
+        seconds["np.add (rank 0)"] = time_numpy_add(a, b, c, repeats)
+    quiet_barrier(comm)
+    root_buf = c if rank == 0 else None
+    seconds["Reduce"] = time_collective(comm, lambda: comm.Reduce(a, root_buf, op=MPI.SUM, root=0), repeats)
+    assert rank != 0 or c[0] == expected, "Reduce gave a wrong sum"
+    seconds["Allreduce"] = time_collective(comm, lambda: comm.Allreduce(a, c, op=MPI.SUM), repeats)
+    assert c[-1] == expected, "Allreduce gave a wrong sum"
+    return seconds
+
+
 def main() -> None:
     args = parse_args()
     comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
     rows = []
     for mb in args.sizes:
-        n = int(mb * 1e6) // 4
-        a = np.full(n, rank + 1, dtype=np.float32)
-        b = np.ones(n, dtype=np.float32)
-        c = np.empty(n, dtype=np.float32)
-
-        seconds = {}
-        quiet_barrier(comm)
-        if rank == 0:
-            seconds["np.add (rank 0)"] = time_numpy_add(a, b, c, args.repeats)
-        quiet_barrier(comm)
-        seconds["Reduce"] = time_collective(
-            comm, lambda: comm.Reduce(a, c if rank == 0 else None, op=MPI.SUM, root=0), args.repeats
-        )
-        if rank == 0:
-            assert c[0] == size * (size + 1) / 2, "Reduce gave a wrong sum"
-        seconds["Allreduce"] = time_collective(comm, lambda: comm.Allreduce(a, c, op=MPI.SUM), args.repeats)
-        assert c[-1] == size * (size + 1) / 2, "Allreduce gave a wrong sum"
-
-        if rank == 0:
-            base = a.nbytes / seconds["np.add (rank 0)"]
-            for op, s in seconds.items():
-                rows.append((f"{a.nbytes / 1e6:g}", op, s, a.nbytes / s / 1e9, a.nbytes / s / base))
-        del a, b, c
-
-    if rank == 0:
-        print(f"{size} ranks, {MPI.Get_library_version().splitlines()[0].strip()}, median of {args.repeats}")
+        nbytes = int(mb * 1e6) // 4 * 4
+        seconds = measure_size(comm, nbytes, args.repeats)
+        if comm.Get_rank() == 0:
+            base = nbytes / seconds["np.add (rank 0)"]
+            rows += [(f"{mb:g}", op, s, nbytes / s / 1e9, nbytes / s / base) for op, s in seconds.items()]
+    if comm.Get_rank() == 0:
+        version = MPI.Get_library_version().splitlines()[0].strip()
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"{comm.Get_size()} ranks, {version}, median of {args.repeats}, load average {load}")
         print("| size MB | op | median s | GB/s | ratio to np.add |")
         print("|---:|---|---:|---:|---:|")
         for mb, op, s, gbs, ratio in rows:

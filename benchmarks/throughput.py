@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="run seed (data, placement)")
     p.add_argument("--repeats", type=int, default=1, help="alternate bare and pfl_mpi runs this many times")
     p.add_argument("--sample", type=float, default=0.5, help="seconds between samples of the server's CPU")
+    p.add_argument("--pfl-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra pfl-mpi --set override, e.g. comm.poll_max_ms=1 (repeatable)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--bare", metavar="OUT", help=argparse.SUPPRESS)  # internal: run as one bare rank
     return p.parse_args(argv)
@@ -79,7 +81,7 @@ def pfl_overrides(a: argparse.Namespace, out: Path) -> list[str]:
     }
     if a.data != "synthetic":
         sets["data.partition"] = "iid"
-    return [f"{k}={v}" for k, v in sets.items()]
+    return [f"{k}={v}" for k, v in sets.items()] + a.pfl_set
 
 
 # -- the bare reference: one process of `mpiexec -n W` --------------------------------------
@@ -244,7 +246,7 @@ def measure(a: argparse.Namespace) -> dict:
     workers = slice(1, None)
     pfl_round = med(r["rank_wall_seconds"][:, workers].max(axis=1))  # a worker's round = the round period
     compute, aggregate, io = med(r["seconds_compute"]), med(r["seconds_aggregate"]), med(r["seconds_io"])
-    comm = med(np.maximum(r["seconds_comm"] - r["seconds_compute"], 0.0))  # server in collectives, not waiting on compute
+    comm = med(np.maximum(r["seconds_comm"] - r["seconds_compute"], 0.0))  # in collectives, not waiting on compute
     cpu = r["rank_cpu_seconds"]
     return {
         "workload": {k: getattr(a, k) for k in ("workers", "rounds", "clients", "data", "hidden", "batch_size",
@@ -307,7 +309,8 @@ def table(f: dict) -> str:
          f"{b['cpu_seconds_per_round']:.3f} / {p['cpu_seconds_per_round']:.3f} "
          f"({p['worker_cpu_seconds_per_round']:.3f})"),
         ("CPU ratio pfl / bare", f"{f['cpu_ratio']:.2f}"),
-        (f"**idle server CPU**, file server_cpu (target < {pct(TARGET_SERVER_CPU)})", f"**{pct(p['server_cpu_file'])}**"),
+        (f"**idle server CPU**, file server_cpu (target < {pct(TARGET_SERVER_CPU)})",
+         f"**{pct(p['server_cpu_file'])}**"),
         ("idle server CPU, /proc sampled: median interval / whole job",
          f"{pct(p['server_cpu_proc_median'])} / {pct(p['server_cpu_proc_whole_job'])}"),
         ("whole job incl. start-up: bare / pfl_mpi", f"{b['job_seconds']:.1f} s / {p['job_seconds']:.1f} s"),

@@ -288,10 +288,23 @@ def test_resume_equals_a_straight_run(tmp_path, algorithm, model):
         for name in fa["global/state"]:
             np.testing.assert_allclose(fb["global/state"][name][-1], fa["global/state"][name][-1], rtol=0, atol=1e-6)
         for name in fa["clients/state"]:
-            np.testing.assert_allclose(
-                fb["clients/state"][name][-1], fa["clients/state"][name][-1], rtol=0, atol=1e-6
-            )
+            np.testing.assert_allclose(fb["clients/state"][name][-1], fa["clients/state"][name][-1], rtol=0, atol=1e-6)
         for name in fa["checkpoint/slot1/server"]:
             np.testing.assert_allclose(
                 fb["checkpoint/slot1/server"][name][...], fa["checkpoint/slot1/server"][name][...], rtol=0, atol=1e-6
             )
+
+
+# -- divergence -------------------------------------------------------------------------------
+
+
+def test_divergence_stops_with_exit_3_and_keeps_completed_rounds(tmp_path):
+    from pfl_mpi.runtime import EXIT_DIVERGED
+
+    cfg = _cfg(tmp_path, rounds=3, train={"lr": 1e30}, model={"name": "mlp", "hidden": [8]})
+    engine = Engine(cfg, SerialWorld(), show_progress=False)
+    assert engine.run() == EXIT_DIVERGED
+    assert "round 1" in str(engine.divergence)
+    s = read_summary(cfg.output_path)
+    assert s.rounds_completed == 0
+    assert s.attrs["status"] == "diverged"

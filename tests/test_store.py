@@ -163,10 +163,14 @@ def test_checkpoint_slots_alternate_and_stay_current(path):
     w.close("completed")
 
 
+def _no_rows() -> dict[str, np.ndarray]:
+    return {n: np.zeros((0, m), np.float32) for n, m in SPEC.items()}
+
+
 def test_checkpoint_server_state_may_change_shape(path):
     w = _create(path)
-    w.checkpoint(0, {"w": np.zeros(3, dtype=np.float32)}, [], {n: np.zeros((0, m), np.float32) for n, m in SPEC.items()})
-    w.checkpoint(2, {"w": np.ones(5, dtype=np.float32)}, [], {n: np.zeros((0, m), np.float32) for n, m in SPEC.items()})
+    w.checkpoint(0, {"w": np.zeros(3, dtype=np.float32)}, [], _no_rows())
+    w.checkpoint(2, {"w": np.ones(5, dtype=np.float32)}, [], _no_rows())
     w.close("running")
     _, server, _ = _slot(path, 0)
     np.testing.assert_array_equal(server["w"], np.ones(5))
@@ -272,7 +276,7 @@ def test_resume_then_continue_keeps_checkpoint_current(path):
 
 def test_read_checkpoint_rejects_a_stale_slot(path):
     w = _create(path)
-    w.checkpoint(0, {"w": np.zeros(2, np.float32)}, [], {n: np.zeros((0, m), np.float32) for n, m in SPEC.items()})
+    w.checkpoint(0, {"w": np.zeros(2, np.float32)}, [], _no_rows())
     w.commit(0)
     w.commit(1)  # a round committed without its checkpoint
     with pytest.raises(RuntimeError, match="expected 1"):

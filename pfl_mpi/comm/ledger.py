@@ -26,7 +26,7 @@ LABELS: tuple[str, ...] = (
     "eval_metrics",  # per-client evaluation metrics to rank 0 (Gatherv)
     "state",  # personal client state to rank 0 for the checkpoint (Gatherv)
     "restore",  # client states from a checkpoint back to their ranks (Scatterv)
-    "ledger",  # the per-rank ledgers themselves (Gather)
+    "ledger",  # the gather of the previous round's ledgers (counted in the round after it)
 )
 ALGORITHM_LABELS = ("down", "up")
 FIELDS: tuple[str, ...] = ("calls", "bytes_sent", "bytes_received", "seconds")
@@ -53,7 +53,11 @@ class Ledger:
         return self.table.reshape(-1).copy()
 
     def reset(self) -> None:
+        """Start a new round. The gather of the previous round's ledgers happened after they were
+        packed, so its own counters are carried into the new round under ``ledger``."""
+        carried = self.table[LABELS.index("ledger")].copy()
         self.table[:] = 0.0
+        self.table[LABELS.index("ledger")] = carried
 
 
 def unpack_rows(rows: np.ndarray) -> np.ndarray:

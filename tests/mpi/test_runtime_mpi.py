@@ -12,7 +12,7 @@ from pfl_mpi.comm.mpi_world import MPIWorld
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
 
-from ..helpers import committed, last_global_state, tiny_config
+from ..helpers import committed, tiny_config
 
 
 def _run(cfg, world) -> int:
@@ -93,4 +93,22 @@ def test_ledger_bytes_equal_payload_sizes(mpi_tmp_path):
         for label in ("up", "metrics", "eval_metrics"):
             i = LABELS.index(label)
             np.testing.assert_array_equal(table[:, 0, i, received], table[:, 1:, i, sent].sum(axis=1))
+    MPI.COMM_WORLD.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_fedavg_equals_sequential_reference(mpi_tmp_path):
+    """FedAvg on P ranks equals FedAvg written plainly in one process (tests/reference.py)."""
+    from ..reference import fedavg_reference
+
+    world = MPIWorld()
+    cfg = tiny_config(mpi_tmp_path / "ref.h5", "fedavg", rounds=3, state_every=1)
+    assert _run(cfg, world) == 0
+    if world.rank == 0:
+        with h5py.File(cfg.output_path) as f:
+            states = f["global/state/shared"][...]
+        assert states.shape[0] == 3
+        np.testing.assert_allclose(states[-1], fedavg_reference(cfg, 3).numpy(), atol=2e-5)
+        np.testing.assert_allclose(states[0], fedavg_reference(cfg, 1).numpy(), atol=2e-5)
+        assert not np.allclose(states[0], states[-1])
     MPI.COMM_WORLD.Barrier()
