@@ -5,8 +5,8 @@ One round, in the order the messages go (labels of the ledger in brackets):
 1. [control]  Bcast of (round, status): the server says continue, or stop with an exit code.
 2. [down]     the algorithm's downlink: Bcast of one payload, or Scatterv of one per client.
 3.            each worker trains its sampled clients one after another (``client_update``).
-4. [up]       the algorithm's uplink: one Reduce of the pre-summed weighted payloads, or Gatherv.
-5. [metrics]  Gatherv of each sampled client's (id, weight, samples, metrics).
+4. [metrics]  Gatherv of each sampled client's (id, weight, samples, metrics).
+5. [up]       the algorithm's uplink: one Reduce of the pre-summed weighted payloads, or Gatherv.
 6.            the server aggregates (``aggregate``).
 7. [state]    Gatherv of the personal state of the clients that trained (for the checkpoint).
 8. [eval_down, eval_metrics] on evaluation rounds: every client's payload down, its test metrics up.
@@ -264,10 +264,8 @@ class Engine:
             ],
             dtype=np.float64,
         ).reshape(len(mine), 3 + len(self.metric_names))
-        aggregate_input = self._up(plan, updates, None)
         client_rows = self._gather_rows(plan, rows, "metrics")
-        if w.is_server and isinstance(aggregate_input, Collected):
-            aggregate_input.weights = torch.from_numpy(client_rows[:, 1].astype(np.float32))
+        aggregate_input = self._up(plan, updates, client_rows[:, 1] if w.is_server else None)
 
         round_metrics: dict[str, float] = {}
         if w.is_server:

@@ -9,8 +9,9 @@ _CLIENT = 2  # stream tag of a client's local training
 
 
 def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of ``keys``."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
+    """A 63-bit seed that is a pure function of ``keys`` (their number included: numpy's
+    SeedSequence alone maps [a, b] and [a, b, 0] to the same stream)."""
+    state = np.random.SeedSequence([len(keys), *(int(k) for k in keys)]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 

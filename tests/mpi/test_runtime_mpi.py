@@ -112,3 +112,40 @@ def test_fedavg_equals_sequential_reference(mpi_tmp_path):
         np.testing.assert_allclose(states[0], fedavg_reference(cfg, 1).numpy(), atol=2e-5)
         assert not np.allclose(states[0], states[-1])
     MPI.COMM_WORLD.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_scatter_and_gather_paths_equal_bcast_and_reduce(mpi_tmp_path):
+    """FedAvg through Scatterv/Gatherv equals FedAvg through Bcast/Reduce; their bytes scale with clients."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "plugins"))
+    world = MPIWorld()
+    plugin = {"plugins": "[gathered_fedavg]"}
+    assert _run(tiny_config(mpi_tmp_path / "reduce.h5", "fedavg", **plugin), world) == 0
+    cfg = tiny_config(mpi_tmp_path / "gather.h5", "gathered_fedavg", **plugin)
+    engine = Engine(cfg, world, show_progress=False)
+    numel = engine.algo.down_numel()
+    assert engine.run() == 0
+    if world.rank == 0:
+        for name in ("train_loss", "test_acc"):
+            np.testing.assert_allclose(
+                committed(cfg.output_path, "rounds", name),
+                committed(mpi_tmp_path / "reduce.h5", "rounds", name),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+        with h5py.File(cfg.output_path) as f:
+            received = f["comm/bytes_received"][...]
+            sent = f["comm/bytes_sent"][...]
+            sampled = f["clients/participated"][...].astype(bool)
+            hosts = f["partition/host_rank"][...]
+        for t in range(3):
+            for rank in range(1, world.size):
+                mine = int(np.sum(sampled[t] & (hosts == rank)))
+                assert received[t, rank, LABELS.index("down")] == 4 * numel * mine
+                assert sent[t, rank, LABELS.index("up")] == 4 * numel * mine
+                # evaluation scatters every hosted client's payload
+                assert received[t, rank, LABELS.index("eval_down")] == 4 * numel * int(np.sum(hosts == rank))
+    MPI.COMM_WORLD.Barrier()
