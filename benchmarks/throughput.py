@@ -41,7 +41,7 @@ TARGET_RATIO, TARGET_SERVER_CPU = 1.3, 0.05
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Figures: see benchmarks/README.md")
     p.add_argument("--workers", "-W", type=int, default=2, help="worker processes W (pfl_mpi runs W+1 ranks)")
-    p.add_argument("--rounds", type=int, default=22, help="rounds per run (first and last are not in the medians)")
+    p.add_argument("--rounds", type=int, default=32, help="rounds per run (first and last are not in the medians)")
     p.add_argument("--clients", type=int, default=100, help="number of clients, all of them train every round")
     p.add_argument("--data", choices=("digits", "mnist1d", "synthetic"), default="digits", help="data set")
     p.add_argument("--hidden", type=int, nargs="*", default=[64], help="hidden widths of the MLP")
@@ -50,10 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="client learning rate")
     p.add_argument("--seed", type=int, default=0, help="run seed (data, placement)")
     p.add_argument("--repeats", type=int, default=1, help="alternate bare and pfl_mpi runs this many times")
-    p.add_argument("--sample", type=float, default=0.5, help="seconds between samples of the server's CPU")
+    p.add_argument("--sample", type=float, default=0.1, help="seconds between samples of the server's CPU")
     p.add_argument("--pfl-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra pfl-mpi --set override, e.g. comm.poll_max_ms=1 (repeatable)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--keep", metavar="DIR", help="keep the run files here (default: a temporary directory)")
     p.add_argument("--bare", metavar="OUT", help=argparse.SUPPRESS)  # internal: run as one bare rank
     return p.parse_args(argv)
 
@@ -166,12 +167,24 @@ def find_rank(tag: str, rank: int) -> int | None:
     return None
 
 
-class CpuSampler(threading.Thread):
-    """Samples the CPU seconds of rank 0 of a tagged MPI job every ``every`` seconds until it exits."""
+def rounds_completed(path: Path) -> int | None:
+    """The run file's commit counter, read without a lock while rank 0 writes it (None if unreadable)."""
+    import h5py
 
-    def __init__(self, tag: str, every: float):
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs["rounds_completed"])
+    except Exception:  # not created yet, or caught mid-write: skip this sample
+        return None
+
+
+class ServerWatch(threading.Thread):
+    """Samples rank 0's CPU seconds (/proc) and the run file's committed rounds until the job ends."""
+
+    def __init__(self, tag: str, path: Path, every: float):
         super().__init__(daemon=True)
-        self.tag, self.every, self.samples = tag, every, []  # (wall, cpu seconds)
+        self.tag, self.path, self.every = tag, path, every
+        self.samples: list[tuple[float, float, int]] = []  # (wall, server cpu seconds, rounds completed)
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -180,16 +193,23 @@ class CpuSampler(threading.Thread):
             pid = find_rank(self.tag, 0)
             time.sleep(0.02)
         while pid is not None and not self.done.is_set():
+            committed = rounds_completed(self.path)
             try:
-                self.samples.append((time.perf_counter(), proc_cpu_seconds(pid)))
+                cpu = proc_cpu_seconds(pid)
             except (OSError, ValueError):
                 return
+            if committed is not None:
+                self.samples.append((time.perf_counter(), cpu, committed))
             time.sleep(self.every)
 
-    def usage(self) -> np.ndarray:
-        """CPU share of a core in each interval between samples."""
-        s = np.array(self.samples).reshape(-1, 2)
-        return np.diff(s[:, 1]) / np.diff(s[:, 0]) if len(s) > 1 else np.array([np.nan])
+    def steady(self, rounds: int) -> tuple[float, float]:
+        """(server CPU share of a core, seconds per round) between the first sample after round 0 was
+        committed and the last sample before round ``rounds - 2`` was: steady rounds only."""
+        s = np.array([x for x in self.samples if 1 <= x[2] <= rounds - 2]).reshape(-1, 3)
+        if len(s) < 2 or s[-1, 2] == s[0, 2]:
+            return float("nan"), float("nan")
+        wall, cpu, done = s[-1] - s[0]
+        return cpu / wall, wall / done
 
 
 def launch(cmd: list[str], tag: str) -> float:
@@ -208,34 +228,43 @@ def run_bare(a: argparse.Namespace, workdir: Path, i: int) -> tuple[np.ndarray, 
     return np.array(json.loads(out.read_text())), seconds
 
 
-def run_pfl(a: argparse.Namespace, workdir: Path, i: int) -> tuple[dict, np.ndarray, float]:
+def run_pfl(a: argparse.Namespace, workdir: Path, i: int) -> tuple[dict, tuple[float, float], float]:
     import h5py
 
     out, tag = workdir / f"pfl{i}.h5", uuid.uuid4().hex
     sets = [x for s in pfl_overrides(a, out) for x in ("--set", s)]
     cmd = [str(BIN / "mpiexec"), "-n", str(a.workers + 1), sys.executable, "-m", "pfl_mpi", "run", "--quiet", *sets]
-    sampler = CpuSampler(tag, a.sample)
-    sampler.start()
+    watch = ServerWatch(tag, out, a.sample)
+    watch.start()
     seconds = launch(cmd, tag)
-    sampler.done.set()
-    sampler.join()
+    watch.done.set()
+    watch.join()
     with h5py.File(out, "r") as f:
         rounds = {k: v[:] for k, v in f["rounds"].items()}
         rounds.update({f"rank_{k}": v[:] for k, v in f["ranks"].items()})  # [round, rank]
-    return rounds, sampler.usage(), seconds
+        labels = json.loads(f.attrs["comm_labels"])
+        server = f["comm/seconds"][:, 0, :]  # [round, label]
+        # The server's seconds in the round's collectives; /comm's "ledger" column is left out: it holds
+        # the gather of the previous round (and accumulates over rounds, see the README).
+        rounds["server_comm_seconds"] = server[:, [i for i, x in enumerate(labels) if x != "ledger"]].sum(axis=1)
+    return rounds, watch.steady(a.rounds), seconds
 
 
 def measure(a: argparse.Namespace) -> dict:
     """Run both, ``repeats`` times; return the figures."""
     steady = slice(1, a.rounds - 1)
-    bare, pfl, usage, job = [], [], [], {"bare": [], "pfl": []}
+    bare, pfl, usage, job, first = [], [], [], {"bare": [], "pfl": []}, {"bare": [], "pfl": []}
     with tempfile.TemporaryDirectory(prefix="pfl-throughput-") as tmp:
+        tmp = a.keep or tmp
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for i in range(a.repeats):
             b, s = run_bare(a, Path(tmp), i)
             bare.append(b[steady])
             job["bare"].append(s)
+            first["bare"].append(b[0, :, 0].max())
             r, u, s = run_pfl(a, Path(tmp), i)
             pfl.append({k: v[steady] for k, v in r.items()})
+            first["pfl"].append(r["rank_wall_seconds"][0, 1:].max())
             usage.append(u)
             job["pfl"].append(s)
     b = np.concatenate(bare)  # [round, rank, (wall, compute, allreduce, cpu)]
@@ -246,7 +275,7 @@ def measure(a: argparse.Namespace) -> dict:
     workers = slice(1, None)
     pfl_round = med(r["rank_wall_seconds"][:, workers].max(axis=1))  # a worker's round = the round period
     compute, aggregate, io = med(r["seconds_compute"]), med(r["seconds_aggregate"]), med(r["seconds_io"])
-    comm = med(np.maximum(r["seconds_comm"] - r["seconds_compute"], 0.0))  # in collectives, not waiting on compute
+    comm = med(np.maximum(r["server_comm_seconds"] - r["seconds_compute"], 0.0))  # in collectives, not computing
     cpu = r["rank_cpu_seconds"]
     return {
         "workload": {k: getattr(a, k) for k in ("workers", "rounds", "clients", "data", "hidden", "batch_size",
@@ -260,6 +289,7 @@ def measure(a: argparse.Namespace) -> dict:
             "cpu_seconds_per_round": bare_cpu,
             "updates_per_second": a.clients / bare_round,
             "job_seconds": med(job["bare"]),
+            "first_round_seconds": med(first["bare"]),
         },
         "pfl": {
             "round_seconds": pfl_round,
@@ -270,15 +300,15 @@ def measure(a: argparse.Namespace) -> dict:
             "io_seconds": io,
             "other_seconds": pfl_round - compute - comm - aggregate - io,
             "worker_cpu_seconds_per_round": med(cpu[:, workers].sum(axis=1)),
-            "cpu_seconds_per_round": med(cpu.sum(axis=1)),
             "updates_per_second": a.clients / pfl_round,
             "server_cpu_file": med(r["server_cpu"]),
-            "server_cpu_proc_median": med(np.concatenate(usage)),
-            "server_cpu_proc_whole_job": float(np.mean(np.concatenate(usage))),
+            "server_cpu_proc": med([u[0] for u in usage]),
+            "round_seconds_from_commits": med([u[1] for u in usage]),
             "job_seconds": med(job["pfl"]),
+            "first_round_seconds": med(first["pfl"]),
         },
         "ratio": pfl_round / bare_round,
-        "cpu_ratio": med(cpu.sum(axis=1)) / bare_cpu,
+        "worker_cpu_ratio": med(cpu[:, workers].sum(axis=1)) / bare_cpu,
         "overhead_share": (pfl_round - bare_round) / pfl_round,
     }
 
@@ -290,14 +320,15 @@ def table(f: dict) -> str:
     part = lambda s: f"{ms(s)} ({pct(s / rnd)})"  # noqa: E731
     w = f["workload"]
     rows = [
-        ("workload", f"{w['clients']} clients x {w['epochs']} epoch, {w['data']} iid, MLP {w['hidden']}, "
+        ("workload", f"{w['clients']} clients x {w['epochs']} epoch, {w['data']}, MLP {w['hidden']}, "
                      f"B={w['batch_size']}, W={w['workers']} workers, {f['steady_rounds']} steady rounds"),
         ("client updates / s: bare", f"{b['updates_per_second']:.0f}"),
         ("client updates / s: pfl_mpi", f"{p['updates_per_second']:.0f}"),
-        ("round time: bare (compute + Allreduce)",
+        ("round time: bare (medians of compute, Allreduce)",
          f"{ms(b['round_seconds'])} ({ms(b['compute_seconds'])} + {ms(b['allreduce_seconds'])})"),
         ("round time: pfl_mpi (a worker's round period)", ms(rnd)),
         ("round time: pfl_mpi (server: seconds_wall + seconds_io)", ms(p["server_round_seconds"])),
+        ("round time: pfl_mpi (watching the file's commits; a mean)", ms(p["round_seconds_from_commits"])),
         ("pfl_mpi compute (slowest worker's client loop)", part(p["compute_seconds"])),
         ("pfl_mpi communication (server in collectives - compute)", part(p["comm_seconds"])),
         ("pfl_mpi aggregation", part(p["aggregate_seconds"])),
@@ -305,14 +336,14 @@ def table(f: dict) -> str:
         ("pfl_mpi other (rest of the round period)", part(p["other_seconds"])),
         ("framework overhead share (pfl - bare) / pfl", pct(f["overhead_share"])),
         (f"**time ratio pfl / bare** (target < {TARGET_RATIO})", f"**{f['ratio']:.2f}**"),
-        ("CPU s per round, all ranks: bare / pfl_mpi (workers only)",
-         f"{b['cpu_seconds_per_round']:.3f} / {p['cpu_seconds_per_round']:.3f} "
-         f"({p['worker_cpu_seconds_per_round']:.3f})"),
-        ("CPU ratio pfl / bare", f"{f['cpu_ratio']:.2f}"),
-        (f"**idle server CPU**, file server_cpu (target < {pct(TARGET_SERVER_CPU)})",
-         f"**{pct(p['server_cpu_file'])}**"),
-        ("idle server CPU, /proc sampled: median interval / whole job",
-         f"{pct(p['server_cpu_proc_median'])} / {pct(p['server_cpu_proc_whole_job'])}"),
+        ("CPU s per round of all W workers: bare / pfl_mpi",
+         f"{b['cpu_seconds_per_round']:.3f} / {p['worker_cpu_seconds_per_round']:.3f}"),
+        ("worker CPU ratio pfl / bare", f"{f['worker_cpu_ratio']:.2f}"),
+        (f"**server CPU**, /proc over steady rounds (target < {pct(TARGET_SERVER_CPU)})",
+         f"**{pct(p['server_cpu_proc'])}**"),
+        ("server CPU, the file's server_cpu (its window leaves out _record and I/O)", pct(p["server_cpu_file"])),
+        ("first round (warm-up, not in the medians): bare / pfl_mpi",
+         f"{ms(b['first_round_seconds'])} / {ms(p['first_round_seconds'])}"),
         ("whole job incl. start-up: bare / pfl_mpi", f"{b['job_seconds']:.1f} s / {p['job_seconds']:.1f} s"),
         ("load average after the runs", " ".join(f"{x:.2f}" for x in f["loadavg_after"])),
     ]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .algorithms import resolve
 from .algorithms.training import TrainConfig
@@ -49,13 +49,11 @@ class RunConfig(BaseModel):
     algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
     comm: CommConfig = Field(default_factory=CommConfig)
 
-    @model_validator(mode="after")
-    def _clients_fit(self) -> RunConfig:
-        if self.clients_per_round is not None and self.clients_per_round > self.data.num_clients:
-            raise ValueError(
-                f"clients_per_round={self.clients_per_round} exceeds data.num_clients={self.data.num_clients}"
-            )
-        return self
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _default_algorithm(cls, section: Any) -> Any:
+        """Setting only ``algorithm.<param>`` keeps the default algorithm."""
+        return {"name": "fedavg", **section} if isinstance(section, dict) and "name" not in section else section
 
     @property
     def sampled_per_round(self) -> int:
@@ -106,6 +104,11 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise _first_error(err) from None
+    if cfg.clients_per_round is not None and cfg.clients_per_round > cfg.data.num_clients:
+        raise ConfigError(
+            "clients_per_round",
+            f"{cfg.clients_per_round} exceeds the {cfg.data.num_clients} clients (data.num_clients)",
+        )
     for module in cfg.plugins:
         try:
             importlib.import_module(module)

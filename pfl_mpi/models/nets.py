@@ -84,9 +84,7 @@ def _dense(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int) -> tuple[
 
 def _cnn1d(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int) -> tuple[Named, list[Named], int]:
     if len(shape) not in (1, 2):
-        raise ConfigError(
-            "model.name", f"cnn1d needs inputs of shape (length,) or (channels, length), got {shape}"
-        )
+        raise ConfigError("model.name", f"cnn1d needs inputs of shape (length,) or (channels, length), got {shape}")
     pre: Named = [("unflatten", nn.Unflatten(1, (1, shape[0])))] if len(shape) == 1 else []
     c_in = 1 if len(shape) == 1 else shape[0]
     ch = cfg.cnn1d_channels
@@ -99,9 +97,7 @@ def _cnn1d(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int) -> tuple[
 
 def _cnn2d(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int) -> tuple[Named, list[Named], int]:
     if len(shape) not in (2, 3):
-        raise ConfigError(
-            "model.name", f"cnn2d needs inputs of shape (channels, H, W) or (H, W), got {shape}"
-        )
+        raise ConfigError("model.name", f"cnn2d needs inputs of shape (channels, H, W) or (H, W), got {shape}")
     pre: Named = [("unflatten", nn.Unflatten(1, (1, shape[0])))] if len(shape) == 2 else []
     c_in, h, w = (1, *shape) if len(shape) == 2 else shape
     kernel, pad = (5, 0) if min(h, w) >= 16 else (3, 1)
@@ -164,6 +160,4 @@ def _split(
         head = [("unflatten", nn.Unflatten(1, feat))]
         head += _concat(layers[k:flat_from]) + [("flatten", nn.Flatten())] + _concat(layers[flat_from:])
     feature_dim = math.prod(_out_shape(base, shape, "model"))
-    return SplitModel(
-        nn.Sequential(OrderedDict(base)), nn.Sequential(OrderedDict(head)), feature_dim, num_classes
-    )
+    return SplitModel(nn.Sequential(OrderedDict(base)), nn.Sequential(OrderedDict(head)), feature_dim, num_classes)

@@ -155,7 +155,8 @@ class Engine:
         w = self.world
         done = np.zeros(1, dtype=np.int64)
         if w.is_server:
-            self.writer, done[0] = RunWriter.reopen(self.cfg.output_path)
+            plan = {"rounds_planned": self.cfg.rounds, "config": self.cfg.to_yaml()}
+            self.writer, done[0] = RunWriter.reopen(self.cfg.output_path, plan)
         w.bcast(done, "restore")
         self.start_round = int(done[0])
         if self.start_round == 0:

@@ -65,5 +65,5 @@ def read_comm(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """Labels and /comm/<field> [rounds, ranks, labels] of the committed rounds."""
     with open_run(path) as f:
         done = int(f.attrs["rounds_completed"])
-        labels = list(_attr(f[COMM].attrs["labels"]))
+        labels = list(_attr(f.attrs["comm_labels"]))
         return labels, {name: ds[:done] for name, ds in f[COMM].items()}

@@ -115,9 +115,11 @@ class RunWriter:
         return writer
 
     @classmethod
-    def reopen(cls, path: Path) -> tuple[RunWriter, int]:
-        """Reopen a run file to continue it: drop uncommitted rows; return the writer and the rounds completed."""
+    def reopen(cls, path: Path, attrs: Mapping[str, object] | None = None) -> tuple[RunWriter, int]:
+        """Reopen a run file to continue it: drop uncommitted rows, update ``attrs`` (the new plan);
+        return the writer and the rounds completed."""
         f = h5py.File(path, "r+")
+        f.attrs.update(attrs or {})
         done = int(f.attrs["rounds_completed"])
         for group in (ROUNDS, CLIENTS, COMM, RANKS):
             for ds in f[group].values():
