@@ -51,8 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="run seed (data, placement)")
     p.add_argument("--repeats", type=int, default=1, help="alternate bare and pfl_mpi runs this many times")
     p.add_argument("--sample", type=float, default=0.1, help="seconds between samples of the server's CPU")
-    p.add_argument("--pfl-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra pfl-mpi --set override, e.g. comm.poll_max_ms=1 (repeatable)")
+    p.add_argument(
+        "--pfl-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra pfl-mpi --set override, e.g. comm.poll_max_ms=1 (repeatable)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--keep", metavar="DIR", help="keep the run files here (default: a temporary directory)")
     p.add_argument("--bare", metavar="OUT", help=argparse.SUPPRESS)  # internal: run as one bare rank
@@ -221,9 +226,10 @@ def launch(cmd: list[str], tag: str) -> float:
 
 def run_bare(a: argparse.Namespace, workdir: Path, i: int) -> tuple[np.ndarray, float]:
     out = workdir / f"bare{i}.json"
-    args = ["--rounds", a.rounds, "--clients", a.clients, "--data", a.data, "--hidden", *a.hidden, "--batch-size",
-            a.batch_size, "--epochs", a.epochs, "--lr", a.lr, "--seed", a.seed, "--bare", out]
-    cmd = [str(BIN / "mpiexec"), "-n", str(a.workers), sys.executable, __file__, *map(str, args)]
+    flags = {"rounds": a.rounds, "clients": a.clients, "data": a.data, "hidden": a.hidden, "batch-size": a.batch_size}
+    flags.update({"epochs": a.epochs, "lr": a.lr, "seed": a.seed, "bare": out})
+    args = [str(x) for k, v in flags.items() for x in (f"--{k}", *(v if isinstance(v, list) else [v]))]
+    cmd = [str(BIN / "mpiexec"), "-n", str(a.workers), sys.executable, __file__, *args]
     seconds = launch(cmd, uuid.uuid4().hex)
     return np.array(json.loads(out.read_text())), seconds
 
@@ -278,8 +284,10 @@ def measure(a: argparse.Namespace) -> dict:
     comm = med(np.maximum(r["server_comm_seconds"] - r["seconds_compute"], 0.0))  # in collectives, not computing
     cpu = r["rank_cpu_seconds"]
     return {
-        "workload": {k: getattr(a, k) for k in ("workers", "rounds", "clients", "data", "hidden", "batch_size",
-                                                 "epochs", "lr", "seed", "repeats")},
+        "workload": {
+            k: getattr(a, k)
+            for k in ("workers", "rounds", "clients", "data", "hidden", "batch_size", "epochs", "lr", "seed", "repeats")
+        },
         "steady_rounds": int(len(b)),
         "loadavg_after": os.getloadavg(),
         "bare": {
@@ -320,12 +328,17 @@ def table(f: dict) -> str:
     part = lambda s: f"{ms(s)} ({pct(s / rnd)})"  # noqa: E731
     w = f["workload"]
     rows = [
-        ("workload", f"{w['clients']} clients x {w['epochs']} epoch, {w['data']}, MLP {w['hidden']}, "
-                     f"B={w['batch_size']}, W={w['workers']} workers, {f['steady_rounds']} steady rounds"),
+        (
+            "workload",
+            f"{w['clients']} clients x {w['epochs']} epoch, {w['data']}, MLP {w['hidden']}, "
+            f"B={w['batch_size']}, W={w['workers']} workers, {f['steady_rounds']} steady rounds",
+        ),
         ("client updates / s: bare", f"{b['updates_per_second']:.0f}"),
         ("client updates / s: pfl_mpi", f"{p['updates_per_second']:.0f}"),
-        ("round time: bare (medians of compute, Allreduce)",
-         f"{ms(b['round_seconds'])} ({ms(b['compute_seconds'])} + {ms(b['allreduce_seconds'])})"),
+        (
+            "round time: bare (medians of compute, Allreduce)",
+            f"{ms(b['round_seconds'])} ({ms(b['compute_seconds'])} + {ms(b['allreduce_seconds'])})",
+        ),
         ("round time: pfl_mpi (a worker's round period)", ms(rnd)),
         ("round time: pfl_mpi (server: seconds_wall + seconds_io)", ms(p["server_round_seconds"])),
         ("round time: pfl_mpi (watching the file's commits; a mean)", ms(p["round_seconds_from_commits"])),
@@ -336,14 +349,20 @@ def table(f: dict) -> str:
         ("pfl_mpi other (rest of the round period)", part(p["other_seconds"])),
         ("framework overhead share (pfl - bare) / pfl", pct(f["overhead_share"])),
         (f"**time ratio pfl / bare** (target < {TARGET_RATIO})", f"**{f['ratio']:.2f}**"),
-        ("CPU s per round of all W workers: bare / pfl_mpi",
-         f"{b['cpu_seconds_per_round']:.3f} / {p['worker_cpu_seconds_per_round']:.3f}"),
+        (
+            "CPU s per round of all W workers: bare / pfl_mpi",
+            f"{b['cpu_seconds_per_round']:.3f} / {p['worker_cpu_seconds_per_round']:.3f}",
+        ),
         ("worker CPU ratio pfl / bare", f"{f['worker_cpu_ratio']:.2f}"),
-        (f"**server CPU**, /proc over steady rounds (target < {pct(TARGET_SERVER_CPU)})",
-         f"**{pct(p['server_cpu_proc'])}**"),
+        (
+            f"**server CPU**, /proc over steady rounds (target < {pct(TARGET_SERVER_CPU)})",
+            f"**{pct(p['server_cpu_proc'])}**",
+        ),
         ("server CPU, the file's server_cpu (its window leaves out _record and I/O)", pct(p["server_cpu_file"])),
-        ("first round (warm-up, not in the medians): bare / pfl_mpi",
-         f"{ms(b['first_round_seconds'])} / {ms(p['first_round_seconds'])}"),
+        (
+            "first round (warm-up, not in the medians): bare / pfl_mpi",
+            f"{ms(b['first_round_seconds'])} / {ms(p['first_round_seconds'])}",
+        ),
         ("whole job incl. start-up: bare / pfl_mpi", f"{b['job_seconds']:.1f} s / {p['job_seconds']:.1f} s"),
         ("load average after the runs", " ".join(f"{x:.2f}" for x in f["loadavg_after"])),
     ]

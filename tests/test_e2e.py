@@ -102,8 +102,6 @@ def test_exception_on_one_worker_ends_the_job(tmp_path):
         "--set",
         "algorithm.fail_client=3",
         "--set",
-        "algorithm.fail_round=1",
-        "--set",
         "rounds=50",
         *TINY[2:],
         timeout=60,

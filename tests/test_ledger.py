@@ -100,3 +100,16 @@ def test_serial_world_collectives_copy_locally():
     world.bcast(buf, "control")
     world.reduce_sum(buf, "up")
     np.testing.assert_array_equal(buf, send)
+
+
+def test_ledger_gather_is_carried_into_the_next_round_once():
+    """The gather of round t's counters is reported in round t+1 only, never summed across rounds."""
+    ledger = Ledger()
+    for t in range(4):
+        ledger.reset()
+        carried = [1.0, 64.0, 0.0, 0.25] if t else [0.0] * 4
+        assert ledger.table[LABELS.index("ledger")].tolist() == carried
+        assert ledger.table[LABELS.index("down")].tolist() == [0.0] * 4
+        ledger.record("down", 0, 100, 0.5)
+        assert unpack_rows(ledger.as_row()[None])[0, LABELS.index("ledger")].tolist() == carried
+        ledger.record("ledger", 64, 0, 0.25)  # the gather happens after packing

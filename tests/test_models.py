@@ -168,9 +168,7 @@ def test_grads_match_parameter_grads():
     x, y = torch.randn(8, *MNIST1D), torch.randint(0, 10, (8,))
     torch.nn.functional.cross_entropy(model(x), y).backward()
     model.base.conv1.bias.grad = None  # a parameter without gradient contributes zeros
-    expected = torch.cat(
-        [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in model.parameters()]
-    )
+    expected = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in model.parameters()])
     got = layout.grads(model)
     assert got.shape == (layout.numel,) and got.dtype == torch.float32
     assert torch.equal(got, expected)

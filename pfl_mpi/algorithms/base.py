@@ -42,7 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..data import ClientData
-from .training import TrainConfig
+from .training import TrainConfig, sgd_epochs
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,10 @@ class Setup:
     num_clients: int
     num_classes: int
     seed: int
+    params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
+
+    def __post_init__(self) -> None:
+        self.params = list(self.model.parameters())
 
 
 @dataclass
@@ -179,6 +183,12 @@ class Algorithm:
         return {}
 
     # -- client (a worker) ---------------------------------------------------------------
+    def local_sgd(self, client: Client, **options) -> float:
+        """SGD epochs of ``setup.model`` on the client's training split (see ``training.sgd_epochs``)."""
+        options.setdefault("params", self.setup.params)
+        data = client.data
+        return sgd_epochs(self.setup.model, data.x_train, data.y_train, self.setup.train, client.generator, **options)
+
     def client_update(self, client: Client, payload: torch.Tensor | None) -> Update:
         raise NotImplementedError
 

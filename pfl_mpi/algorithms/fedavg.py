@@ -18,7 +18,6 @@ from ..models.params import ParamLayout, split_names
 from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
 from .server_opt import ServerOptConfig, ServerOptimizer
-from .training import sgd_epochs
 from .weighting import Weighting, client_weight
 
 
@@ -89,7 +88,7 @@ class FedAvg(Algorithm):
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         model = self.setup.model
         self._load(client, payload)
-        loss = sgd_epochs(model, client.data.x_train, client.data.y_train, self.setup.train, client.generator)
+        loss = self.local_sgd(client)
         if self.personal_layout.numel:
             client.state["personal"].copy_(self.personal_layout.flatten(model))
         delta = self.shared.flatten(model) - payload

@@ -11,7 +11,6 @@ import torch
 from ..models.params import ParamLayout
 from .base import Algorithm, Client, Setup, Update
 from .registry import register
-from .training import sgd_epochs
 
 
 @register
@@ -33,8 +32,7 @@ class Local(Algorithm):
 
     def client_update(self, client: Client, payload: None) -> Update:
         self.layout.load(self.setup.model, client.state["model"])
-        data = client.data
-        loss = sgd_epochs(self.setup.model, data.x_train, data.y_train, self.setup.train, client.generator)
+        loss = self.local_sgd(client)
         client.state["model"].copy_(self.layout.flatten(self.setup.model))
         return Update(None, 1.0, {"train_loss": loss})
 

@@ -41,23 +41,31 @@ def sgd_epochs(
     """Train ``params`` (default: all) for ``epochs`` (default cfg.local_epochs); return the mean batch loss.
 
     ``regulariser`` adds a term to every batch's loss (FedProx's proximal term, Ditto's pull to w).
+    The step is torch's SGD rule (weight decay, then momentum with dampening 0), written out so that
+    nothing is allocated per client but the momentum buffers, which start at zero every call.
     """
     params = list(model.parameters()) if params is None else params
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    model.train()
-    n, total, batches = x.shape[0], 0.0, 0
+    if not model.training:
+        model.train()
+    momentum = [torch.zeros_like(p) for p in params] if cfg.momentum else None
+    n, total, batches = x.shape[0], torch.zeros((), device=x.device), 0
     for _ in range(cfg.local_epochs if epochs is None else epochs):
         order = torch.randperm(n, generator=generator).to(x.device)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             objective = loss if regulariser is None else loss + regulariser()
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
-            opt.step()
-            total += float(loss.detach())
+            grads = torch.autograd.grad(objective, params)
+            with torch.no_grad():
+                for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                    if cfg.weight_decay:
+                        g = g.add(p, alpha=cfg.weight_decay)
+                    if momentum is not None:
+                        g = momentum[i].mul_(cfg.momentum).add_(g)
+                    p.add_(g, alpha=-cfg.lr)
+                total += loss.detach()
             batches += 1
-    return total / max(batches, 1)
+    return float(total) / max(batches, 1)
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ class Ledger:
 
     def __post_init__(self) -> None:
         self.table = np.zeros((len(LABELS), len(FIELDS)), dtype=np.float64)
+        self._packed_ledger = np.zeros(len(FIELDS))  # the ``ledger`` entry when last packed
 
     def record(self, label: str, sent: int, received: int, seconds: float) -> None:
         """Add one collective call to the counters of ``label``."""
@@ -50,13 +51,15 @@ class Ledger:
 
     def as_row(self) -> np.ndarray:
         """The counters as one flat float64 vector (labels x fields), for gathering."""
+        self._packed_ledger = self.table[LABELS.index("ledger")].copy()
         return self.table.reshape(-1).copy()
 
     def reset(self) -> None:
         """Start a new round. The gather of the previous round's ledgers happened after they were
         packed, so its own counters are carried into the new round under ``ledger``."""
-        carried = self.table[LABELS.index("ledger")].copy()
+        carried = self.table[LABELS.index("ledger")] - self._packed_ledger
         self.table[:] = 0.0
+        self._packed_ledger = np.zeros(len(FIELDS))
         self.table[LABELS.index("ledger")] = carried
 
 

@@ -27,12 +27,17 @@ class ParamLayout:
         self.shapes: tuple[torch.Size, ...] = tuple(params[n].shape for n in names)
         self.numels: tuple[int, ...] = tuple(params[n].numel() for n in names)
         self.numel: int = sum(self.numels)
+        self._cached: tuple[nn.Module, list[nn.Parameter]] | None = None
 
     def _params(self, model: nn.Module) -> list[nn.Parameter]:
+        """The model's parameters of this layout; looked up once per model (this is on the per-client path)."""
+        if self._cached is not None and self._cached[0] is model:
+            return self._cached[1]
         params = [model.get_parameter(n) for n in self.names]
         for p, shape, n in zip(params, self.shapes, self.names, strict=True):
             if p.shape != shape:
                 raise ValueError(f"parameter {n} has shape {tuple(p.shape)}, the layout has {tuple(shape)}")
+        self._cached = (model, params)
         return params
 
     def flatten(self, model: nn.Module) -> torch.Tensor:

@@ -18,7 +18,6 @@ things are computed, never what.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ from ..algorithms import (
     resolve,
 )
 from ..algorithms.training import evaluate
-from ..comm import ALGORITHM_LABELS, FIELDS, LABELS, World
+from ..comm import FIELDS, LABELS, World
 from ..config import RunConfig
 from ..data import ClientData, load_federated
 from ..errors import DivergenceError
@@ -49,10 +48,11 @@ from .client_store import ClientStore
 from .device import select_device, set_threads
 from .placement import Plan, make_plan, place_clients, sample_clients
 from .progress import Progress
+from .record import EVAL_COLUMNS, META_COLUMNS, RANK_FIELDS, RoundRecord, non_finite, summarise, write
 from .seeding import client_generator
+from .uplink import UplinkBuffer
 
 EXIT_DIVERGED = 3
-RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
 
 
 def _to_device(data: ClientData, device: torch.device) -> ClientData:
@@ -100,6 +100,7 @@ class Engine:
         self.stop_code = 0
         self.start_round = 0
         self.writer: RunWriter | None = None
+        self.pending: RoundRecord | None = None
         if world.is_worker:
             self.store = ClientStore(self.state_spec, self.hosted, self.algo.init_client_state)
             self.client_data = {k: _to_device(self.data.client(k), self.device) for k in self.hosted}
@@ -203,32 +204,21 @@ class Engine:
         self.world.scatterv(send, [c * n for c in plan.per_rank], recv, label)
         return [torch.from_numpy(row) for row in recv]
 
-    def _up(self, plan: Plan, updates: list, weights: np.ndarray | None) -> WeightedMean | Collected | None:
-        """Move the clients' payloads up; the server gets what its ``aggregate`` takes."""
+    def _up(self, plan: Plan, uplink: UplinkBuffer, weights: np.ndarray | None) -> WeightedMean | Collected | None:
+        """Move this rank's uplink buffer up; the server gets what its ``aggregate`` takes."""
         up, n, w = self.algo.up, self.algo.up_numel(), self.world
-        if up is None:
-            return None
         if isinstance(up, WeightedSum):
-            buf = np.zeros(n + 1, dtype=np.float32)  # sum(w_k p_k) and sum(w_k), pre-summed on this rank
-            acc = torch.from_numpy(buf)
-            for u in updates:
-                acc[:n].add_(u.payload.detach().cpu(), alpha=u.weight)
-                acc[n] += u.weight
-            w.reduce_sum(buf, "up")
-            if not w.is_server:
-                return None
-            return WeightedMean(torch.from_numpy(buf[:n] / buf[n]), float(buf[n]), len(plan.order))
-        assert isinstance(up, Gathered)
-        send = (
-            np.stack([u.payload.detach().cpu().numpy() for u in updates]).astype(np.float32)
-            if updates
-            else np.empty((0, n), dtype=np.float32)
-        )
-        recv = np.empty((len(plan.order), n), dtype=np.float32) if w.is_server else None
-        w.gatherv(send, [c * n for c in plan.per_rank], recv, "up")
-        if not w.is_server:
-            return None
-        return Collected(plan.order, torch.from_numpy(recv), torch.from_numpy(weights.astype(np.float32)))
+            w.reduce_sum(uplink.buf, "up")
+            total = float(uplink.buf[n])
+            return (
+                WeightedMean(torch.from_numpy(uplink.buf[:n] / total), total, len(plan.order)) if w.is_server else None
+            )
+        if isinstance(up, Gathered):
+            recv = np.empty((len(plan.order), n), dtype=np.float32) if w.is_server else None
+            w.gatherv(uplink.buf, [c * n for c in plan.per_rank], recv, "up")
+            if w.is_server:
+                return Collected(plan.order, torch.from_numpy(recv), torch.from_numpy(weights.astype(np.float32)))
+        return None
 
     def _gather_rows(self, plan: Plan, rows: np.ndarray, label: str) -> np.ndarray | None:
         """Gatherv of one float row per client of ``plan`` (this rank sends its own clients' rows)."""
@@ -252,26 +242,29 @@ class Engine:
         plan = make_plan(sample_clients(cfg.seed, t, self.num_clients, cfg.sampled_per_round), self.host, w.size)
         mine = plan.of_rank(w.rank)
         payloads = self._down(t, plan, "down")
+        if w.is_server:
+            self._write_pending(ended=(times.start_wall, times.start_cpu))  # while the workers train
 
-        start, updates = time.perf_counter(), []
-        for k, payload in zip(mine, payloads, strict=True):
-            updates.append(self.algo.client_update(self._client(k, t), payload))
+        start = time.perf_counter()
+        uplink = UplinkBuffer(self.algo.up, self.algo.up_numel(), len(mine))
+        rows = np.empty((len(mine), len(META_COLUMNS) + len(self.metric_names)), dtype=np.float64)
+        for i, (k, payload) in enumerate(zip(mine, payloads, strict=True)):
+            update = self.algo.client_update(self._client(k, t), payload)
+            uplink.add(update)
+            rows[i] = (
+                k,
+                update.weight,
+                self.client_data[k].y_train.shape[0],
+                *(update.metrics[m] for m in self.metric_names),
+            )
         times.compute = time.perf_counter() - start
 
-        rows = np.array(
-            [
-                [k, u.weight, self.client_data[k].y_train.shape[0], *(u.metrics[m] for m in self.metric_names)]
-                for k, u in zip(mine, updates, strict=True)
-            ],
-            dtype=np.float64,
-        ).reshape(len(mine), 3 + len(self.metric_names))
         client_rows = self._gather_rows(plan, rows, "metrics")
-        aggregate_input = self._up(plan, updates, client_rows[:, 1] if w.is_server else None)
-
-        round_metrics: dict[str, float] = {}
+        aggregate_input = self._up(plan, uplink, client_rows[:, 1] if w.is_server else None)
+        algorithm_metrics: dict[str, float] = {}
         if w.is_server:
             start = time.perf_counter()
-            round_metrics = self.algo.aggregate(t, aggregate_input)
+            algorithm_metrics = self.algo.aggregate(t, aggregate_input)
             times.aggregate = time.perf_counter() - start
 
         state_rows = None
@@ -282,7 +275,7 @@ class Engine:
         evaluated = self._evaluate(t) if self._eval_due(t) else None
         ledgers = w.gather_rows(np.concatenate([w.ledger.as_row(), times.row()]), "ledger")
         if w.is_server:
-            self._record(t, plan, client_rows, round_metrics, state_rows, evaluated, ledgers)
+            self._keep_record(t, plan, times, client_rows, algorithm_metrics, state_rows, evaluated, ledgers)
         return 0
 
     @property
@@ -292,11 +285,15 @@ class Engine:
     def _eval_due(self, t: int) -> bool:
         return (t + 1) % self.cfg.eval_every == 0 or t == self.cfg.rounds - 1
 
+    def _snapshot_due(self, t: int) -> bool:
+        every = self.cfg.state_every
+        return t == self.cfg.rounds - 1 or (every > 0 and (t + 1) % every == 0)
+
     def _evaluate(self, t: int) -> np.ndarray | None:
-        """Every client's test loss and accuracy with the model it would use; rows [id, n_test, loss, acc]."""
+        """Every client's test loss and accuracy with the model it would use (rows of ``EVAL_COLUMNS``)."""
         plan = self.all_clients
         payloads = self._down(t, plan, "eval_down")
-        rows = np.empty((len(self.hosted), 4), dtype=np.float64)
+        rows = np.empty((len(self.hosted), len(EVAL_COLUMNS)), dtype=np.float64)
         for i, (k, payload) in enumerate(zip(self.hosted, payloads, strict=True)):
             client = self._client(k, t)
             self.algo.load_for_eval(client, payload)
@@ -304,104 +301,59 @@ class Engine:
             rows[i] = (k, client.data.y_test.shape[0], loss, acc)
         return self._gather_rows(plan, rows, "eval_metrics")
 
-    # -- the server's record of a round ---------------------------------------------------
-    def _record(self, t, plan, client_rows, round_metrics, state_rows, evaluated, ledgers) -> None:
-        n, names = self.num_clients, self.metric_names
-        ids = client_rows[:, 0].astype(np.int64)
-        clients = {"participated": np.zeros(n, dtype=bool)}
-        clients["participated"][ids] = True
-        for j, name in enumerate(names):
-            clients[name] = np.full(n, np.nan)
-            clients[name][ids] = client_rows[:, 3 + j]
-        samples = client_rows[:, 2]
-        scalars = {
-            "round": t,
-            "num_sampled": len(ids),
-            "world_size": self.world.size,
-            "train_loss": float(np.sum(samples * client_rows[:, 3]) / np.sum(samples)),
-        }
-        clients["test_loss"], clients["test_acc"] = np.full(n, np.nan), np.full(n, np.nan)
-        if evaluated is not None:
-            eids, n_test = evaluated[:, 0].astype(np.int64), evaluated[:, 1]
-            clients["test_loss"][eids], clients["test_acc"][eids] = evaluated[:, 2], evaluated[:, 3]
-            scalars.update(
-                test_loss=float(np.sum(n_test * evaluated[:, 2]) / np.sum(n_test)),
-                test_acc=float(np.sum(n_test * evaluated[:, 3]) / np.sum(n_test)),
-                test_acc_mean=float(np.mean(evaluated[:, 3])),
-                test_acc_std=float(np.std(evaluated[:, 3])),
-            )
-        table = ledgers[:, : len(LABELS) * len(FIELDS)].reshape(-1, len(LABELS), len(FIELDS))
-        per_rank = ledgers[:, len(LABELS) * len(FIELDS) :]
-        sent, received, seconds = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds"))
-        algo_rows = [LABELS.index(label) for label in ALGORITHM_LABELS]
-        workers = self.world.workers
-        scalars.update(
-            bytes_down=float(table[workers, LABELS.index("down"), received].sum()) if self.world.size > 1 else 0.0,
-            bytes_up=float(table[workers, LABELS.index("up"), sent].sum()) if self.world.size > 1 else 0.0,
-            bytes_other=float(np.delete(table[:, :, sent], algo_rows, axis=1).sum()),
-            seconds_compute=float(per_rank[workers, 0].max()),
-            seconds_aggregate=float(per_rank[0, 1]),
-            seconds_comm=float(table[0, :, seconds].sum()),
-            seconds_wall=float(per_rank[0, 3]),
-            server_cpu=float(per_rank[0, 2] / max(per_rank[0, 3], 1e-9)),
-            **{k: float(v) for k, v in round_metrics.items()},
+    # -- the server's records -------------------------------------------------------------
+    def _keep_record(self, t, plan, times, client_rows, algorithm_metrics, state_rows, evaluated, ledgers) -> None:
+        """Summarise round t and check it; keep it to write during the next round (or stop on NaN)."""
+        scalars, clients, comm, ranks = summarise(
+            t, self.num_clients, self.metric_names, client_rows, evaluated, ledgers, self.world.workers
         )
-        self._check_finite(t, scalars, client_rows)
-        if self.stop_code:
-            return
-        start = time.perf_counter()
-        writer = self.writer
-        writer.append_round(
-            t,
-            scalars,
-            clients,
-            {f: table[:, :, i] for i, f in enumerate(FIELDS)},
-            {f: per_rank[:, i] for i, f in enumerate(RANK_FIELDS)},
-        )
-        server_state = {k: v.detach().cpu().numpy() for k, v in self.algo.server_state().items()}
-        rows = {}
-        offset = 0
-        for name, numel in self.state_spec.items():
-            rows[name] = state_rows[:, offset : offset + numel]
-            offset += numel
-        writer.checkpoint(t, server_state, plan.order, rows)
-        if self._snapshot_due(t):
-            writer.snapshot(t, {k: v.detach().cpu().numpy() for k, v in self.algo.global_state().items()})
-        scalars["seconds_io"] = time.perf_counter() - start
-        writer.set_round_value(t, "seconds_io", scalars["seconds_io"])
-        writer.commit(t)
-        self.last_metrics = scalars
-        self.progress.update(scalars)
-
-    def _snapshot_due(self, t: int) -> bool:
-        every = self.cfg.state_every
-        return t == self.cfg.rounds - 1 or (every > 0 and (t + 1) % every == 0)
-
-    def _check_finite(self, t: int, scalars: dict[str, float], client_rows: np.ndarray) -> None:
-        bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(scalars.get(k, 0.0))]
-        bad += [
-            f"server state {k}"
-            for k, v in self.algo.server_state().items()
-            if v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ]
+        scalars.update({k: float(v) for k, v in algorithm_metrics.items()})
+        server_state = {k: v.detach().cpu().numpy().copy() for k, v in self.algo.server_state().items()}
+        bad = non_finite(scalars, server_state)
         if bad:
             self.stop_code = EXIT_DIVERGED
             self.divergence = DivergenceError(
                 f"round {t + 1}: {', '.join(bad)} became NaN or infinite; stopped, "
                 f"the file keeps the {t} completed round(s)"
             )
+            return
+        offsets = np.cumsum([0, *self.state_spec.values()])
+        state = {name: state_rows[:, offsets[i] : offsets[i + 1]] for i, name in enumerate(self.state_spec)}
+        snapshot = None
+        if self._snapshot_due(t):
+            snapshot = {k: v.detach().cpu().numpy().copy() for k, v in self.algo.global_state().items()}
+        self.pending = RoundRecord(
+            t,
+            scalars,
+            clients,
+            comm,
+            ranks,
+            server_state,
+            plan.order,
+            state,
+            snapshot,
+            (times.start_wall, times.start_cpu),
+        )
+
+    def _write_pending(self, ended: tuple[float, float]) -> None:
+        """Write and commit the round kept by ``_keep_record``, if any, and show it."""
+        if self.pending is None:
+            return
+        self.last_metrics = write(self.writer, self.pending, ended)
+        self.pending = None
+        self.progress.update(self.last_metrics)
 
     # -- the whole run --------------------------------------------------------------------
     def run(self) -> int:
         """Run the remaining rounds; return the exit code every rank agrees on (0, or 3 on divergence)."""
-        code = 0
         self.world.barrier()  # start-up (data, models) is not part of round 1's timings
         for t in range(self.start_round, self.cfg.rounds):
-            code = self._round(t)
-            if code:
+            if self._round(t):
                 break
         final = np.array([self.cfg.rounds, self.stop_code], dtype=np.int64)
         self.world.bcast(final, "control")
+        if self.world.is_server:
+            self._write_pending(ended=(time.perf_counter(), time.process_time()))
         self.progress.close()
         code = int(final[1])
         if self.writer is not None:

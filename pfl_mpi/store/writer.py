@@ -35,35 +35,8 @@ from .layout import (
 )
 
 _BLOCK = 1024  # clients per block when streaming [N, numel] tables
-
-
-def _append(group: h5py.Group, name: str, t: int, value: np.ndarray, dtype, fill=np.nan, ragged: bool = False) -> None:
-    """Write ``value`` as row ``t`` of ``group[name]``, an array growing along its first axis.
-
-    ``ragged``: the other axes may grow too (the rank axis, when a run resumes on more ranks);
-    a smaller value fills the leading part of its row and leaves the rest at ``fill``.
-    """
-    value = np.asarray(value, dtype=dtype)
-    if name not in group:
-        chunk_rows = max(1, min(256, (1 << 20) // max(value.nbytes, 1)))
-        group.create_dataset(
-            name,
-            shape=(0, *value.shape),
-            maxshape=(None, *((None,) * value.ndim if ragged else value.shape)),
-            dtype=dtype,
-            chunks=(chunk_rows, *value.shape),
-            compression="gzip" if value.size > 1 else None,
-            fillvalue=fill,
-        )
-    ds = group[name]
-    shape = (max(ds.shape[0], t + 1), *np.maximum(ds.shape[1:], value.shape)) if ragged else (max(ds.shape[0], t + 1),)
-    if shape != ds.shape[: len(shape)]:
-        ds.resize(shape if ragged else (shape[0], *ds.shape[1:]))
-    if ragged and value.shape != ds.shape[1:]:
-        row = np.full(ds.shape[1:], fill, dtype=dtype)
-        row[tuple(slice(0, n) for n in value.shape)] = value
-        value = row
-    ds[t] = value
+ROUND_BLOCK = 64  # per-round datasets grow by this many rows at a time (trimmed on close)
+_ROUND_GROUPS = (ROUNDS, CLIENTS, COMM, RANKS)
 
 
 class RunWriter:
@@ -72,6 +45,49 @@ class RunWriter:
     def __init__(self, file: h5py.File):
         self.f = file
         self.pending: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # rows changed last round
+        self._handles: dict[str, h5py.Dataset] = {}  # open datasets, looked up once (the write is per round)
+        self._round_names = set(file[ROUNDS]) if ROUNDS in file else set()
+
+    def _append(
+        self, group: str, name: str, t: int, value, dtype, fill=np.nan, ragged: bool = False, block: int = ROUND_BLOCK
+    ) -> None:
+        """Write ``value`` as row ``t`` of ``group/name``, an array growing along its first axis by ``block`` rows.
+
+        ``ragged``: the other axes may grow too (the rank axis, when a run resumes on more ranks);
+        a smaller value fills the leading part of its row and leaves the rest at ``fill``.
+        """
+        value = np.asarray(value, dtype=dtype)
+        key = f"{group}/{name}"
+        ds = self._handles.get(key)
+        if ds is None:
+            if key not in self.f:
+                self.f[group].create_dataset(
+                    name,
+                    shape=(0, *value.shape),
+                    maxshape=(None, *((None,) * value.ndim if ragged else value.shape)),
+                    dtype=dtype,
+                    chunks=(max(1, min(256, (1 << 20) // max(value.nbytes, 1))), *value.shape),
+                    compression="gzip" if value.size > 1 else None,
+                    fillvalue=fill,
+                )
+            ds = self._handles[key] = self.f[key]
+        shape = ds.shape
+        rows = shape[0] if t < shape[0] else t + block
+        other = tuple(int(n) for n in np.maximum(shape[1:], value.shape)) if ragged else shape[1:]
+        if (rows, *other) != shape:
+            ds.resize((rows, *other))
+        if ragged and value.shape != other:
+            row = np.full(other, fill, dtype=dtype)
+            row[tuple(slice(0, n) for n in value.shape)] = value
+            value = row
+        ds[t] = value
+
+    def _trim(self, rounds: int) -> None:
+        """Cut every per-round dataset to ``rounds`` rows (spare capacity, or rows of an uncommitted round)."""
+        for group in _ROUND_GROUPS:
+            for ds in self.f[group].values():
+                if isinstance(ds, h5py.Dataset) and ds.shape[0] != rounds:
+                    ds.resize(rounds, axis=0)
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -121,10 +137,8 @@ class RunWriter:
         f = h5py.File(path, "r+")
         f.attrs.update(attrs or {})
         done = int(f.attrs["rounds_completed"])
-        for group in (ROUNDS, CLIENTS, COMM, RANKS):
-            for ds in f[group].values():
-                if isinstance(ds, h5py.Dataset) and ds.shape[0] > done:
-                    ds.resize(done, axis=0)
+        writer = cls(f)
+        writer._trim(done)
         for group in (CLIENT_STATE, GLOBAL_STATE):
             g = f[group]
             if "round" in g:
@@ -132,7 +146,7 @@ class RunWriter:
                 for ds in g.values():
                     ds.resize(keep, axis=0)
         f.attrs["status"] = "running"
-        return cls(f), done
+        return writer, done
 
     # -- per round ------------------------------------------------------------------------
     def append_round(
@@ -144,20 +158,20 @@ class RunWriter:
         ranks: Mapping[str, np.ndarray],
     ) -> None:
         """Row ``t`` of every per-round dataset (a metric missing this round is NaN)."""
-        rounds = self.f[ROUNDS]
-        for name in set(scalars) | set(rounds):
-            _append(rounds, name, t, scalars.get(name, np.nan), np.float64)
+        self._round_names |= set(scalars)
+        for name in self._round_names:
+            self._append(ROUNDS, name, t, scalars.get(name, np.nan), np.float64)
         for name, values in clients.items():
             dtype = np.uint8 if values.dtype == bool else np.float32
-            _append(self.f[CLIENTS], name, t, values, dtype, fill=0 if dtype == np.uint8 else np.nan)
+            self._append(CLIENTS, name, t, values, dtype, fill=0 if dtype == np.uint8 else np.nan)
         for name, values in comm.items():
-            _append(self.f[COMM], name, t, values, np.float64, fill=0, ragged=True)
+            self._append(COMM, name, t, values, np.float64, fill=0, ragged=True)
         for name, values in ranks.items():
-            _append(self.f[RANKS], name, t, values, np.float64, ragged=True)
+            self._append(RANKS, name, t, values, np.float64, ragged=True)
 
     def set_round_value(self, t: int, name: str, value: float) -> None:
         """Overwrite one per-round scalar (e.g. the seconds spent writing the round itself)."""
-        _append(self.f[ROUNDS], name, t, value, np.float64)
+        self._append(ROUNDS, name, t, value, np.float64)
 
     def checkpoint(
         self, t: int, server: Mapping[str, np.ndarray], clients: Iterable[int], rows: Mapping[str, np.ndarray]
@@ -188,11 +202,11 @@ class RunWriter:
         """Copy the server's model and every client's current state (slot of round t) into the snapshots."""
         g = self.f[GLOBAL_STATE]
         s = g["round"].shape[0] if "round" in g else 0
-        _append(g, "round", s, t, np.int64, fill=-1)
+        self._append(GLOBAL_STATE, "round", s, t, np.int64, fill=-1, block=1)
         for name, value in global_state.items():
-            _append(g, name, s, value, np.float32)
+            self._append(GLOBAL_STATE, name, s, value, np.float32, block=1)
         c = self.f[CLIENT_STATE]
-        _append(c, "round", s, t, np.int64, fill=-1)
+        self._append(CLIENT_STATE, "round", s, t, np.int64, fill=-1, block=1)
         for name, table in self.f[slot_of(t)]["clients"].items():
             n, numel = table.shape
             if name not in c:
@@ -215,6 +229,8 @@ class RunWriter:
         self.f.flush()
 
     def close(self, status: str) -> None:
+        """Record the final status, cut spare rows, close."""
+        self._trim(int(self.f.attrs["rounds_completed"]))
         self.f.attrs["status"] = status
         self.f.close()
 

@@ -8,7 +8,7 @@ from pfl_mpi.algorithms.fedavg import FedAvg, FedAvgParams
 
 class FaultyParams(FedAvgParams):
     fail_client: int = -1  # raise in client_update of this client ...
-    fail_round: int = -1  # ... in this round
+    fail_round: int = -1  # ... in this round (-1: the first round it trains)
     nan_round: int = -1  # every client reports a NaN loss in this round
 
 
@@ -18,7 +18,7 @@ class Faulty(FedAvg):
     Params = FaultyParams
 
     def client_update(self, client: Client, payload) -> Update:
-        if client.id == self.params.fail_client and client.round == self.params.fail_round:
+        if client.id == self.params.fail_client and self.params.fail_round in (-1, client.round):
             raise RuntimeError(f"injected failure in client {client.id}")
         update = super().client_update(client, payload)
         if client.round == self.params.nan_round:

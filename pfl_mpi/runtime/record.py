@@ -1,0 +1,115 @@
+"""The server's record of a round: metrics summarised from what came up, checked, then written.
+
+A round's record is built at the end of the round and written while the workers train the next
+one (I/O off the critical path); it is committed to the file when written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..comm import ALGORITHM_LABELS, FIELDS, LABELS
+from ..store import RunWriter
+
+RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
+META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
+EVAL_COLUMNS = ("client", "num_test", "test_loss", "test_acc")
+
+
+@dataclass
+class RoundRecord:
+    """Everything the file gets for one round (arrays are the server's own copies)."""
+
+    t: int
+    scalars: dict[str, float]
+    clients: dict[str, np.ndarray]
+    comm: dict[str, np.ndarray]
+    ranks: dict[str, np.ndarray]
+    server_state: dict[str, np.ndarray]
+    changed: list[int]  # clients whose state rows follow
+    state_rows: dict[str, np.ndarray]
+    global_state: dict[str, np.ndarray] | None  # a snapshot is due
+    started: tuple[float, float]  # the server's (wall, cpu) clock when the round began
+
+
+def summarise(
+    t: int,
+    num_clients: int,
+    metric_names: tuple[str, ...],
+    client_rows: np.ndarray,
+    evaluated: np.ndarray | None,
+    ledgers: np.ndarray,
+    workers: list[int],
+) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Round scalars, [N] per-client arrays, [P, L] comm tables and [P] rank timings of one round."""
+    ids = client_rows[:, 0].astype(np.int64)
+    samples = client_rows[:, 2]
+    clients: dict[str, np.ndarray] = {"participated": np.zeros(num_clients, dtype=bool)}
+    clients["participated"][ids] = True
+    for j, name in enumerate(metric_names):
+        clients[name] = np.full(num_clients, np.nan)
+        clients[name][ids] = client_rows[:, len(META_COLUMNS) + j]
+    loss_column = len(META_COLUMNS) + metric_names.index("train_loss")
+    scalars = {
+        "round": t,
+        "num_sampled": len(ids),
+        "world_size": ledgers.shape[0],
+        "train_loss": float(np.sum(samples * client_rows[:, loss_column]) / np.sum(samples)),
+    }
+    clients["test_loss"], clients["test_acc"] = np.full(num_clients, np.nan), np.full(num_clients, np.nan)
+    if evaluated is not None:
+        eids, n_test, loss, acc = (evaluated[:, i] for i in range(len(EVAL_COLUMNS)))
+        eids = eids.astype(np.int64)
+        clients["test_loss"][eids], clients["test_acc"][eids] = loss, acc
+        scalars.update(
+            test_loss=float(np.sum(n_test * loss) / np.sum(n_test)),
+            test_acc=float(np.sum(n_test * acc) / np.sum(n_test)),
+            test_acc_mean=float(np.mean(acc)),
+            test_acc_std=float(np.std(acc)),
+        )
+    table = ledgers[:, : len(LABELS) * len(FIELDS)].reshape(-1, len(LABELS), len(FIELDS))
+    per_rank = ledgers[:, len(LABELS) * len(FIELDS) :]
+    sent, received, seconds = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds"))
+    algorithm_rows = [LABELS.index(label) for label in ALGORITHM_LABELS]
+    remote = [r for r in workers if r != 0]  # with P = 1 nothing moves
+    scalars.update(
+        bytes_down=float(table[remote, LABELS.index("down"), received].sum()),
+        bytes_up=float(table[remote, LABELS.index("up"), sent].sum()),
+        bytes_other=float(np.delete(table[:, :, sent], algorithm_rows, axis=1).sum()),
+        seconds_compute=float(per_rank[workers, RANK_FIELDS.index("compute_seconds")].max()),
+        seconds_aggregate=float(per_rank[0, RANK_FIELDS.index("aggregate_seconds")]),
+        seconds_comm=float(table[0, :, seconds].sum()),
+    )
+    comm = {field: table[:, :, i] for i, field in enumerate(FIELDS)}
+    ranks = {field: per_rank[:, i] for i, field in enumerate(RANK_FIELDS)}
+    return scalars, clients, comm, ranks
+
+
+def non_finite(scalars: dict[str, float], server_state: dict[str, np.ndarray]) -> list[str]:
+    """What became NaN or infinite: losses, or any floating part of the server's state."""
+    bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(scalars.get(k, 0.0))]
+    bad += [
+        f"server state {k}"
+        for k, v in server_state.items()
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()
+    ]
+    return bad
+
+
+def write(writer: RunWriter, record: RoundRecord, ended: tuple[float, float]) -> dict[str, float]:
+    """Write and commit ``record``; ``ended`` is the server's (wall, cpu) clock when the round's window closed."""
+    start = time.perf_counter()
+    wall = ended[0] - record.started[0]
+    scalars = dict(record.scalars, seconds_wall=wall, server_cpu=(ended[1] - record.started[1]) / max(wall, 1e-9))
+    writer.append_round(record.t, scalars, record.clients, record.comm, record.ranks)
+    writer.checkpoint(record.t, record.server_state, record.changed, record.state_rows)
+    if record.global_state is not None:
+        writer.snapshot(record.t, record.global_state)
+    scalars["seconds_io"] = time.perf_counter() - start
+    writer.set_round_value(record.t, "seconds_io", scalars["seconds_io"])
+    writer.commit(record.t)
+    return scalars
