@@ -4,6 +4,7 @@ torch is deliberately unpinned so that a GPU user's CUDA build is kept; CI insta
 wheel first (see the Makefile's TORCH_SPEC). The MPI runtime comes from the ``mpi`` extra
 (MPICH from PyPI); on a cluster, leave it out and build mpi4py against the site's MPI.
 """
+
 from setuptools import find_packages, setup
 
 setup(

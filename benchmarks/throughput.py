@@ -310,6 +310,7 @@ def measure(a: argparse.Namespace) -> dict:
             "worker_cpu_seconds_per_round": med(cpu[:, workers].sum(axis=1)),
             "updates_per_second": a.clients / pfl_round,
             "server_cpu_file": med(r["server_cpu"]),
+            "server_wait_cpu": med(r["server_wait_cpu"]),
             "server_cpu_proc": med([u[0] for u in usage]),
             "round_seconds_from_commits": med([u[1] for u in usage]),
             "job_seconds": med(job["pfl"]),
@@ -358,7 +359,8 @@ def table(f: dict) -> str:
             f"**server CPU**, /proc over steady rounds (target < {pct(TARGET_SERVER_CPU)})",
             f"**{pct(p['server_cpu_proc'])}**",
         ),
-        ("server CPU, the file's server_cpu (its window leaves out _record and I/O)", pct(p["server_cpu_file"])),
+        ("server CPU, the file's server_cpu (the whole round, HDF5 writing included)", pct(p["server_cpu_file"])),
+        ("server CPU while waiting in collectives (the file's server_wait_cpu)", pct(p["server_wait_cpu"])),
         (
             "first round (warm-up, not in the medians): bare / pfl_mpi",
             f"{ms(b['first_round_seconds'])} / {ms(p['first_round_seconds'])}",

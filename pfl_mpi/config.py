@@ -25,7 +25,7 @@ class CommConfig(BaseModel):
     """How ranks wait for messages."""
 
     model_config = ConfigDict(extra="forbid")
-    poll_max_ms: float = Field(5.0, gt=0, description="longest sleep between polls of a pending collective (ms)")
+    poll_max_ms: float = Field(1.0, gt=0, description="longest sleep between polls of a pending collective (ms)")
 
 
 class RunConfig(BaseModel):

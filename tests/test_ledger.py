@@ -13,7 +13,7 @@ from pfl_mpi.comm.serial import SerialWorld
 def test_labels_and_fields():
     assert set(ALGORITHM_LABELS) <= set(LABELS)
     assert len(set(LABELS)) == len(LABELS)
-    assert FIELDS == ("calls", "bytes_sent", "bytes_received", "seconds")
+    assert FIELDS == ("calls", "bytes_sent", "bytes_received", "seconds", "cpu_seconds")
 
 
 def test_new_ledger_is_zero():
@@ -29,9 +29,9 @@ def test_record_accumulates_per_label():
     ledger.record("up", 100, 8, 0.5)
     ledger.record("down", 0, 1000, 1.0)
     up = ledger.table[LABELS.index("up")]
-    assert up.tolist() == [2.0, 500.0, 8.0, 0.75]
+    assert up.tolist() == [2.0, 500.0, 8.0, 0.75, 0.0]
     down = ledger.table[LABELS.index("down")]
-    assert down.tolist() == [1.0, 0.0, 1000.0, 1.0]
+    assert down.tolist() == [1.0, 0.0, 1000.0, 1.0, 0.0]
     others = [i for i, label in enumerate(LABELS) if label not in ("up", "down")]
     assert not ledger.table[others].any()
     assert ledger.seconds() == pytest.approx(1.75)
@@ -80,7 +80,7 @@ def test_reset():
     assert not ledger.table.any()
     assert ledger.seconds() == 0.0
     ledger.record("metrics", 1, 2, 0.1)
-    assert ledger.table[LABELS.index("metrics")].tolist() == [1.0, 1.0, 2.0, 0.1]
+    assert ledger.table[LABELS.index("metrics")].tolist() == [1.0, 1.0, 2.0, 0.1, 0.0]
 
 
 def test_serial_world_collectives_copy_locally():
@@ -107,9 +107,9 @@ def test_ledger_gather_is_carried_into_the_next_round_once():
     ledger = Ledger()
     for t in range(4):
         ledger.reset()
-        carried = [1.0, 64.0, 0.0, 0.25] if t else [0.0] * 4
+        carried = [1.0, 64.0, 0.0, 0.25, 0.125] if t else [0.0] * 5
         assert ledger.table[LABELS.index("ledger")].tolist() == carried
-        assert ledger.table[LABELS.index("down")].tolist() == [0.0] * 4
+        assert ledger.table[LABELS.index("down")].tolist() == [0.0] * 5
         ledger.record("down", 0, 100, 0.5)
         assert unpack_rows(ledger.as_row()[None])[0, LABELS.index("ledger")].tolist() == carried
-        ledger.record("ledger", 64, 0, 0.25)  # the gather happens after packing
+        ledger.record("ledger", 64, 0, 0.25, 0.125)  # the gather happens after packing

@@ -108,7 +108,7 @@ def test_readers_see_committed_rounds_only(path):
     w.f.flush()
     w.f.close()  # killed
     with h5py.File(path, "r") as f:
-        assert f["rounds/loss"].shape == (2,)
+        assert f["rounds/loss"].shape[0] >= 2  # spare or uncommitted rows stay in a killed file
     s = read_summary(path)
     assert s.rounds_completed == 1
     np.testing.assert_array_equal(s.rounds["loss"], [1.0])
@@ -223,8 +223,8 @@ def _three_rounds_then_crash(path) -> dict:
 
 def test_reopen_truncates_uncommitted_rows(path):
     _three_rounds_then_crash(path)
-    with h5py.File(path, "r") as f:  # the crash left one row too many
-        assert f["rounds/loss"].shape[0] == 4
+    with h5py.File(path, "r") as f:  # the crash left rows beyond the committed ones
+        assert f["rounds/loss"].shape[0] >= 4
         assert f["global/state/round"].shape[0] == 2
     w, done = RunWriter.reopen(path)
     assert done == 3

@@ -29,7 +29,9 @@ LABELS: tuple[str, ...] = (
     "ledger",  # the gather of the previous round's ledgers (counted in the round after it)
 )
 ALGORITHM_LABELS = ("down", "up")
-FIELDS: tuple[str, ...] = ("calls", "bytes_sent", "bytes_received", "seconds")
+# seconds: wall time in the call, waiting included; cpu_seconds: this process's CPU time in it
+# (what waiting costs the node: near 0 when the rank sleeps instead of spinning)
+FIELDS: tuple[str, ...] = ("calls", "bytes_sent", "bytes_received", "seconds", "cpu_seconds")
 
 
 @dataclass
@@ -40,10 +42,10 @@ class Ledger:
         self.table = np.zeros((len(LABELS), len(FIELDS)), dtype=np.float64)
         self._packed_ledger = np.zeros(len(FIELDS))  # the ``ledger`` entry when last packed
 
-    def record(self, label: str, sent: int, received: int, seconds: float) -> None:
+    def record(self, label: str, sent: int, received: int, seconds: float, cpu_seconds: float = 0.0) -> None:
         """Add one collective call to the counters of ``label``."""
         row = self.table[LABELS.index(label)]
-        row += (1.0, sent, received, seconds)
+        row += (1.0, sent, received, seconds, cpu_seconds)
 
     def seconds(self) -> float:
         """Seconds this rank spent inside collectives this round."""

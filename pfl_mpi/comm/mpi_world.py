@@ -20,8 +20,8 @@ from mpi4py.util.dtlib import from_numpy_dtype
 from .world import SERVER, World
 
 POLL_MIN = 20e-6  # first sleep (s)
-SPIN = 200e-6  # spin before the first sleep (s)
-BURST = 30e-6  # spin after each sleep (s)
+SPIN = 50e-6  # spin before the first sleep (s)
+BURST = 5e-6  # spin after each sleep (s)
 
 
 class MPIWorld(World):
@@ -48,8 +48,9 @@ class MPIWorld(World):
             spin_until = time.perf_counter() + BURST
 
     def _complete(self, request: MPI.Request, label: str, sent: int, received: int, start: float) -> None:
+        cpu = time.process_time()
         self._wait(request)
-        self.ledger.record(label, sent, received, time.perf_counter() - start)
+        self.ledger.record(label, sent, received, time.perf_counter() - start, time.process_time() - cpu)
 
     @staticmethod
     def _spec(buf: np.ndarray, counts: Sequence[int]) -> list:

@@ -73,7 +73,7 @@ def summarise(
         )
     table = ledgers[:, : len(LABELS) * len(FIELDS)].reshape(-1, len(LABELS), len(FIELDS))
     per_rank = ledgers[:, len(LABELS) * len(FIELDS) :]
-    sent, received, seconds = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds"))
+    sent, received, seconds, cpu = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds", "cpu_seconds"))
     algorithm_rows = [LABELS.index(label) for label in ALGORITHM_LABELS]
     remote = [r for r in workers if r != 0]  # with P = 1 nothing moves
     scalars.update(
@@ -83,6 +83,7 @@ def summarise(
         seconds_compute=float(per_rank[workers, RANK_FIELDS.index("compute_seconds")].max()),
         seconds_aggregate=float(per_rank[0, RANK_FIELDS.index("aggregate_seconds")]),
         seconds_comm=float(table[0, :, seconds].sum()),
+        server_wait_cpu=float(table[0, :, cpu].sum() / max(table[0, :, seconds].sum(), 1e-9)),
     )
     comm = {field: table[:, :, i] for i, field in enumerate(FIELDS)}
     ranks = {field: per_rank[:, i] for i, field in enumerate(RANK_FIELDS)}
@@ -109,7 +110,7 @@ def write(writer: RunWriter, record: RoundRecord, ended: tuple[float, float]) ->
     writer.checkpoint(record.t, record.server_state, record.changed, record.state_rows)
     if record.global_state is not None:
         writer.snapshot(record.t, record.global_state)
-    scalars["seconds_io"] = time.perf_counter() - start
-    writer.set_round_value(record.t, "seconds_io", scalars["seconds_io"])
     writer.commit(record.t)
+    scalars["seconds_io"] = time.perf_counter() - start  # the flush included; the value itself
+    writer.set_round_value(record.t, "seconds_io", scalars["seconds_io"])  # reaches the disk with the next flush
     return scalars

@@ -37,6 +37,7 @@ from .layout import (
 _BLOCK = 1024  # clients per block when streaming [N, numel] tables
 ROUND_BLOCK = 64  # per-round datasets grow by this many rows at a time (trimmed on close)
 _ROUND_GROUPS = (ROUNDS, CLIENTS, COMM, RANKS)
+_COMPRESS_FROM = 4096  # bytes per row; smaller rows are stored uncompressed
 
 
 class RunWriter:
@@ -66,8 +67,9 @@ class RunWriter:
                     shape=(0, *value.shape),
                     maxshape=(None, *((None,) * value.ndim if ragged else value.shape)),
                     dtype=dtype,
-                    chunks=(max(1, min(256, (1 << 20) // max(value.nbytes, 1))), *value.shape),
-                    compression="gzip" if value.size > 1 else None,
+                    # one row per chunk: a round's chunk is compressed once, never again at later flushes
+                    chunks=(1 if value.ndim else 1024, *value.shape),
+                    compression="gzip" if value.nbytes >= _COMPRESS_FROM else None,
                     fillvalue=fill,
                 )
             ds = self._handles[key] = self.f[key]
@@ -177,21 +179,24 @@ class RunWriter:
         self, t: int, server: Mapping[str, np.ndarray], clients: Iterable[int], rows: Mapping[str, np.ndarray]
     ) -> None:
         """Make slot t % 2 hold the state after round t: the server's, and the rows of changed clients."""
-        slot = self.f[slot_of(t)]
+        slot = slot_of(t)
         for name, value in server.items():
             value = np.asarray(value)
-            if name in slot["server"] and slot["server"][name].shape != value.shape:
-                del slot["server"][name]
-            if name not in slot["server"]:
-                slot["server"].create_dataset(name, shape=value.shape, dtype=value.dtype)
-            slot["server"][name][...] = value
+            key = f"{slot}/server/{name}"
+            ds = self._handles.get(key) or self.f.get(key)
+            if ds is None or ds.shape != value.shape or ds.dtype != value.dtype:
+                if key in self.f:
+                    del self.f[key]
+                ds = self.f.create_dataset(key, shape=value.shape, dtype=value.dtype)
+            self._handles[key] = ds
+            ds[...] = value
         clients = np.asarray(list(clients), dtype=np.int64)
         for changed, values in ([self.pending] if self.pending else []) + [(clients, rows)]:
             order = np.argsort(changed)
             for name, table in values.items():
                 if len(changed):
-                    slot["clients"][name][changed[order]] = table[order]
-        slot.attrs["round"] = t
+                    self.f[f"{slot}/clients/{name}"][changed[order]] = table[order]
+        self.f[slot].attrs["round"] = t
         self.pending = (clients, dict(rows))
 
     def pend_all(self, clients: np.ndarray, rows: Mapping[str, np.ndarray]) -> None:
