@@ -132,6 +132,8 @@ def _summary(metrics: dict[str, float], totals: tuple[float, float], path: Path)
             f"  final test accuracy {acc:.4f} (client mean {metrics['test_acc_mean']:.4f} "
             f"+- {metrics['test_acc_std']:.4f}), test loss {metrics['test_loss']:.4f}"
         )
+    if "finetune_test_acc" in metrics:
+        lines.append(f"  after local fine-tuning: test accuracy {metrics['finetune_test_acc']:.4f}")
     lines.append(f"  bytes moved by the algorithm: down {totals[0]:.3e}, up {totals[1]:.3e}")
     return "\n".join(lines)
 

@@ -38,6 +38,9 @@ class RunConfig(BaseModel):
     rounds: int = Field(20, ge=1, description="communication rounds")
     clients_per_round: int | None = Field(10, ge=1, description="clients sampled per round; null = all")
     eval_every: int = Field(1, ge=1, description="evaluate every k rounds (and after the last round)")
+    finetune_epochs: int = Field(
+        0, ge=0, description="after the last round, each client fine-tunes the model it uses for this many epochs"
+    )
     state_every: int = Field(10, ge=0, description="snapshot client and global state every k rounds; 0 = last only")
     threads: int = Field(1, ge=1, description="torch threads per rank")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU by node-local rank if any")

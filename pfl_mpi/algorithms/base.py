@@ -99,6 +99,16 @@ class Client:
     def num_train(self) -> int:
         return int(self.data.y_train.shape[0])
 
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the training split."""
+        return self.data.x_train, self.data.y_train
+
+    @property
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the test split."""
+        return self.data.x_test, self.data.y_test
+
 
 @dataclass
 class Update:
@@ -186,8 +196,7 @@ class Algorithm:
     def local_sgd(self, client: Client, **options) -> float:
         """SGD epochs of ``setup.model`` on the client's training split (see ``training.sgd_epochs``)."""
         options.setdefault("params", self.setup.params)
-        data = client.data
-        return sgd_epochs(self.setup.model, data.x_train, data.y_train, self.setup.train, client.generator, **options)
+        return sgd_epochs(self.setup.model, *client.train, self.setup.train, client.generator, **options)
 
     def client_update(self, client: Client, payload: torch.Tensor | None) -> Update:
         raise NotImplementedError

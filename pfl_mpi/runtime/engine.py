@@ -48,7 +48,7 @@ from .client_store import ClientStore
 from .device import select_device, set_threads
 from .placement import Plan, make_plan, place_clients, sample_clients
 from .progress import Progress
-from .record import EVAL_COLUMNS, META_COLUMNS, RANK_FIELDS, RoundRecord, non_finite, summarise, write
+from .record import EVAL_COLUMNS, FINETUNE_COLUMNS, META_COLUMNS, RANK_FIELDS, RoundRecord, non_finite, summarise, write
 from .seeding import client_generator
 from .uplink import UplinkBuffer
 
@@ -290,15 +290,23 @@ class Engine:
         return t == self.cfg.rounds - 1 or (every > 0 and (t + 1) % every == 0)
 
     def _evaluate(self, t: int) -> np.ndarray | None:
-        """Every client's test loss and accuracy with the model it would use (rows of ``EVAL_COLUMNS``)."""
-        plan = self.all_clients
+        """Every client's test loss and accuracy with the model it would use (rows of ``EVAL_COLUMNS``).
+
+        After the last round with ``finetune_epochs``, each client then fine-tunes that model on its
+        training split and is evaluated again (``FINETUNE_COLUMNS``); its state is not changed.
+        """
+        plan, model = self.all_clients, self.algo.setup.model
+        finetune = self.cfg.finetune_epochs if t == self.cfg.rounds - 1 else 0
         payloads = self._down(t, plan, "eval_down")
-        rows = np.empty((len(self.hosted), len(EVAL_COLUMNS)), dtype=np.float64)
+        rows = np.empty((len(self.hosted), len(EVAL_COLUMNS) + (len(FINETUNE_COLUMNS) if finetune else 0)))
         for i, (k, payload) in enumerate(zip(self.hosted, payloads, strict=True)):
             client = self._client(k, t)
             self.algo.load_for_eval(client, payload)
-            loss, acc = evaluate(self.algo.setup.model, client.data.x_test, client.data.y_test)
-            rows[i] = (k, client.data.y_test.shape[0], loss, acc)
+            rows[i, : len(EVAL_COLUMNS)] = (k, client.data.y_test.shape[0], *evaluate(model, *client.test))
+            if finetune:
+                client.generator = client_generator(self.cfg.seed, k, self.cfg.rounds)  # a round never trained
+                self.algo.local_sgd(client, epochs=finetune)
+                rows[i, len(EVAL_COLUMNS) :] = evaluate(model, *client.test)
         return self._gather_rows(plan, rows, "eval_metrics")
 
     # -- the server's records -------------------------------------------------------------

@@ -18,6 +18,7 @@ from ..store import RunWriter
 RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
 META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
 EVAL_COLUMNS = ("client", "num_test", "test_loss", "test_acc")
+FINETUNE_COLUMNS = ("finetune_test_loss", "finetune_test_acc")  # after the last round's evaluation
 
 
 @dataclass
@@ -71,6 +72,11 @@ def summarise(
             test_acc_mean=float(np.mean(acc)),
             test_acc_std=float(np.std(acc)),
         )
+        for j, name in enumerate(FINETUNE_COLUMNS[: evaluated.shape[1] - len(EVAL_COLUMNS)]):
+            values = evaluated[:, len(EVAL_COLUMNS) + j]
+            clients[name] = np.full(num_clients, np.nan)
+            clients[name][eids] = values
+            scalars[name] = float(np.sum(n_test * values) / np.sum(n_test))
     table = ledgers[:, : len(LABELS) * len(FIELDS)].reshape(-1, len(LABELS), len(FIELDS))
     per_rank = ledgers[:, len(LABELS) * len(FIELDS) :]
     sent, received, seconds, cpu = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds", "cpu_seconds"))
