@@ -80,6 +80,8 @@ class Setup:
     num_classes: int
     seed: int
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
+    # class frequencies over all clients' training data, known on every rank before round 1
+    label_distribution: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.params = list(self.model.parameters())

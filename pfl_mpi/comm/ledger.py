@@ -27,6 +27,7 @@ LABELS: tuple[str, ...] = (
     "state",  # personal client state to rank 0 for the checkpoint (Gatherv)
     "restore",  # client states from a checkpoint back to their ranks (Scatterv)
     "ledger",  # the gather of the previous round's ledgers (counted in the round after it)
+    "setup",  # once at start-up: the global label counts (Reduce, then Bcast)
 )
 ALGORITHM_LABELS = ("down", "up")
 # seconds: wall time in the call, waiting included; cpu_seconds: this process's CPU time in it

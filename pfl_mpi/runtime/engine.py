@@ -104,6 +104,7 @@ class Engine:
         if world.is_worker:
             self.store = ClientStore(self.state_spec, self.hosted, self.algo.init_client_state)
             self.client_data = {k: _to_device(self.data.client(k), self.device) for k in self.hosted}
+        self.algo.setup.label_distribution = self._label_distribution()
         if world.is_server:
             self.algo.init_server()
         if resume:
@@ -111,6 +112,16 @@ class Engine:
         elif world.is_server:
             self.writer = self._create_file()
         self.progress = Progress(cfg.rounds, self.start_round, enabled=show_progress and world.is_server)
+
+    def _label_distribution(self) -> torch.Tensor:
+        """Class frequencies of all training data: each worker counts its clients', one Reduce, one Bcast."""
+        counts = np.zeros(self.data.num_classes, dtype=np.float64)
+        if self.world.is_worker:
+            for k in self.hosted:
+                counts += np.bincount(self.client_data[k].y_train.cpu().numpy(), minlength=len(counts))
+        self.world.reduce_sum(counts, "setup")
+        self.world.bcast(counts, "setup")
+        return torch.from_numpy(counts / counts.sum()).float()
 
     # -- the file -------------------------------------------------------------------------
     def _create_file(self) -> RunWriter:
@@ -233,7 +244,6 @@ class Engine:
     # -- one round ------------------------------------------------------------------------
     def _round(self, t: int) -> int:
         w, cfg, times = self.world, self.cfg, RoundTimes()
-        w.ledger.reset()
         control = np.array([t, self.stop_code], dtype=np.int64)
         w.bcast(control, "control")
         if control[1]:
@@ -274,6 +284,7 @@ class Engine:
 
         evaluated = self._evaluate(t) if self._eval_due(t) else None
         ledgers = w.gather_rows(np.concatenate([w.ledger.as_row(), times.row()]), "ledger")
+        w.ledger.reset()  # messages before the first round (setup, restore) count in that round
         if w.is_server:
             self._keep_record(t, plan, times, client_rows, algorithm_metrics, state_rows, evaluated, ledgers)
         return 0
