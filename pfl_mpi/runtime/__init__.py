@@ -1,5 +1,19 @@
-"""The runtime: the round loop, client placement and state, device binding, progress."""
+"""The runtime: the round loop, client placement and state, device binding, progress.
 
-from .engine import EXIT_DIVERGED, Engine
+``Engine`` is imported lazily, so that algorithms can use ``pfl_mpi.runtime.seeding`` and the
+other small modules here without importing the engine (which imports the algorithms).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["EXIT_DIVERGED", "Engine"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

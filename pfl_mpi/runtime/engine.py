@@ -220,10 +220,11 @@ class Engine:
         up, n, w = self.algo.up, self.algo.up_numel(), self.world
         if isinstance(up, WeightedSum):
             w.reduce_sum(uplink.buf, "up")
-            total = float(uplink.buf[n])
-            return (
-                WeightedMean(torch.from_numpy(uplink.buf[:n] / total), total, len(plan.order)) if w.is_server else None
-            )
+            if not w.is_server:
+                return None
+            total = float(uplink.buf[n])  # 0 when every client of the round reported weight 0
+            mean = uplink.buf[:n] / total if total else np.zeros(n, dtype=np.float32)
+            return WeightedMean(torch.from_numpy(mean), total, len(plan.order))
         if isinstance(up, Gathered):
             recv = np.empty((len(plan.order), n), dtype=np.float32) if w.is_server else None
             w.gatherv(uplink.buf, [c * n for c in plan.per_rank], recv, "up")

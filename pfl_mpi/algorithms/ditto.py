@@ -1,0 +1,80 @@
+"""Ditto (Li, Hu, Beirami and Smith, "Ditto: Fair and Robust Federated Learning Through Personalization", ICML 2021).
+
+Moves: exactly FedAvg's messages, nothing else: the global w goes down by Broadcast and the
+update w_k - w_t comes up by WeightedSum. The personal model v_k is client state and never moves
+(it reaches rank 0 only as checkpoint bookkeeping, the runtime's ``state`` label).
+
+Computes (Algorithm 1 of the paper): a sampled client first trains w exactly as FedAvg does (same
+epochs, same random stream, so the global model of Ditto is the global model of FedAvg), then
+updates its own v_k by local SGD on F_k(v) + (lam/2) ||v - w_t||^2, pulled towards the w_t it
+received. Evaluation (and the runtime's fine-tuning) uses v_k.
+
+The personal steps draw their minibatches from a copy of the client's generator taken before the
+global steps, so v and w see the same batches in the same order, as in the authors' code (one step
+of v and one of w on each batch). With lam = 0, v_k is therefore exactly what ``local`` trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from pydantic import Field
+
+from .base import Client, Setup, Update
+from .fedavg import FedAvg, FedAvgParams
+from .fedprox import proximal_term
+from .registry import register
+
+
+class DittoParams(FedAvgParams):
+    lam: float = Field(
+        1.0,
+        ge=0,
+        description="lambda of (lambda/2)||v - w_t||^2: 0 = local training, large = the global model "
+        "(the paper tunes it in {0.05, 0.1, 0.2, 0.5, 1, 2}; the authors' scripts use 1)",
+    )
+    personal_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="epochs of the personal update of v_k per round (s of Algorithm 1, counted in epochs); "
+        "null = train.local_epochs, as many steps as w gets (the authors' code)",
+    )
+
+
+@register
+class Ditto(FedAvg):
+    name = "ditto"
+    Params = DittoParams
+    client_metrics = ("train_loss", "personal_train_loss")
+
+    def __init__(self, params: DittoParams, setup: Setup):
+        super().__init__(params, setup)
+        if self.personal_layout.numel:
+            raise ValueError("Ditto shares the whole model; its personal model is v_k")
+        self.shared_params = [setup.model.get_parameter(n) for n in self.shared.names]
+        self.initial_v = self.shared.flatten(setup.model)  # v_k^0 = w^0, as in the authors' code
+
+    def client_state_spec(self) -> dict[str, int]:
+        return {"v": self.shared.numel}
+
+    def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
+        return {"v": self.initial_v.clone()}
+
+    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+        personal_generator = torch.Generator()
+        personal_generator.set_state(client.generator.get_state())
+        update = super().client_update(client, payload)  # the global update: FedAvg, unchanged
+
+        model, lam = self.setup.model, self.params.lam
+        self.shared.load(model, client.state["v"])
+        regulariser = proximal_term(self.shared_params, payload, lam) if lam > 0 else None
+        epochs = self.params.personal_epochs or self.setup.train.local_epochs
+        personal = dataclasses.replace(client, generator=personal_generator)
+        loss = self.local_sgd(personal, regulariser=regulariser, epochs=epochs)
+        client.state["v"].copy_(self.shared.flatten(model))
+        update.metrics["personal_train_loss"] = loss
+        return update
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(self.setup.model, client.state["v"])

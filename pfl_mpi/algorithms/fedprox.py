@@ -1,0 +1,113 @@
+"""FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020).
+
+Moves: exactly FedAvg's messages (w down by Broadcast, the weighted update w_k - w_t up by
+WeightedSum). Computes: each sampled client minimises F_k(w) + (mu/2) ||w - w_t||^2 by local SGD
+from w_t, the proximal term pulling its model back towards the w_t it received.
+
+Systems heterogeneity (section 5.2 of the paper): each sampled client is a straggler with
+probability ``straggler_fraction``, decided by a seed of (seed, client, round), so the same clients
+straggle whatever the number of ranks and whether stragglers are kept or dropped. A straggler runs
+a number of local epochs drawn uniformly from {1, ..., E-1} (the authors' code:
+``randint(low=1, high=E)``; with E = 1 a straggler still runs its single epoch). Then either
+- ``drop_stragglers: false`` (FedProx): its partial work is aggregated like any other update; or
+- ``drop_stragglers: true`` (FedAvg's treatment in the paper): it does no work and sends a zero
+  update with weight 0, so it contributes nothing and the weights are normalised over the others.
+If every sampled client of a round is dropped, the server keeps w_t (no optimiser step).
+
+Client metrics: ``local_epochs`` (epochs actually run, 0 for a dropped client) and ``straggler``
+(1 or 0). A dropped client's ``train_loss`` is the loss of w_t on its training split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from .base import Client, Setup, Update, WeightedMean
+from .fedavg import FedAvg, FedAvgParams
+from .registry import register
+from .training import Regulariser, evaluate
+from .weighting import client_weight
+
+_STRAGGLER = 0x5354_5241  # stream tag of the straggler draws ("STRA"), apart from the runtime's tags
+
+
+def proximal_term(params: list[torch.nn.Parameter], anchor: torch.Tensor, coefficient: float) -> Regulariser:
+    """The regulariser (coefficient / 2) * ||params - anchor||^2; ``anchor`` is flat, in ``params`` order."""
+    anchor = anchor.to(device=params[0].device, dtype=params[0].dtype)
+    targets = [a.view(p.shape) for p, a in zip(params, anchor.split([p.numel() for p in params]), strict=True)]
+    half = 0.5 * coefficient
+
+    def term() -> torch.Tensor:
+        return half * sum((p - a).square().sum() for p, a in zip(params, targets, strict=True))
+
+    return term
+
+
+class FedProxParams(FedAvgParams):
+    mu: float = Field(
+        1.0,
+        ge=0,
+        description="proximal coefficient mu of (mu/2)||w - w_t||^2; 0 = FedAvg's local objective. The paper "
+        "tunes it in {0.001, 0.01, 0.1, 0.5, 1}; 1 is its choice on the synthetic data, MNIST and FEMNIST",
+    )
+    straggler_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability that a sampled client is a straggler this round (the paper's 0, 0.5, 0.9); "
+        "a straggler runs uniformly 1..E-1 local epochs",
+    )
+    drop_stragglers: bool = Field(
+        False, description="drop stragglers from the aggregate (FedAvg in the paper) instead of keeping their work"
+    )
+
+
+@register
+class FedProx(FedAvg):
+    name = "fedprox"
+    Params = FedProxParams
+    client_metrics = ("train_loss", "local_epochs", "straggler")
+
+    def __init__(self, params: FedProxParams, setup: Setup):
+        super().__init__(params, setup)
+        self.shared_params = [setup.model.get_parameter(n) for n in self.shared.names]
+
+    def straggler_epochs(self, client: Client) -> int | None:
+        """Local epochs of a straggler this round, or None if the client is not one (placement-independent)."""
+        fraction = self.params.straggler_fraction
+        if fraction == 0:
+            return None
+        # imported here: pfl_mpi.runtime's __init__ imports the engine, which imports this package
+        from ..runtime.seeding import derive_seed
+
+        rng = np.random.default_rng(derive_seed(self.setup.seed, _STRAGGLER, client.id, client.round))
+        if rng.random() >= fraction:
+            return None
+        epochs = self.setup.train.local_epochs
+        return int(rng.integers(1, epochs)) if epochs > 1 else 1
+
+    def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
+        if up.total_weight == 0:  # every sampled client was a dropped straggler: nothing to apply
+            return {"update_norm": 0.0}
+        return super().aggregate(round, up)
+
+    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+        model = self.setup.model
+        self._load(client, payload)
+        straggler = self.straggler_epochs(client)
+        is_straggler = float(straggler is not None)
+        if straggler is not None and self.params.drop_stragglers:
+            loss, _ = evaluate(model, *client.train)
+            metrics = {"train_loss": loss, "local_epochs": 0.0, "straggler": is_straggler}
+            return Update(torch.zeros_like(payload), 0.0, metrics)
+        epochs = self.setup.train.local_epochs if straggler is None else straggler
+        mu = self.params.mu
+        regulariser = proximal_term(self.shared_params, payload, mu) if mu > 0 and self.shared_params else None
+        loss = self.local_sgd(client, regulariser=regulariser, epochs=epochs)
+        if self.personal_layout.numel:
+            client.state["personal"].copy_(self.personal_layout.flatten(model))
+        delta = self.shared.flatten(model) - payload
+        metrics = {"train_loss": loss, "local_epochs": float(epochs), "straggler": is_straggler}
+        return Update(delta, client_weight(self.params.weighting, client, self.setup), metrics)

@@ -1,0 +1,136 @@
+"""Per-FedAvg (Fallah, Mokhtari and Ozdaglar, NeurIPS 2020): MAML inside FedAvg.
+
+Moves: the global model w goes down by Broadcast; each client's update w_k - w comes up as a WeightedSum
+(uniform weights by default, the paper's 1/(rn) average); the server applies the mean update (FedOpt's
+server SGD with lr 1 by default, i.e. w <- mean of the clients' models, as in the paper's Algorithm 1).
+
+Computes, on a client, ``tau`` local steps from w, each on three minibatches D, D', D'' drawn in that
+order from the client's training split with its generator (:class:`~pfl_mpi.algorithms.meta.BatchStream`,
+``train.batch_size`` samples each):
+
+    w~ = w - alpha grad f(w; D)                              (the inner, personalising step)
+    u  = grad f(w~; D')
+    FO: w <- w - beta u                                       (the Hessian term dropped)
+    HF: w <- w - beta (u - alpha d),  d = [grad f(w + delta u; D'') - grad f(w - delta u; D'')] / (2 delta)
+
+where d is the paper's finite-difference estimate of the Hessian-vector product grad^2 f(w; D'') u.
+(FO draws no D''.) The reported ``train_loss`` is the mean over the steps of f(w~; D'), the meta-objective.
+
+Evaluation personalises as the paper evaluates: from w, ``eval_steps`` steps w <- w - alpha grad f(w; D)
+on minibatches of the client's training split (the whole split with ``eval_full_batch``), then the test.
+Clients keep no state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .meta import BatchStream, FunctionalModel, axpy, leaves
+from .registry import register
+from .server_opt import ServerOptConfig, ServerOptimizer
+from .weighting import client_weight
+
+
+class PerFedAvgParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: Literal["fo", "hf"] = Field(
+        "hf", description="fo: first-order (gradient at w~ applied to w); hf: Hessian-free (finite-difference HVP)"
+    )
+    alpha: float = Field(0.01, gt=0, description="inner (personalisation) step size alpha")
+    beta: float = Field(0.001, gt=0, description="outer (meta) step size beta of each local step")
+    tau: int = Field(10, ge=1, description="local steps per round (tau), each on fresh batches D, D', D''")
+    delta: float = Field(0.001, gt=0, description="hf only: finite-difference step delta of the HVP estimate")
+    eval_steps: int = Field(1, ge=0, description="gradient steps with alpha on the training split before the test")
+    eval_full_batch: bool = Field(
+        False, description="evaluation steps on the whole training split instead of train.batch_size minibatches"
+    )
+    weighting: Literal["uniform", "samples"] = Field(
+        "uniform", description="client weights: uniform (the paper) or by sample count"
+    )
+    server_opt: ServerOptConfig = Field(
+        default_factory=ServerOptConfig, description="server optimiser on the mean update (sgd, lr 1: the paper)"
+    )
+
+
+@register
+class PerFedAvg(Algorithm):
+    name = "perfedavg"
+    Params = PerFedAvgParams
+    down = Broadcast()
+    up = WeightedSum()
+
+    def __init__(self, params: PerFedAvgParams, setup: Setup):
+        super().__init__(params, setup)
+        self.fn = FunctionalModel(setup.model)
+
+    def down_numel(self) -> int:
+        return self.fn.numel
+
+    def up_numel(self) -> int:
+        return self.fn.numel
+
+    # -- server ---------------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.w = self.fn.layout.flatten(self.setup.model)
+        self.optimizer = ServerOptimizer(self.params.server_opt, self.fn.numel)
+
+    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+        return self.w
+
+    def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
+        self.optimizer.step(self.w, up.mean)
+        return {"update_norm": float(up.mean.norm())}
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w, **{f"opt.{k}": v for k, v in self.optimizer.state_dict().items()}}
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.w.copy_(state["w"])
+        self.optimizer.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt.")})
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {"shared": self.w}
+
+    # -- client ---------------------------------------------------------------------------
+    def local_step(self, w: list[torch.Tensor], batches: BatchStream) -> tuple[list[torch.Tensor], float]:
+        """One Per-FedAvg local step from ``w`` (leaf tensors); returns the new w and f(w~; D')."""
+        p, fn = self.params, self.fn
+        x1, y1 = batches.next()
+        x2, y2 = batches.next()
+        _, g1 = fn.grad(w, x1, y1)
+        w_tilde = leaves(axpy(-p.alpha, g1, w))
+        meta_loss, u = fn.grad(w_tilde, x2, y2)
+        if p.variant == "hf":
+            x3, y3 = batches.next()
+            _, g_plus = fn.grad(leaves(axpy(p.delta, u, w)), x3, y3)
+            _, g_minus = fn.grad(leaves(axpy(-p.delta, u, w)), x3, y3)
+            with torch.no_grad():
+                u = [ui - p.alpha * (gp - gm) / (2 * p.delta) for ui, gp, gm in zip(u, g_plus, g_minus, strict=True)]
+        return leaves(axpy(-p.beta, u, w)), float(meta_loss.detach())
+
+    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+        batches = BatchStream(*client.train, self.setup.train.batch_size, client.generator)
+        w = self.fn.unflatten(payload, self.setup.device)
+        total = 0.0
+        for _ in range(self.params.tau):
+            w, loss = self.local_step(w, batches)
+            total += loss
+        delta = self.fn.flatten(w) - payload
+        metrics = {"train_loss": total / self.params.tau}
+        return Update(delta, client_weight(self.params.weighting, client), metrics)
+
+    def personalise(self, client: Client, payload: torch.Tensor) -> list[torch.Tensor]:
+        """w after ``eval_steps`` steps of size alpha on the client's training data (its state untouched)."""
+        batches = BatchStream(*client.train, self.setup.train.batch_size, client.generator)
+        w = self.fn.unflatten(payload, self.setup.device)
+        for _ in range(self.params.eval_steps):
+            _, g = self.fn.grad(w, *(client.train if self.params.eval_full_batch else batches.next()))
+            w = leaves(axpy(-self.params.alpha, g, w))
+        return w
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.fn.load(self.personalise(client, payload))
