@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..runtime.seeding import derive_seed
 from .base import Client, Setup, Update, WeightedMean
 from .fedavg import FedAvg, FedAvgParams
 from .registry import register
@@ -80,7 +81,6 @@ class FedProx(FedAvg):
         if fraction == 0:
             return None
         # imported here: pfl_mpi.runtime's __init__ imports the engine, which imports this package
-        from ..runtime.seeding import derive_seed
 
         rng = np.random.default_rng(derive_seed(self.setup.seed, _STRAGGLER, client.id, client.round))
         if rng.random() >= fraction:
