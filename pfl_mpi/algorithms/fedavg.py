@@ -23,7 +23,9 @@ from .weighting import Weighting, client_weight
 
 class FedAvgParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weighting: Weighting = Field("samples", description="client weights: by training sample count, or uniform")
+    weighting: Weighting = Field(
+        "samples", description="client weights: samples, uniform, quality or label_kl (see weighting.py)"
+    )
     server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig, description="server optimiser (FedOpt)")
 
 
@@ -92,7 +94,7 @@ class FedAvg(Algorithm):
         if self.personal_layout.numel:
             client.state["personal"].copy_(self.personal_layout.flatten(model))
         delta = self.shared.flatten(model) - payload
-        return Update(delta, client_weight(self.params.weighting, client), {"train_loss": loss})
+        return Update(delta, client_weight(self.params.weighting, client, self.setup), {"train_loss": loss})
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self._load(client, payload)
