@@ -17,6 +17,17 @@ if "--with-mpi" not in sys.argv:
     collect_ignore_glob.append("mpi/*")
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads(monkeypatch):
+    """The engine pins torch threads and OMP_NUM_THREADS; give the rest of the session its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    yield
+    torch.set_num_threads(threads)
+
+
 def _comm():
     from mpi4py import MPI
 

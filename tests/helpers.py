@@ -6,8 +6,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from pfl_mpi.config import load_config
+from pfl_mpi.models import build_model
 
 
 def tiny_config(out: Path, algorithm: str = "fedavg", **overrides):
@@ -43,3 +46,30 @@ def committed(path: Path, group: str, name: str) -> np.ndarray:
 def last_global_state(path: Path, name: str = "shared") -> np.ndarray:
     with h5py.File(path, "r", locking=False) as f:
         return f["global/state"][name][-1]
+
+
+def initial_model(cfg, data):
+    """The run's initial model: built under the run seed, as the runtime does."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, data.input_shape, data.num_classes)
+
+
+def hand_sgd(model, names, x, y, lr, batch_size, generator, epochs):
+    """Plain minibatch SGD on the parameters ``names`` only, one permutation per epoch from ``generator``."""
+    params = [model.get_parameter(n) for n in names]
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            idx = order[start : start + batch_size]
+            grads = torch.autograd.grad(F.cross_entropy(model(x[idx]), y[idx]), params)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p -= lr * g
+
+
+def flat(model, names):
+    return torch.cat([model.get_parameter(n).detach().reshape(-1) for n in names])
+
+
+def names_of(model, part):
+    return [n for n, _ in model.named_parameters() if n.startswith(part)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import h5py
 import numpy as np
 import pytest
@@ -19,15 +17,6 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 from pfl_mpi.store import read_clients, read_comm, read_summary
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads(monkeypatch):
-    """The engine pins torch threads and OMP_NUM_THREADS; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(tmp_path, name="run", **sections) -> RunConfig:

@@ -6,7 +6,6 @@ Expected values are computed here independently (numpy, float64, loops over pair
 from __future__ import annotations
 
 import math
-import os
 
 import h5py
 import numpy as np
@@ -24,15 +23,6 @@ from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
 
 from .helpers import tiny_config
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads(monkeypatch):
-    """The engine pins torch threads and OMP_NUM_THREADS; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    yield
-    torch.set_num_threads(threads)
 
 
 def _algo(num_clients=5, lr=0.05, batch_size=32, **params) -> FedAMP:

@@ -3,8 +3,6 @@ server's step on the mean meta-gradient (Meta-SGD's alpha included); personalise
 
 from __future__ import annotations
 
-import os
-
 import h5py
 import numpy as np
 import pytest
@@ -21,15 +19,6 @@ from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
 
 from .helpers import tiny_config
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads(monkeypatch):
-    """The engine pins torch threads and OMP_NUM_THREADS; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- a tiny smooth model, written out by hand for the independent computations --------------------

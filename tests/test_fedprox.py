@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import h5py
 import numpy as np
 import pytest
@@ -19,16 +17,6 @@ from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 
 from .helpers import committed, last_global_state, tiny_config
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads(monkeypatch):
-    """One torch thread, as the engine pins it (much faster for these tiny models on a busy box); restored after."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(path, algorithm="fedprox", **overrides):

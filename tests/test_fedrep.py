@@ -2,59 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import h5py
 import numpy as np
-import pytest
 import torch
-import torch.nn.functional as F
 
 from pfl_mpi.algorithms import Client, Setup, resolve
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
-from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 
-from .helpers import tiny_config
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads(monkeypatch):
-    """The engine pins torch threads and OMP_NUM_THREADS; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    yield
-    torch.set_num_threads(threads)
-
-
-def initial_model(cfg, data):
-    """The run's initial model: built under the run seed, as the runtime does."""
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, data.input_shape, data.num_classes)
-
-
-def hand_sgd(model, names, x, y, lr, batch_size, generator, epochs):
-    """Plain minibatch SGD on the parameters ``names`` only, one permutation per epoch from ``generator``."""
-    params = [model.get_parameter(n) for n in names]
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), batch_size):
-            idx = order[start : start + batch_size]
-            grads = torch.autograd.grad(F.cross_entropy(model(x[idx]), y[idx]), params)
-            with torch.no_grad():
-                for p, g in zip(params, grads, strict=True):
-                    p -= lr * g
-
-
-def flat(model, names):
-    return torch.cat([model.get_parameter(n).detach().reshape(-1) for n in names])
-
-
-def names_of(model, part):
-    return [n for n, _ in model.named_parameters() if n.startswith(part)]
+from .helpers import flat, hand_sgd, initial_model, names_of, tiny_config
 
 
 def make_fedrep(cfg, **algorithm):

@@ -12,8 +12,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 
-from .helpers import tiny_config
-from .test_fedrep import _restore_threads, flat, hand_sgd, initial_model, names_of  # noqa: F401 (fixture)
+from .helpers import flat, hand_sgd, initial_model, names_of, tiny_config
 
 OVERRIDES = {"model.hidden": "[16, 12]", "model.head_layers": 2, "rounds": 2, "state_every": 1}
 

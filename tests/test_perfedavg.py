@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import h5py
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,15 +19,6 @@ from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 
 from .helpers import tiny_config
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads(monkeypatch):
-    """The engine pins torch threads and OMP_NUM_THREADS; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- a tiny smooth model, written out by hand for the independent computations --------------------

@@ -21,8 +21,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 
-from .helpers import tiny_config
-from .test_fedrep import _restore_threads, flat, hand_sgd, initial_model, names_of  # noqa: F401 (fixture)
+from .helpers import flat, hand_sgd, initial_model, names_of, tiny_config
 
 C = 4
 

@@ -26,17 +26,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Setup, Update
+from .fedavg import FedAvg, FedAvgParams
 from .meta import BatchStream, FunctionalModel, axpy, leaves
 from .registry import register
-from .server_opt import ServerOptConfig, ServerOptimizer
 from .weighting import client_weight
 
 
-class PerFedAvgParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PerFedAvgParams(FedAvgParams):
     variant: Literal["fo", "hf"] = Field(
         "hf", description="fo: first-order (gradient at w~ applied to w); hf: Hessian-free (finite-difference HVP)"
     )
@@ -48,52 +47,22 @@ class PerFedAvgParams(BaseModel):
     eval_full_batch: bool = Field(
         False, description="evaluation steps on the whole training split instead of train.batch_size minibatches"
     )
+    # quality and label_kl score the model loaded in setup.model; these steps are functional and never load it
     weighting: Literal["uniform", "samples"] = Field(
         "uniform", description="client weights: uniform (the paper) or by sample count"
-    )
-    server_opt: ServerOptConfig = Field(
-        default_factory=ServerOptConfig, description="server optimiser on the mean update (sgd, lr 1: the paper)"
     )
 
 
 @register
-class PerFedAvg(Algorithm):
+class PerFedAvg(FedAvg):
+    """FedAvg's server and messages; its own local steps and personalised evaluation."""
+
     name = "perfedavg"
     Params = PerFedAvgParams
-    down = Broadcast()
-    up = WeightedSum()
 
     def __init__(self, params: PerFedAvgParams, setup: Setup):
         super().__init__(params, setup)
         self.fn = FunctionalModel(setup.model)
-
-    def down_numel(self) -> int:
-        return self.fn.numel
-
-    def up_numel(self) -> int:
-        return self.fn.numel
-
-    # -- server ---------------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.w = self.fn.layout.flatten(self.setup.model)
-        self.optimizer = ServerOptimizer(self.params.server_opt, self.fn.numel)
-
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
-        return self.w
-
-    def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
-        self.optimizer.step(self.w, up.mean)
-        return {"update_norm": float(up.mean.norm())}
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return {"w": self.w, **{f"opt.{k}": v for k, v in self.optimizer.state_dict().items()}}
-
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.w.copy_(state["w"])
-        self.optimizer.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt.")})
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return {"shared": self.w}
 
     # -- client ---------------------------------------------------------------------------
     def local_step(self, w: list[torch.Tensor], batches: BatchStream) -> tuple[list[torch.Tensor], float]:
