@@ -1,0 +1,52 @@
+"""What a run file holds: configuration, ranks, progress, final metrics."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+NAME = "info"
+HELP = "what a run file holds: config, ranks, progress, final metrics"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="HDF5 run file")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..store import read_summary
+
+    try:
+        summary = read_summary(args.file)
+    except (OSError, ValueError) as err:
+        print(f"pfl-mpi: cannot read {args.file}: {err}", file=sys.stderr)
+        return 1
+    a, r = summary.attrs, summary.rounds
+    print(f"{summary.path}: run '{a['name']}', algorithm {a['algorithm']}, seed {a['seed']}")
+    print(
+        f"  status {a['status']}, {summary.rounds_completed}/{a['rounds_planned']} rounds completed, "
+        f"last written {a.get('updated', '-')}"
+    )
+    hosts = a["hosts"]
+    print(f"  {a['world_size']} rank(s) on {len(set(hosts))} host(s): {', '.join(sorted(set(hosts)))}")
+    print("  versions: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
+    if summary.rounds_completed:
+        evaluated = [i for i, v in enumerate(r.get("test_acc", [])) if not math.isnan(v)]
+        if evaluated:
+            i = evaluated[-1]
+            print(
+                f"  last evaluation (round {i + 1}): test accuracy {r['test_acc'][i]:.4f} "
+                f"(client mean {r['test_acc_mean'][i]:.4f} +- {r['test_acc_std'][i]:.4f}), "
+                f"test loss {r['test_loss'][i]:.4f}"
+            )
+        print(f"  last train loss {r['train_loss'][-1]:.4f}")
+        print(
+            f"  bytes moved by the algorithm: down {r['bytes_down'].sum():.3e}, up {r['bytes_up'].sum():.3e}; "
+            f"other messages {r['bytes_other'].sum():.3e}"
+        )
+        print(
+            f"  wall time {r['seconds_wall'].sum():.2f} s over {summary.rounds_completed} rounds "
+            f"(compute {r['seconds_compute'].sum():.2f} s, server CPU {100 * r['server_cpu'].mean():.1f}% of a core)"
+        )
+    return 0
