@@ -25,6 +25,7 @@ setup(
         "tqdm>=4.60",
         "scikit-learn>=1.3",
         "mnist1d>=0.0.2",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "mpi": ["mpich>=4.1"],
