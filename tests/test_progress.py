@@ -1,0 +1,87 @@
+"""Rank 0's progress: one plain line per round when stdout is not a terminal, a bar when it is."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+from pfl_mpi.comm.serial import SerialWorld
+from pfl_mpi.runtime import Engine
+from pfl_mpi.runtime.progress import Progress, round_line
+from tests.helpers import tiny_config
+
+LINE = re.compile(
+    r"^round +(\d+)/(\d+)  train_loss \d+\.\d{4}(  test_acc (\d\.\d{4}))?(  finetuned_acc \d\.\d{4})?"
+    r"  down [\d.]+ (B|kB|MB|GB)  up [\d.]+ (B|kB|MB|GB)  \d+\.\d\d s$"
+)
+
+
+def _metrics(t: int, evaluated: bool = True, **extra) -> dict[str, float]:
+    m = {
+        "round": float(t),
+        "train_loss": 1.0 / (t + 1),
+        "test_acc": 0.5 + t / 100 if evaluated else math.nan,
+        "bytes_down": 51200.0,
+        "bytes_up": 2.5e6,
+        "seconds_wall": 0.125,
+    }
+    return m | extra
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_round_line_shows_round_accuracy_bytes_and_time():
+    line = round_line(30, _metrics(4, finetune_test_acc=0.97))
+    assert line == (
+        "round  5/30  train_loss 0.2000  test_acc 0.5400  finetuned_acc 0.9700  down 51.2 kB  up 2.5 MB  0.12 s"
+    )
+    assert "test_acc" not in round_line(30, _metrics(5, evaluated=False))
+
+
+def test_not_a_terminal_gives_exactly_one_plain_line_per_round():
+    out = io.StringIO()
+    progress = Progress(6, stream=out)
+    assert progress.bar is None
+    for t in range(6):
+        progress.update(_metrics(t, evaluated=t % 2 == 1))
+    progress.close()
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert [int(LINE.match(line).group(1)) for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert [LINE.match(line).group(4) is not None for line in lines] == [False, True] * 3
+
+
+def test_terminal_gets_a_bar_and_no_lines():
+    out = _Terminal()
+    progress = Progress(3, stream=out)
+    assert progress.bar is not None
+    for t in range(3):
+        progress.update(_metrics(t))
+    progress.close()
+    text = out.getvalue()
+    assert "\r" in text and "3/3" in text and "test_acc 0.5200" in text
+    assert not any(LINE.match(line) for line in text.splitlines())
+
+
+def test_disabled_prints_nothing():
+    out = io.StringIO()
+    progress = Progress(3, enabled=False, stream=out)
+    progress.update(_metrics(0))
+    progress.close()
+    assert out.getvalue() == ""
+
+
+def test_a_run_prints_one_line_per_round_when_stdout_is_captured(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "p.h5", rounds=4, eval_every=2, device="cpu")
+    assert Engine(cfg, SerialWorld(), show_progress=True).run() == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out
+    rounds = [LINE.match(line) for line in out.splitlines()]
+    assert all(rounds), out
+    assert [(int(m.group(1)), int(m.group(2))) for m in rounds] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [m.group(4) is not None for m in rounds] == [False, True, False, True]
