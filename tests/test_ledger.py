@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from pfl_mpi.comm import ALGORITHM_LABELS, FIELDS, LABELS, Ledger
-from pfl_mpi.comm.ledger import unpack_rows
+from pfl_mpi.comm.ledger import unpack_rows, waiting_of
 from pfl_mpi.comm.serial import SerialWorld
 
 
 def test_labels_and_fields():
     assert set(ALGORITHM_LABELS) <= set(LABELS)
     assert len(set(LABELS)) == len(LABELS)
-    assert FIELDS == ("calls", "bytes_sent", "bytes_received", "seconds", "cpu_seconds")
+    assert FIELDS == ("calls", "bytes_sent", "bytes_received", "seconds", "cpu_seconds", "waiting")
 
 
 def test_new_ledger_is_zero():
@@ -29,9 +29,9 @@ def test_record_accumulates_per_label():
     ledger.record("up", 100, 8, 0.5)
     ledger.record("down", 0, 1000, 1.0)
     up = ledger.table[LABELS.index("up")]
-    assert up.tolist() == [2.0, 500.0, 8.0, 0.75, 0.0]
+    assert up.tolist() == [2.0, 500.0, 8.0, 0.75, 0.0, 0.0]
     down = ledger.table[LABELS.index("down")]
-    assert down.tolist() == [1.0, 0.0, 1000.0, 1.0, 0.0]
+    assert down.tolist() == [1.0, 0.0, 1000.0, 1.0, 0.0, 0.0]
     others = [i for i, label in enumerate(LABELS) if label not in ("up", "down")]
     assert not ledger.table[others].any()
     assert ledger.seconds() == pytest.approx(1.75)
@@ -80,7 +80,7 @@ def test_reset():
     assert not ledger.table.any()
     assert ledger.seconds() == 0.0
     ledger.record("metrics", 1, 2, 0.1)
-    assert ledger.table[LABELS.index("metrics")].tolist() == [1.0, 1.0, 2.0, 0.1, 0.0]
+    assert ledger.table[LABELS.index("metrics")].tolist() == [1.0, 1.0, 2.0, 0.1, 0.0, 0.0]
 
 
 def test_serial_world_collectives_copy_locally():
@@ -107,9 +107,66 @@ def test_ledger_gather_is_carried_into_the_next_round_once():
     ledger = Ledger()
     for t in range(4):
         ledger.reset()
-        carried = [1.0, 64.0, 0.0, 0.25, 0.125] if t else [0.0] * 5
+        carried = [1.0, 64.0, 0.0, 0.25, 0.125, 0.0] if t else [0.0] * 6
         assert ledger.table[LABELS.index("ledger")].tolist() == carried
-        assert ledger.table[LABELS.index("down")].tolist() == [0.0] * 5
+        assert ledger.table[LABELS.index("down")].tolist() == [0.0] * 6
         ledger.record("down", 0, 100, 0.5)
         assert unpack_rows(ledger.as_row()[None])[0, LABELS.index("ledger")].tolist() == carried
         ledger.record("ledger", 64, 0, 0.25, 0.125)  # the gather happens after packing
+
+
+def test_waiting_of_is_time_until_the_last_rank_entered_within_the_call():
+    every = np.array([[10.0, 20.0, 30.0], [10.5, 19.0, 30.0], [12.0, 20.0, 29.0]])  # [ranks, calls]
+    seconds = np.array([5.0, 0.5, 5.0])
+    np.testing.assert_allclose(waiting_of(every, every[0], seconds), [2.0, 0.0, 0.0])
+    np.testing.assert_allclose(waiting_of(every, every[1], seconds), [1.5, 0.5, 0.0])  # capped by the call
+    np.testing.assert_allclose(waiting_of(every, every[2], seconds), [0.0, 0.0, 1.0])
+    assert waiting_of(np.zeros((3, 0)), np.zeros(0), np.zeros(0)).shape == (0,)
+
+
+class _FakeRanks:
+    """A resolver standing for the Allgather: the other ranks entered each call at fixed times."""
+
+    def __init__(self, others: list[list[float]]):
+        self.others, self.calls = others, []
+
+    def __call__(self, own: np.ndarray) -> np.ndarray:
+        self.calls.append(own.copy())
+        n = len(own)
+        return np.vstack([own, *(np.asarray(o[:n]) for o in self.others)]) if n else np.zeros((1 + len(self.others), 0))
+
+
+def test_waiting_is_resolved_when_packed_and_summed_per_label():
+    ledger = Ledger()
+    ledger.resolve_entries = _FakeRanks([[3.0, 4.0, 10.0]])
+    ledger.record("control", 16, 0, 2.5, entered=1.0)  # the other rank entered at 3: waited 2
+    ledger.record("down", 0, 40, 0.5, entered=4.5)  # the other was there first
+    ledger.record("down", 0, 40, 1.0, entered=9.5)  # waited 0.5
+    assert ledger.waiting() == 0.0  # unknown until packed
+    table = unpack_rows(ledger.as_row()[None])[0]
+    w = FIELDS.index("waiting")
+    assert table[LABELS.index("control"), w] == pytest.approx(2.0)
+    assert table[LABELS.index("down"), w] == pytest.approx(0.5)
+    assert ledger.waiting() == pytest.approx(2.5)
+    assert ledger.entries == []
+
+
+def test_waiting_of_the_ledger_gather_is_carried_with_it():
+    ledger = Ledger()
+    fake = _FakeRanks([[2.0]])
+    ledger.resolve_entries = fake
+    ledger.as_row()
+    ledger.record("ledger", 64, 0, 1.5, entered=1.0)  # after packing: resolved in the next round
+    ledger.reset()
+    assert len(ledger.entries) == 1
+    row = unpack_rows(ledger.as_row()[None])[0, LABELS.index("ledger")]
+    assert row[FIELDS.index("calls")] == 1.0
+    assert row[FIELDS.index("waiting")] == pytest.approx(1.0)
+    assert [len(c) for c in fake.calls] == [0, 1]
+
+
+def test_without_a_resolver_waiting_stays_zero():
+    ledger = Ledger()
+    ledger.record("up", 4, 0, 1.0, entered=0.0)
+    assert unpack_rows(ledger.as_row()[None])[0, :, FIELDS.index("waiting")].sum() == 0.0
+    assert ledger.entries == []

@@ -34,7 +34,7 @@ __all__ = [
     "resolve",
 ]
 
-_SUPPORT = {"base", "registry", "training", "weighting", "server_opt"}  # modules that define no algorithm
+_SUPPORT = {"base", "registry", "training", "weighting", "server_opt", "meta", "sketch", "byzantine"}  # no algorithm
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT:
         importlib.import_module(f"{__name__}.{_module.name}")

@@ -12,8 +12,28 @@ An algorithm declares two message kinds and four computations:
 - ``aggregate`` (server): how the server combines what came up.
 - ``load_for_eval`` (worker): put into the model the parameters a client would use.
 
-No method here ever calls MPI. Payloads are 1-D float32 CPU tensors whose sizes
-(``down_numel``/``up_numel``) every rank knows without communication.
+No method here ever calls MPI. Payloads are 1-D CPU tensors whose sizes (``down_numel``/``up_numel``)
+every rank knows without communication, in the ``dtype`` of their message kind (default float32).
+
+Wire dtypes: every message kind takes ``dtype`` (one of :data:`WIRE_DTYPES`), and the payload
+moves in exactly that dtype: ``numel * itemsize`` bytes per payload, which is what the ledger
+records. ``Broadcast``/``PerClient``/``Gathered`` move the bytes as they are, so a payload can be
+int8 signs, float16 values, or a uint8 byte string packed by the algorithm (see ``pack``/``unpack``
+below: e.g. int32 indices followed by float32 values). A payload of a non-float32 message must
+already have the declared dtype (the runtime refuses to cast it: a silent cast would truncate);
+float32 messages accept any float payload and convert it, as before.
+
+``WeightedSum(dtype)``: each rank sums ``weight * payload`` over its clients in float64 (integer
+dtypes need integer weights, so the sum is exact), casts it to ``dtype`` and one Reduce adds the
+ranks' sums in ``dtype``. With float32 the summed weight rides in one extra float32 slot of the
+same buffer (``up_numel + 1`` floats, as always). With any other dtype the weight cannot share
+the buffer (an int8 slot would overflow, a float16 one would round), so a second Reduce, also
+labelled ``up``, carries two float64: the summed weight, exact, and the overflow bound
+sum_k |weight_k| * max_i |payload_k,i|. The server checks that bound against the dtype's largest
+value (every partial sum in the Reduce tree is below it, so an integer sum cannot have wrapped)
+and raises OverflowError otherwise; a worker checks its own partial sum before sending.
+Bytes up per worker: ``itemsize * up_numel + 16``. The server gets ``WeightedMean.sum`` (the
+summed payload, in ``dtype``) next to ``mean`` (float32, sum / weight).
 
 Client state is what persists between rounds on the worker hosting the client, and nothing
 else: ``client_state_spec`` names flat float32 vectors and their sizes, the runtime stores
@@ -38,31 +58,80 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..data import ClientData
 from .training import TrainConfig, sgd_epochs
 
+WIRE_DTYPES: dict[torch.dtype, np.dtype] = {
+    t: np.dtype(n)
+    for t, n in (
+        (torch.float32, "float32"),
+        (torch.float64, "float64"),
+        (torch.float16, "float16"),
+        (torch.int8, "int8"),
+        (torch.int16, "int16"),
+        (torch.int32, "int32"),
+        (torch.int64, "int64"),
+        (torch.uint8, "uint8"),
+    )
+}
+"""The dtypes a payload may have on the wire, with their numpy equivalents."""
+
+SUMMABLE_DTYPES = frozenset(WIRE_DTYPES) - {torch.uint8}
+"""The dtypes a WeightedSum may reduce in (signed: a weighted sum may be negative)."""
+
+
+def _check_dtype(kind: object, dtype: torch.dtype, allowed: frozenset[torch.dtype] | dict) -> None:
+    if dtype not in allowed:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in allowed))
+        raise ValueError(f"{type(kind).__name__}: dtype {dtype} is not supported; use one of {names}")
+
 
 @dataclass(frozen=True)
 class Broadcast:
-    """One payload for all clients (MPI Bcast)."""
+    """One payload for all clients (MPI Bcast), ``down_numel`` elements of ``dtype``."""
+
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        _check_dtype(self, self.dtype, WIRE_DTYPES)
 
 
 @dataclass(frozen=True)
 class PerClient:
-    """One payload per client, sent only to the rank hosting it (MPI Scatterv)."""
+    """One payload per client, sent only to the rank hosting it (MPI Scatterv), ``down_numel`` of ``dtype``."""
+
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        _check_dtype(self, self.dtype, WIRE_DTYPES)
 
 
 @dataclass(frozen=True)
 class WeightedSum:
-    """Linear aggregation: sum of weight * payload, pre-summed per rank (MPI Reduce)."""
+    """Linear aggregation: sum of weight * payload, pre-summed per rank (MPI Reduce in ``dtype``).
+
+    float32: the summed weight is one more float32 of the same buffer. Any other dtype: a second
+    Reduce of two float64 (summed weight, overflow bound); see the module docstring.
+    """
+
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        _check_dtype(self, self.dtype, SUMMABLE_DTYPES)
 
 
 @dataclass(frozen=True)
 class Gathered:
-    """Every client's payload to the server (MPI Gatherv)."""
+    """Every client's payload to the server (MPI Gatherv), ``up_numel`` elements of ``dtype`` each."""
+
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        _check_dtype(self, self.dtype, WIRE_DTYPES)
 
 
 Down = Broadcast | PerClient
@@ -123,11 +192,16 @@ class Update:
 
 @dataclass
 class WeightedMean:
-    """What the server gets from a WeightedSum uplink: sum(w_k p_k) / sum(w_k)."""
+    """What the server gets from a WeightedSum uplink: sum(w_k p_k) / sum(w_k).
+
+    ``sum`` is the reduced sum(w_k p_k) itself, in the WeightedSum's dtype (signSGD votes on it);
+    ``mean`` is always float32 (zeros when the total weight is 0).
+    """
 
     mean: torch.Tensor
     total_weight: float
     count: int
+    sum: torch.Tensor | None = None
 
 
 @dataclass
@@ -135,8 +209,33 @@ class Collected:
     """What the server gets from a Gathered uplink: every client's payload, in ``clients`` order."""
 
     clients: list[int]
-    payloads: torch.Tensor  # [len(clients), up_numel]
+    payloads: torch.Tensor  # [len(clients), up_numel], in the Gathered's dtype
     weights: torch.Tensor  # [len(clients)]
+
+
+def pack(*tensors: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensors`` (each flattened, in order) as one uint8 vector: a packed payload."""
+    return torch.cat([t.detach().contiguous().reshape(-1).cpu().view(torch.uint8) for t in tensors])
+
+
+def unpack(payload: torch.Tensor, *parts: tuple[torch.dtype, int]) -> list[torch.Tensor]:
+    """Split a packed uint8 ``payload`` into tensors of ``(dtype, numel)`` parts, in order (copies).
+
+    ``payload`` may be longer than the parts (trailing bytes are ignored).
+    """
+    if packed_size(*parts) > payload.numel():
+        raise ValueError(f"packed payload has {payload.numel()} bytes, the parts need {packed_size(*parts)}")
+    out, offset = [], 0
+    for dtype, numel in parts:
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        out.append(payload[offset : offset + size].clone().view(dtype))
+        offset += size
+    return out
+
+
+def packed_size(*parts: tuple[torch.dtype, int]) -> int:
+    """Bytes of a payload packed from ``(dtype, numel)`` parts (its ``up_numel`` as a uint8 message)."""
+    return sum(numel * torch.empty((), dtype=dtype).element_size() for dtype, numel in parts)
 
 
 class NoParams(BaseModel):

@@ -6,6 +6,10 @@ completed by ``Test()``: first a short spin (a quick collective never sleeps), t
 double from ``POLL_MIN`` up to ``poll_max``, each followed by a short burst of ``Test()`` calls,
 because MPICH advances a collective by one stage per call (a tree of ranks needs several).
 Long waits cost almost no CPU.
+
+Waiting: every call records its entry time on a common clock (``time.perf_counter()`` minus this
+rank's offset to rank 0, estimated at start-up by ping-pong, ``sync_clocks``); when the ledger is
+packed, one Allgather of those entry times tells every rank when the last rank entered each call.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
+from .ledger import waiting_of
 from .world import SERVER, World
 
+SYNC_PINGS = 16  # ping-pongs per rank when estimating clock offsets (the fastest one is kept)
 POLL_MIN = 20e-6  # first sleep (s)
 SPIN = 50e-6  # spin before the first sleep (s)
 BURST = 5e-6  # spin after each sleep (s)
@@ -36,6 +42,56 @@ class MPIWorld(World):
         node.Free()
         self.hosts = self.comm.allgather(MPI.Get_processor_name())  # small metadata, once
         self.poll_max = poll_max
+        self.clock_offset, self.clock_error = self.sync_clocks()
+        self.ledger.resolve_entries = self._allgather_entries
+
+    # -- a common clock -------------------------------------------------------------------
+    def now(self) -> float:
+        """This rank's clock shifted onto rank 0's: comparable between ranks within ``clock_error``."""
+        return time.perf_counter() - self.clock_offset
+
+    def sync_clocks(self, pings: int = SYNC_PINGS) -> tuple[float, float]:
+        """(offset, error) of this rank's ``perf_counter`` to rank 0's: Cristian's algorithm, the
+        fastest of ``pings`` round trips; error is half that round trip (the offset's bound)."""
+        t = np.zeros(1)
+        result = np.zeros(2)  # offset, error
+        results = np.zeros((self.size, 2)) if self.is_server else None
+        if self.is_server:
+            for rank in range(1, self.size):
+                best = (np.inf, 0.0)
+                self.comm.Send(t, dest=rank, tag=1)  # start: the rank has been polling, not spinning
+                for _ in range(pings):
+                    before = time.perf_counter()
+                    self.comm.Send(t, dest=rank, tag=2)
+                    self.comm.Recv(t, source=rank, tag=3)
+                    after = time.perf_counter()
+                    if after - before < best[0]:
+                        best = (after - before, float(t[0]) - 0.5 * (before + after))
+                results[rank] = best[1], 0.5 * best[0]
+        elif self.size > 1:
+            self._wait(self.comm.Irecv(t, source=SERVER, tag=1))
+            for _ in range(pings):
+                self.comm.Recv(t, source=SERVER, tag=2)
+                t[0] = time.perf_counter()
+                self.comm.Send(t, dest=SERVER, tag=3)
+        self._wait(self.comm.Iscatter(results, result, root=SERVER))
+        return float(result[0]), float(result[1])
+
+    def _allgather_entries(self, own: np.ndarray) -> np.ndarray:
+        """Every rank's entry times of the same calls, [ranks, calls] (counted under ``ledger``).
+
+        The Allgather carries its own entry time as a last column, so its waiting is known too."""
+        start = time.perf_counter()
+        mine = np.append(np.asarray(own, dtype=np.float64), start - self.clock_offset)
+        every = np.empty((self.size, mine.size), dtype=np.float64)
+        cpu = time.process_time()
+        self._wait(self.comm.Iallgather(mine, every))
+        seconds = time.perf_counter() - start
+        waiting = float(waiting_of(every[:, -1:], mine[-1:], np.array([seconds]))[0])
+        self.ledger.record(
+            "ledger", mine.nbytes, mine.nbytes * (self.size - 1), seconds, time.process_time() - cpu, waiting=waiting
+        )
+        return every[:, :-1]
 
     # -- completion -----------------------------------------------------------------------
     def _wait(self, request: MPI.Request) -> None:
@@ -50,7 +106,10 @@ class MPIWorld(World):
     def _complete(self, request: MPI.Request, label: str, sent: int, received: int, start: float) -> None:
         cpu = time.process_time()
         self._wait(request)
-        self.ledger.record(label, sent, received, time.perf_counter() - start, time.process_time() - cpu)
+        end = time.perf_counter()
+        self.ledger.record(
+            label, sent, received, end - start, time.process_time() - cpu, entered=start - self.clock_offset
+        )
 
     @staticmethod
     def _spec(buf: np.ndarray, counts: Sequence[int]) -> list:

@@ -49,4 +49,38 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"  wall time {r['seconds_wall'].sum():.2f} s over {summary.rounds_completed} rounds "
             f"(compute {r['seconds_compute'].sum():.2f} s, server CPU {100 * r['server_cpu'].mean():.1f}% of a core)"
         )
+        print(comm_summary(args.file))
     return 0
+
+
+def comm_summary(path) -> str:
+    """Per message label over the committed rounds: calls, bytes, seconds and waiting (docs/communication.md).
+
+    Calls are rank 0's (every rank makes the same calls); bytes are what all ranks sent; seconds and
+    waiting are the sums over rounds of the slowest rank's per round, and rank 0's."""
+    import numpy as np
+
+    from ..store import read_comm
+
+    labels, comm = read_comm(path)
+    if not comm or not comm["calls"].any():
+        return "  communication: nothing moved (one process)"
+    zeros = np.zeros_like(comm["seconds"])
+    waiting = comm.get("waiting", zeros)
+    lines = [
+        "  communication per message label (sums over rounds; max: slowest rank per round; 0: rank 0):",
+        "  | label | calls | bytes sent | s max | s 0 | waiting s max | waiting s 0 |",
+        "  |---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, label in enumerate(labels):
+        calls = comm["calls"][:, 0, i].sum()
+        if not calls:
+            continue
+        seconds, wait = comm["seconds"][:, :, i], waiting[:, :, i]
+        lines.append(
+            f"  | {label} | {calls:.0f} | {comm['bytes_sent'][:, :, i].sum():.3e} | {seconds.max(axis=1).sum():.3f} "
+            f"| {seconds[:, 0].sum():.3f} | {wait.max(axis=1).sum():.3f} | {wait[:, 0].sum():.3f} |"
+        )
+    if "waiting" not in comm:
+        lines.append("  (written before waiting was recorded: waiting shows 0)")
+    return "\n".join(lines)

@@ -37,6 +37,7 @@ from ..algorithms import (
     WeightedSum,
     resolve,
 )
+from ..algorithms.base import WIRE_DTYPES
 from ..algorithms.training import evaluate
 from ..comm import FIELDS, LABELS, World
 from ..config import RunConfig
@@ -50,13 +51,35 @@ from .placement import Plan, make_plan, place_clients, sample_clients
 from .progress import Progress
 from .record import EVAL_COLUMNS, FINETUNE_COLUMNS, META_COLUMNS, RANK_FIELDS, RoundRecord, non_finite, summarise, write
 from .seeding import client_generator
-from .uplink import UplinkBuffer
+from .uplink import UplinkBuffer, wire_limit
 
 EXIT_DIVERGED = 3
 
 
 def _to_device(data: ClientData, device: torch.device) -> ClientData:
     return ClientData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+
+
+def _wire_array(payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A server's downlink payload as a contiguous numpy array of the message's dtype (a copy).
+
+    float32 messages convert any float payload (as they always have); other dtypes must match exactly.
+    """
+    payload = payload.detach().cpu()
+    if tuple(payload.shape) != shape:
+        raise ValueError(f"downlink payload has shape {tuple(payload.shape)}, expected {shape}")
+    if payload.dtype != dtype and (dtype != torch.float32 or not payload.dtype.is_floating_point):
+        raise TypeError(f"downlink payload has dtype {payload.dtype}, the message declares {dtype}")
+    return np.array(payload.numpy(), dtype=WIRE_DTYPES[dtype], copy=True, order="C")
+
+
+def _raw(buf: np.ndarray) -> np.ndarray:
+    """What a Bcast/Scatterv/Gatherv moves: float32 buffers as they are, any other dtype as its bytes.
+
+    Moving bytes works for every dtype on every MPI (float16 has no MPI type in the standard), and
+    the ledger counts the same bytes either way.
+    """
+    return buf if buf.dtype == np.float32 else buf.reshape(-1).view(np.uint8)
 
 
 @dataclass
@@ -191,43 +214,60 @@ class Engine:
 
     # -- messages -------------------------------------------------------------------------
     def _down(self, t: int, plan: Plan, label: str) -> list[torch.Tensor | None]:
-        """The downlink payload of each of this rank's clients in ``plan``."""
+        """The downlink payload of each of this rank's clients in ``plan``, in the message's dtype."""
         mine, down = plan.of_rank(self.world.rank), self.algo.down
         if down is None:
             return [None] * len(mine)
-        n = self.algo.down_numel()
+        n, wire = self.algo.down_numel(), WIRE_DTYPES[down.dtype]
         if isinstance(down, Broadcast):
             buf = (
-                self.algo.downlink(t, plan.order).detach().cpu().numpy().astype(np.float32, copy=True)
+                _wire_array(self.algo.downlink(t, plan.order), down.dtype, (n,))
                 if self.world.is_server
-                else np.empty(n, dtype=np.float32)
+                else np.empty(n, dtype=wire)
             )
-            self.world.bcast(buf, label)
+            self.world.bcast(_raw(buf), label)
             payload = torch.from_numpy(buf)
             return [payload] * len(mine)
         assert isinstance(down, PerClient)
         send = (
-            np.ascontiguousarray(self.algo.downlink(t, plan.order).detach().cpu().numpy(), dtype=np.float32)
+            _wire_array(self.algo.downlink(t, plan.order), down.dtype, (len(plan.order), n))
             if self.world.is_server
             else None
         )
-        recv = np.empty((len(mine), n), dtype=np.float32)
-        self.world.scatterv(send, [c * n for c in plan.per_rank], recv, label)
+        recv = np.empty((len(mine), n), dtype=wire)
+        size = n * wire.itemsize if down.dtype != torch.float32 else n  # elements of the (raw) buffers
+        self.world.scatterv(None if send is None else _raw(send), [c * size for c in plan.per_rank], _raw(recv), label)
         return [torch.from_numpy(row) for row in recv]
 
     def _up(self, plan: Plan, uplink: UplinkBuffer, weights: np.ndarray | None) -> WeightedMean | Collected | None:
         """Move this rank's uplink buffer up; the server gets what its ``aggregate`` takes."""
         up, n, w = self.algo.up, self.algo.up_numel(), self.world
         if isinstance(up, WeightedSum):
+            uplink.seal()
             w.reduce_sum(uplink.buf, "up")
+            if uplink.side is not None:
+                w.reduce_sum(uplink.side, "up")  # summed weight and overflow bound, float64
             if not w.is_server:
                 return None
-            total = float(uplink.buf[n])  # 0 when every client of the round reported weight 0
-            mean = uplink.buf[:n] / total if total else np.zeros(n, dtype=np.float32)
-            return WeightedMean(torch.from_numpy(mean), total, len(plan.order))
+            if uplink.side is None:  # float32, the weight in the last slot: as it always was
+                total = float(uplink.buf[n])  # 0 when every client of the round reported weight 0
+                summed = uplink.buf[:n]
+                mean = summed / total if total else np.zeros(n, dtype=np.float32)
+                return WeightedMean(torch.from_numpy(mean), total, len(plan.order), torch.from_numpy(summed))
+            total, bound = float(uplink.side[0]), float(uplink.side[1])
+            if bound > wire_limit(uplink.buf.dtype):
+                raise OverflowError(
+                    f"the round's weighted sum can reach {bound:g}, more than {uplink.buf.dtype} holds: "
+                    "declare a wider WeightedSum dtype"
+                )
+            summed = uplink.buf
+            mean = (summed.astype(np.float64) / total).astype(np.float32) if total else np.zeros(n, np.float32)
+            return WeightedMean(torch.from_numpy(mean), total, len(plan.order), torch.from_numpy(summed))
         if isinstance(up, Gathered):
-            recv = np.empty((len(plan.order), n), dtype=np.float32) if w.is_server else None
-            w.gatherv(uplink.buf, [c * n for c in plan.per_rank], recv, "up")
+            wire = uplink.buf.dtype
+            recv = np.empty((len(plan.order), n), dtype=wire) if w.is_server else None
+            size = n * wire.itemsize if up.dtype != torch.float32 else n
+            w.gatherv(_raw(uplink.buf), [c * size for c in plan.per_rank], None if recv is None else _raw(recv), "up")
             if w.is_server:
                 return Collected(plan.order, torch.from_numpy(recv), torch.from_numpy(weights.astype(np.float32)))
         return None

@@ -89,6 +89,7 @@ def summarise(
         seconds_compute=float(per_rank[workers, RANK_FIELDS.index("compute_seconds")].max()),
         seconds_aggregate=float(per_rank[0, RANK_FIELDS.index("aggregate_seconds")]),
         seconds_comm=float(table[0, :, seconds].sum()),
+        seconds_comm_wait=float(table[0, :, FIELDS.index("waiting")].sum()),
         server_wait_cpu=float(table[0, :, cpu].sum() / max(table[0, :, seconds].sum(), 1e-9)),
     )
     comm = {field: table[:, :, i] for i, field in enumerate(FIELDS)}

@@ -1,0 +1,133 @@
+"""The messages of one training round, predicted from a configuration, and what a run file measured.
+
+A round without evaluation sends, in order (docs/design.md): ``control`` (Bcast of 2 int64),
+``down`` (Bcast of ``down_numel`` or Scatterv of ``down_numel`` per sampled client), ``metrics``
+(Gatherv of one float64 row per sampled client), ``up`` (Reduce of ``up_numel + 1`` float32, or of
+``up_numel`` in the declared dtype plus a second Reduce of 2 float64; or Gatherv of ``up_numel``
+per client), ``state`` (Gatherv of the personal state of the sampled clients, when the algorithm
+keeps any) and ``ledger`` (a Gatherv of every rank's counters and an Allgather of its entry times).
+The sizes come from the algorithm built as the engine builds it, without training, and from the
+round's actual sample and placement. A message's size is per rank, as the benchmark sweeps it:
+the Bcast/Reduce buffer, or a Gatherv/Scatterv's mean part per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..comm import FIELDS, LABELS
+from .fit import AlphaBeta, Interpolated
+
+ROUND_LABELS = ("control", "down", "metrics", "up", "state", "ledger")
+
+
+@dataclass(frozen=True)
+class Message:
+    label: str  # ledger label
+    op: str  # the benchmarked operation that models it
+    nbytes: float  # payload per rank of one call
+
+
+def _itemsize(kind) -> int:
+    import torch
+
+    return torch.empty(0, dtype=getattr(kind, "dtype", torch.float32)).element_size()
+
+
+def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
+    """The messages of training round ``t`` (no evaluation) of ``cfg`` on ``world_size`` ranks."""
+    import torch
+
+    from ..algorithms import Broadcast, Gathered, PerClient, Setup, WeightedSum, resolve
+    from ..data import load_federated
+    from ..models import build_model
+    from ..runtime.placement import make_plan, place_clients, sample_clients
+    from ..runtime.record import META_COLUMNS, RANK_FIELDS
+
+    if world_size < 2:
+        raise ValueError("nothing moves on one rank")
+    data = load_federated(cfg.data, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    cls, params = resolve(cfg.algorithm)
+    algo = cls(params, Setup(model, torch.device("cpu"), cfg.train, data.num_clients, data.num_classes, cfg.seed))
+    workers = world_size - 1
+    host = place_clients(data.train_sizes, list(range(1, world_size)))
+    plan = make_plan(sample_clients(cfg.seed, t, data.num_clients, cfg.sampled_per_round), host, world_size)
+    per_worker = len(plan.order) / workers  # mean sampled clients per worker
+    messages = [Message("control", "Bcast", 16)]
+    down, up = algo.down, algo.up
+    if isinstance(down, Broadcast):
+        messages.append(Message("down", "Bcast", algo.down_numel() * _itemsize(down)))
+    elif isinstance(down, PerClient):
+        messages.append(Message("down", "Scatterv", per_worker * algo.down_numel() * _itemsize(down)))
+    messages.append(Message("metrics", "Gatherv", per_worker * 8 * (len(META_COLUMNS) + len(algo.client_metrics))))
+    if isinstance(up, WeightedSum):
+        size = _itemsize(up)
+        if size == 4 and getattr(up, "dtype", torch.float32) == torch.float32:
+            messages.append(Message("up", "Reduce", (algo.up_numel() + 1) * 4))
+        else:
+            messages += [Message("up", "Reduce", algo.up_numel() * size), Message("up", "Reduce", 16)]
+    elif isinstance(up, Gathered):
+        messages.append(Message("up", "Gatherv", per_worker * algo.up_numel() * _itemsize(up)))
+    state = sum(algo.client_state_spec().values())
+    if state:
+        messages.append(Message("state", "Gatherv", per_worker * 4 * state))
+    ledger_row = 8 * (len(LABELS) * len(FIELDS) + len(RANK_FIELDS))
+    calls = len(messages) + 2  # entry times per round: its calls, last round's gather, the Allgather's own
+    messages += [Message("ledger", "Gatherv", ledger_row), Message("ledger", "Allreduce", 8 * calls)]
+    return messages
+
+
+def predict_round(
+    messages: list[Message], fits: Mapping[str, AlphaBeta], sweep: Mapping[str, Interpolated] | None = None
+) -> dict[str, dict[str, float]]:
+    """{label: {"bytes": per rank, "seconds": from the fit, "interpolated": from the sweep's medians}}."""
+    out: dict[str, dict[str, float]] = {}
+    for m in messages:
+        row = out.setdefault(m.label, {"bytes": 0.0, "seconds": 0.0, "interpolated": 0.0})
+        row["bytes"] += m.nbytes
+        row["seconds"] += float(fits[m.op].predict(m.nbytes))
+        if sweep is not None:
+            row["interpolated"] += float(sweep[m.op].predict(m.nbytes))
+    return out
+
+
+def measured_round(path: str | Path) -> tuple[dict[str, dict[str, float]], list[int], int]:
+    """What a run file measured per label in its training rounds without evaluation, round 0 excluded.
+
+    Returns ({label: {"bytes", "seconds", "seconds_raw", "waiting"}}, the rounds used, world size):
+    ``seconds`` is the median over those rounds of the slowest rank's seconds minus its waiting
+    (what the benchmark times: the call once every rank is in it), ``seconds_raw`` the same with
+    waiting included, ``bytes`` the mean payload per worker (sent + received).
+    """
+    from ..store import read_comm
+
+    labels, comm = read_comm(path)
+    calls = comm["calls"]  # [R, P, L]
+    size = calls.shape[1]
+    if size < 2:
+        raise ValueError(f"{path}: a run on one rank moves nothing")
+    eval_calls = calls[:, 0, labels.index("eval_down")] + calls[:, 0, labels.index("eval_metrics")]
+    rounds = [t for t in range(1, calls.shape[0]) if eval_calls[t] == 0]
+    if not rounds:
+        raise ValueError(f"{path}: no training round without evaluation after round 0 (run more rounds)")
+    seconds = comm["seconds"][rounds]
+    waiting = comm["waiting"][rounds] if "waiting" in comm else np.zeros_like(seconds)
+    moved = comm["bytes_sent"][rounds] + comm["bytes_received"][rounds]
+    out = {}
+    for label in ROUND_LABELS:
+        i = labels.index(label)
+        if not calls[rounds, 0, i].any():
+            continue
+        out[label] = {
+            "bytes": float(np.median(moved[:, 1:, i].mean(axis=1))),
+            "seconds": float(np.median(np.max(seconds[:, :, i] - waiting[:, :, i], axis=1))),
+            "seconds_raw": float(np.median(np.max(seconds[:, :, i], axis=1))),
+            "waiting": float(np.median(np.max(waiting[:, :, i], axis=1))),
+        }
+    return out, rounds, size
