@@ -97,7 +97,7 @@ def test_serial_world_collectives_copy_locally():
     rows = world.gather_rows(np.ones(3), "ledger")
     assert rows.shape == (1, 3)
     buf = send.copy()
-    world.bcast(buf, "control")
+    world.broadcast(buf, "control")
     world.reduce_sum(buf, "up")
     np.testing.assert_array_equal(buf, send)
 

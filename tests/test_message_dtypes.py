@@ -29,7 +29,7 @@ class RecordingWorld(SerialWorld):
         super().__init__()
         self.calls: list[tuple[str, str, np.dtype, int]] = []
 
-    def bcast(self, buf, label):
+    def broadcast(self, buf, label):
         self.calls.append(("bcast", label, buf.dtype, buf.nbytes))
 
     def scatterv(self, send, counts, recv, label):

@@ -67,7 +67,7 @@ class RecordingWorld(SerialWorld):
         super().__init__()
         self.moved: list[tuple[str, int]] = []
 
-    def bcast(self, buf, label):
+    def broadcast(self, buf, label):
         self.moved.append((label, buf.nbytes))
 
     def scatterv(self, send, counts, recv, label):

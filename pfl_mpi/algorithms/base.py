@@ -12,7 +12,7 @@ An algorithm declares two message kinds and four computations:
 - ``aggregate`` (server): how the server combines what came up.
 - ``load_for_eval`` (worker): put into the model the parameters a client would use.
 
-No method here ever calls MPI. Payloads are 1-D CPU tensors whose sizes (``down_numel``/``up_numel``)
+No method here ever calls MPI: payloads are 1-D CPU tensors whose sizes (``down_numel``/``up_numel``)
 every rank knows without communication, in the ``dtype`` of their message kind (default float32).
 
 Wire dtypes: every message kind takes ``dtype`` (one of :data:`WIRE_DTYPES`), and the payload

@@ -117,7 +117,7 @@ class MPIWorld(World):
         return [buf, list(map(int, counts)), list(map(int, displs)), from_numpy_dtype(buf.dtype)]
 
     # -- collectives ----------------------------------------------------------------------
-    def bcast(self, buf: np.ndarray, label: str) -> None:
+    def broadcast(self, buf: np.ndarray, label: str) -> None:
         start = time.perf_counter()
         request = self.comm.Ibcast(buf, root=SERVER)
         peers = self.size - 1

@@ -19,7 +19,7 @@ class SerialWorld(World):
         self.rank, self.size, self.local_rank = 0, 1, 0
         self.hosts = [socket.gethostname()]
 
-    def bcast(self, buf: np.ndarray, label: str) -> None:
+    def broadcast(self, buf: np.ndarray, label: str) -> None:
         pass
 
     def scatterv(self, send: np.ndarray | None, counts: Sequence[int], recv: np.ndarray, label: str) -> None:

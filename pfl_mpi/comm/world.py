@@ -42,7 +42,7 @@ class World(abc.ABC):
         return self.rank in self.workers
 
     @abc.abstractmethod
-    def bcast(self, buf: np.ndarray, label: str) -> None:
+    def broadcast(self, buf: np.ndarray, label: str) -> None:
         """Broadcast ``buf`` from the server into ``buf`` on every rank."""
 
     @abc.abstractmethod

@@ -18,6 +18,7 @@ things are computed, never what.
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from dataclasses import dataclass, field
 
@@ -143,13 +144,12 @@ class Engine:
             for k in self.hosted:
                 counts += np.bincount(self.client_data[k].y_train.cpu().numpy(), minlength=len(counts))
         self.world.reduce_sum(counts, "setup")
-        self.world.bcast(counts, "setup")
+        self.world.broadcast(counts, "setup")
         return torch.from_numpy(counts / counts.sum()).float()
 
     # -- the file -------------------------------------------------------------------------
     def _create_file(self) -> RunWriter:
         import h5py
-        import mpi4py
 
         cfg, data = self.cfg, self.data
         attrs = {
@@ -170,7 +170,7 @@ class Engine:
                 "torch": torch.__version__,
                 "numpy": np.__version__,
                 "h5py": h5py.__version__,
-                "mpi4py": mpi4py.__version__,
+                "mpi4py": importlib.metadata.version("mpi4py"),
             },
         }
         partition = {
@@ -192,7 +192,7 @@ class Engine:
         if w.is_server:
             plan = {"rounds_planned": self.cfg.rounds, "config": self.cfg.to_yaml()}
             self.writer, done[0] = RunWriter.reopen(self.cfg.output_path, plan)
-        w.bcast(done, "restore")
+        w.broadcast(done, "restore")
         self.start_round = int(done[0])
         if self.start_round == 0:
             return
@@ -225,7 +225,7 @@ class Engine:
                 if self.world.is_server
                 else np.empty(n, dtype=wire)
             )
-            self.world.bcast(_raw(buf), label)
+            self.world.broadcast(_raw(buf), label)
             payload = torch.from_numpy(buf)
             return [payload] * len(mine)
         assert isinstance(down, PerClient)
@@ -286,7 +286,7 @@ class Engine:
     def _round(self, t: int) -> int:
         w, cfg, times = self.world, self.cfg, RoundTimes()
         control = np.array([t, self.stop_code], dtype=np.int64)
-        w.bcast(control, "control")
+        w.broadcast(control, "control")
         if control[1]:
             return int(control[1])
 
@@ -411,7 +411,7 @@ class Engine:
             if self._round(t):
                 break
         final = np.array([self.cfg.rounds, self.stop_code], dtype=np.int64)
-        self.world.bcast(final, "control")
+        self.world.broadcast(final, "control")
         if self.world.is_server:
             self._write_pending(ended=(time.perf_counter(), time.process_time()))
         self.progress.close()

@@ -37,7 +37,7 @@ def test_a_late_rank_makes_the_root_wait():
     if world.rank == last:
         time.sleep(LATE)
     world.reduce_sum(np.ones(4), "up")
-    world.bcast(np.zeros(4), "control")  # nobody late here
+    world.broadcast(np.zeros(4), "control")  # nobody late here
     table = unpack_rows(world.ledger.as_row()[None])[0]
     waiting = table[:, FIELDS.index("waiting")]
     seconds = table[:, FIELDS.index("seconds")]
