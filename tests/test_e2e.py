@@ -80,6 +80,15 @@ def test_printed_rounds_match_the_file(tmp_path):
         assert float(re.search(r"down (\S+) kB", line).group(1)) == pytest.approx(bytes_down[i] / 1000, abs=0.05)
     assert f"wrote {out}" in run.stdout
     assert f"final test accuracy {test_acc[-1]:.4f}" in run.stdout
+    # the report of this real 2-rank run states the bytes the file holds
+    report = pfl("report", str(out), "-o", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "report" / "report.md").read_text()
+    bytes_up = committed(out, "rounds", "bytes_up")
+    algorithm_bytes = int(round(bytes_down.sum() + bytes_up.sum()))
+    assert algorithm_bytes > 0 and f"| {algorithm_bytes} |" in text
+    total = int(round(algorithm_bytes + committed(out, "rounds", "bytes_other").sum()))
+    assert f"| {total} |" in text
     with h5py.File(out) as f:
         assert f.attrs["status"] == "completed" and f.attrs["rounds_completed"] == 4
         assert f["clients/test_acc"].shape == (4, 10)
