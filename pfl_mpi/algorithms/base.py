@@ -305,3 +305,14 @@ class Algorithm:
     def load_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
         """Load into ``setup.model`` the parameters this client would use."""
         raise NotImplementedError
+
+    def load_global_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
+        """Load into ``setup.model`` the server's global model, for algorithms that keep one beside the
+        personal models (Ditto's w, Per-FedAvg's w before personalisation): the runtime then records
+        its test accuracy too (``global_test_acc``). Not overridden: nothing extra is evaluated."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_global_model(cls) -> bool:
+        """Whether ``load_global_for_eval`` is implemented."""
+        return cls.load_global_for_eval is not Algorithm.load_global_for_eval

@@ -78,3 +78,6 @@ class Ditto(FedAvg):
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.shared.load(self.setup.model, client.state["v"])
+
+    def load_global_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(self.setup.model, payload)  # the global w, as FedAvg would evaluate it

@@ -103,3 +103,6 @@ class PerFedAvg(FedAvg):
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.fn.load(self.personalise(client, payload))
+
+    def load_global_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(self.setup.model, payload)  # w before the personalisation steps

@@ -39,12 +39,16 @@ def _save(fig, path: Path, layout: bool = True) -> Path:
 
 
 def accuracy_loss(runs: list[Run], path: Path) -> Path:
-    """Test accuracy (and fine-tuned accuracy) and train/test loss against rounds."""
+    """Test accuracy (personal, the global model's where the algorithm keeps one beside the personal
+    ones, and after fine-tuning) and train/test loss against rounds."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for run, colour in zip(runs, _colours(runs), strict=True):
         x, r, ev = run.round_numbers, run.rounds, run.evaluated()
         if len(ev):
             acc_ax.plot(x[ev], r["test_acc"][ev], "o-", ms=3, color=colour, label=run.label)
+            if "global_test_acc" in r:
+                label = f"{run.label} global model"
+                acc_ax.plot(x[ev], r["global_test_acc"][ev], "s:", ms=3, color=colour, label=label)
             loss_ax.plot(x[ev], r["test_loss"][ev], "o-", ms=3, color=colour, label=f"{run.label} test")
         ft = r.get("finetune_test_acc")
         if ft is not None and np.any(~np.isnan(ft)):
@@ -52,7 +56,10 @@ def accuracy_loss(runs: list[Run], path: Path) -> Path:
             acc_ax.plot(x[done], ft[done], "*", ms=12, color=colour, label=f"{run.label} after fine-tuning")
         if "train_loss" in r and run.rounds_completed:
             loss_ax.plot(x, r["train_loss"], "--", color=colour, alpha=0.7, label=f"{run.label} train")
-    acc_ax.set(ylabel="test accuracy (fraction, weighted by test samples)", title="Test accuracy")
+    acc_ax.set(
+        ylabel="test accuracy (fraction, weighted by test samples)",
+        title="Test accuracy (global model: dotted)",
+    )
     loss_ax.set(ylabel="loss (nats)", title="Loss: test (solid), train of sampled clients (dashed)")
     for ax in (acc_ax, loss_ax):
         _round_axis(ax, runs)

@@ -50,7 +50,17 @@ from .client_store import ClientStore
 from .device import select_device, set_threads
 from .placement import Plan, make_plan, place_clients, sample_clients
 from .progress import Progress
-from .record import EVAL_COLUMNS, FINETUNE_COLUMNS, META_COLUMNS, RANK_FIELDS, RoundRecord, non_finite, summarise, write
+from .record import (
+    EVAL_COLUMNS,
+    FINETUNE_COLUMNS,
+    GLOBAL_COLUMNS,
+    META_COLUMNS,
+    RANK_FIELDS,
+    RoundRecord,
+    non_finite,
+    summarise,
+    write,
+)
 from .seeding import client_generator
 from .uplink import UplinkBuffer, wire_limit
 
@@ -323,7 +333,7 @@ class Engine:
             packed = self.store.pack(mine) if w.is_worker else np.empty((0, self.store_numel), np.float32)
             state_rows = self._gather_rows(plan, packed, "state")
 
-        evaluated = self._evaluate(t) if self._eval_due(t) else None
+        evaluated = self._evaluate(t) if self._eval_due(t) else (None, ())
         ledgers = w.gather_rows(np.concatenate([w.ledger.as_row(), times.row()]), "ledger")
         w.ledger.reset()  # messages before the first round (setup, restore) count in that round
         if w.is_server:
@@ -341,25 +351,33 @@ class Engine:
         every = self.cfg.state_every
         return t == self.cfg.rounds - 1 or (every > 0 and (t + 1) % every == 0)
 
-    def _evaluate(self, t: int) -> np.ndarray | None:
-        """Every client's test loss and accuracy with the model it would use (rows of ``EVAL_COLUMNS``).
+    def _evaluate(self, t: int) -> tuple[np.ndarray | None, tuple[str, ...]]:
+        """Every client's test loss and accuracy with the model it would use (rows of ``EVAL_COLUMNS``),
+        and the names of the extra columns that follow.
 
         After the last round with ``finetune_epochs``, each client then fine-tunes that model on its
-        training split and is evaluated again (``FINETUNE_COLUMNS``); its state is not changed.
+        training split and is evaluated again (``FINETUNE_COLUMNS``); its state is not changed. An
+        algorithm with a global model beside the personal ones (``load_global_for_eval``) also has
+        that model evaluated on every client (``GLOBAL_COLUMNS``).
         """
-        plan, model = self.all_clients, self.algo.setup.model
+        plan, model, algo = self.all_clients, self.algo.setup.model, self.algo
         finetune = self.cfg.finetune_epochs if t == self.cfg.rounds - 1 else 0
+        extra = (FINETUNE_COLUMNS if finetune else ()) + (GLOBAL_COLUMNS if algo.has_global_model() else ())
         payloads = self._down(t, plan, "eval_down")
-        rows = np.empty((len(self.hosted), len(EVAL_COLUMNS) + (len(FINETUNE_COLUMNS) if finetune else 0)))
+        rows = np.empty((len(self.hosted), len(EVAL_COLUMNS) + len(extra)))
         for i, (k, payload) in enumerate(zip(self.hosted, payloads, strict=True)):
             client = self._client(k, t)
-            self.algo.load_for_eval(client, payload)
-            rows[i, : len(EVAL_COLUMNS)] = (k, client.data.y_test.shape[0], *evaluate(model, *client.test))
+            algo.load_for_eval(client, payload)
+            row = [k, client.data.y_test.shape[0], *evaluate(model, *client.test)]
             if finetune:
                 client.generator = client_generator(self.cfg.seed, k, self.cfg.rounds)  # a round never trained
-                self.algo.local_sgd(client, epochs=finetune)
-                rows[i, len(EVAL_COLUMNS) :] = evaluate(model, *client.test)
-        return self._gather_rows(plan, rows, "eval_metrics")
+                algo.local_sgd(client, epochs=finetune)
+                row += evaluate(model, *client.test)
+            if algo.has_global_model():
+                algo.load_global_for_eval(client, payload)
+                row += evaluate(model, *client.test)
+            rows[i] = row
+        return self._gather_rows(plan, rows, "eval_metrics"), extra
 
     # -- the server's records -------------------------------------------------------------
     def _keep_record(self, t, plan, times, client_rows, algorithm_metrics, state_rows, evaluated, ledgers) -> None:

@@ -19,6 +19,7 @@ RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seco
 META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
 EVAL_COLUMNS = ("client", "num_test", "test_loss", "test_acc")
 FINETUNE_COLUMNS = ("finetune_test_loss", "finetune_test_acc")  # after the last round's evaluation
+GLOBAL_COLUMNS = ("global_test_loss", "global_test_acc")  # the global model, where personal ones differ
 
 
 @dataclass
@@ -42,11 +43,15 @@ def summarise(
     num_clients: int,
     metric_names: tuple[str, ...],
     client_rows: np.ndarray,
-    evaluated: np.ndarray | None,
+    evaluated: tuple[np.ndarray | None, tuple[str, ...]],
     ledgers: np.ndarray,
     workers: list[int],
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Round scalars, [N] per-client arrays, [P, L] comm tables and [P] rank timings of one round."""
+    """Round scalars, [N] per-client arrays, [P, L] comm tables and [P] rank timings of one round.
+
+    ``evaluated``: the evaluation rows (``EVAL_COLUMNS`` then the named extra columns), or None.
+    """
+    evaluated, extra = evaluated
     ids = client_rows[:, 0].astype(np.int64)
     samples = client_rows[:, 2]
     clients: dict[str, np.ndarray] = {"participated": np.zeros(num_clients, dtype=bool)}
@@ -72,7 +77,7 @@ def summarise(
             test_acc_mean=float(np.mean(acc)),
             test_acc_std=float(np.std(acc)),
         )
-        for j, name in enumerate(FINETUNE_COLUMNS[: evaluated.shape[1] - len(EVAL_COLUMNS)]):
+        for j, name in enumerate(extra):
             values = evaluated[:, len(EVAL_COLUMNS) + j]
             clients[name] = np.full(num_clients, np.nan)
             clients[name][eids] = values
