@@ -9,7 +9,7 @@ import torch
 from pfl_mpi.algorithms.base import WeightedMean
 from pfl_mpi.algorithms.byzantine import gaussian_noise
 from pfl_mpi.algorithms.fedavg import FedAvg, FedAvgParams
-from pfl_mpi.algorithms.signsgd import SignSGD, SignSGDParams, majority_vote, vote_dtype
+from pfl_mpi.algorithms.signsgd import SignSGD, SignSGDParams, vote_dtype
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.uplink import UplinkBuffer
 
@@ -53,7 +53,6 @@ def test_vote_matches_sign_of_the_sum_of_signs_with_a_byzantine_client():
     summed = torch.from_numpy(buf.buf)
     algo.aggregate(0, WeightedMean(summed.float() / 5, 5.0, 5, summed))
     vote = torch.sign(torch.stack(expected_signs).sum(dim=0))  # the direct computation
-    assert torch.equal(vote, majority_vote(torch.stack(expected_signs).to(torch.int8)))
     torch.testing.assert_close(algo.w - w0, lr * vote, rtol=0, atol=1e-7)
     assert vote.abs().sum() > 0
 

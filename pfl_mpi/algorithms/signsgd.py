@@ -42,11 +42,6 @@ def vote_dtype(num_clients: int) -> torch.dtype:
     return torch.int64
 
 
-def majority_vote(signs: torch.Tensor) -> torch.Tensor:
-    """sign(sum_k signs[k]) of client signs [K, d] (0 on a tie): the direct computation."""
-    return torch.sign(signs.to(torch.int64).sum(dim=0)).float()
-
-
 @register
 class SignSGD(FedAvg):
     name = "signsgd"

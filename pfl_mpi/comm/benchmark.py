@@ -32,8 +32,6 @@ from mpi4py import MPI
 from .mpi_world import MPIWorld
 
 OPS = ("Bcast", "Reduce", "Allreduce", "Gatherv", "Scatterv", "pickled_bcast", "pickled_gather", "np.add")
-BUFFER_OPS = OPS[:5]
-PICKLED_OPS = ("pickled_bcast", "pickled_gather")
 WAIT_MODES = ("polled", "blocking")
 
 
