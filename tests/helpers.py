@@ -73,3 +73,17 @@ def flat(model, names):
 
 def names_of(model, part):
     return [n for n, _ in model.named_parameters() if n.startswith(part)]
+
+
+def build_algorithm(cfg, **params):
+    """The algorithm of ``cfg`` (with ``params`` changed) on a fresh model, the data, and w_0 flat."""
+    from pfl_mpi.algorithms import Setup, resolve
+    from pfl_mpi.data import load_federated
+
+    data = load_federated(cfg.data, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    cls, p = resolve({**cfg.algorithm, **params})
+    algo = cls(p, Setup(model, torch.device("cpu"), cfg.train, data.num_clients, data.num_classes, cfg.seed))
+    algo.init_server()
+    return algo, data, algo.downlink(0, []).clone()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfl_mpi.algorithms import Broadcast, Client, Setup, WeightedSum, resolve
+from pfl_mpi.algorithms import Broadcast, Client, WeightedSum
 from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
@@ -18,24 +18,13 @@ from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 from pfl_mpi.store import read_summary
 
-from .helpers import committed, tiny_config
+from .helpers import build_algorithm, committed, tiny_config
 
 
 def _run(path, algorithm="ditto", resume=False, **overrides):
     cfg = tiny_config(path, algorithm, **overrides)
     assert Engine(cfg, SerialWorld(), resume=resume, show_progress=False).run() == 0
     return cfg
-
-
-def _build(cfg, **params):
-    """The algorithm of ``cfg`` (with ``params`` changed) on a fresh model, the data, and w_0 flat."""
-    data = load_federated(cfg.data, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    cls, p = resolve({**cfg.algorithm, **params})
-    algo = cls(p, Setup(model, torch.device("cpu"), cfg.train, data.num_clients, data.num_classes, cfg.seed))
-    algo.init_server()
-    return algo, data, algo.downlink(0, []).clone()
 
 
 def _client(cfg, data, state, k: int, t: int) -> Client:
@@ -83,7 +72,7 @@ def test_v_moves_towards_w_as_lam_grows(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "ditto", **{"train.local_epochs": 2})
     distances, payloads = [], []
     for lam in (0.0, 0.1, 0.5, 2.0):
-        algo, data, w = _build(cfg, lam=lam)
+        algo, data, w = build_algorithm(cfg, lam=lam)
         state = algo.init_client_state(4)
         for t in range(3):  # the same client, three rounds against the same w
             update = algo.client_update(_client(cfg, data, state, 4, t), w)
@@ -99,7 +88,7 @@ def test_v_moves_towards_w_as_lam_grows(tmp_path):
 def test_personal_update_is_sgd_on_the_regularised_objective(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "ditto", **{"train.local_epochs": 2})
     lam, k, t = 0.7, 2, 5
-    algo, data, w = _build(cfg, lam=lam)
+    algo, data, w = build_algorithm(cfg, lam=lam)
     v0 = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
     state = {"v": v0.clone()}
     update = algo.client_update(_client(cfg, data, state, k, t), w)
@@ -129,8 +118,8 @@ def test_personal_update_is_sgd_on_the_regularised_objective(tmp_path):
 
 def test_only_w_is_communicated(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "ditto")
-    algo, data, w = _build(cfg)
-    avg, _, w_avg = _build(tiny_config(tmp_path / "y.h5", "fedavg"))
+    algo, data, w = build_algorithm(cfg)
+    avg, _, w_avg = build_algorithm(tiny_config(tmp_path / "y.h5", "fedavg"))
     numel = sum(p.numel() for p in algo.setup.model.parameters())
     assert isinstance(algo.down, Broadcast) and isinstance(algo.up, WeightedSum)
     assert algo.down_numel() == algo.up_numel() == numel == w.numel()
@@ -153,7 +142,7 @@ def test_evaluation_uses_v_and_leaves_it_alone(tmp_path):
         v = f["clients/state/v"][-1]
         w = f["global/state/shared"][-1]
     acc = committed(cfg.output_path, "clients", "test_acc")[-1]
-    algo, _, _ = _build(cfg)
+    algo, _, _ = build_algorithm(cfg)
     model = algo.setup.model
     for k in range(cfg.data.num_clients):
         state = {"v": torch.from_numpy(v[k].copy())}
@@ -163,7 +152,7 @@ def test_evaluation_uses_v_and_leaves_it_alone(tmp_path):
         np.testing.assert_array_equal(state["v"].numpy(), v[k])
     # clients never sampled still hold v_0 = w_0; those sampled hold models of their own
     sampled = np.unique(np.concatenate([sample_clients(cfg.seed, t, 10, cfg.clients_per_round) for t in range(3)]))
-    _, _, w0 = _build(cfg)
+    _, _, w0 = build_algorithm(cfg)
     for k in range(cfg.data.num_clients):
         assert np.array_equal(v[k], w0.numpy()) == (k not in sampled)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfl_mpi.algorithms import Client, Setup, resolve
+from pfl_mpi.algorithms import Client
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
@@ -16,24 +16,13 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.seeding import client_generator
 
-from .helpers import committed, last_global_state, tiny_config
+from .helpers import build_algorithm, committed, last_global_state, tiny_config
 
 
 def _run(path, algorithm="fedprox", **overrides):
     cfg = tiny_config(path, algorithm, **overrides)
     assert Engine(cfg, SerialWorld(), show_progress=False).run() == 0
     return cfg
-
-
-def _build(cfg, **params):
-    """The algorithm of ``cfg`` (with ``params`` changed) on a fresh model, the data, and w_0 flat."""
-    data = load_federated(cfg.data, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    cls, p = resolve({**cfg.algorithm, **params})
-    algo = cls(p, Setup(model, torch.device("cpu"), cfg.train, data.num_clients, data.num_classes, cfg.seed))
-    algo.init_server()
-    return algo, data, algo.downlink(0, []).clone()
 
 
 def _client(cfg, data, algo, k: int, t: int) -> Client:
@@ -84,7 +73,7 @@ def test_proximal_term_keeps_the_local_model_closer_to_w_t(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "fedprox", **{"train.local_epochs": 4})
     distances = []
     for mu in (0.0, 0.1, 1.0, 5.0):
-        algo, data, w0 = _build(cfg, mu=mu)
+        algo, data, w0 = build_algorithm(cfg, mu=mu)
         update = algo.client_update(_client(cfg, data, algo, 3, 0), w0)
         distances.append(float(update.payload.norm()))  # ||w_k - w_t||
         assert update.metrics["local_epochs"] == 4 and update.metrics["straggler"] == 0
@@ -148,7 +137,7 @@ def test_a_round_where_every_client_is_dropped_keeps_w(tmp_path):
         rounds=2,
         **{"algorithm.straggler_fraction": 1.0, "algorithm.drop_stragglers": True},
     )
-    _, _, w0 = _build(cfg)
+    _, _, w0 = build_algorithm(cfg)
     with h5py.File(cfg.output_path) as f:
         np.testing.assert_array_equal(f["global/state/shared"][-1], w0.numpy())
     np.testing.assert_array_equal(committed(cfg.output_path, "rounds", "update_norm"), [0.0, 0.0])
@@ -159,7 +148,7 @@ def test_a_round_where_every_client_is_dropped_keeps_w(tmp_path):
 
 def test_straggler_draws_follow_the_fraction_and_depend_on_seed_client_round(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "fedprox", **{"train.local_epochs": 4})
-    algo, data, _ = _build(cfg, straggler_fraction=0.3)
+    algo, data, _ = build_algorithm(cfg, straggler_fraction=0.3)
     d = data.client(0)
 
     def draws(algorithm):
@@ -174,7 +163,7 @@ def test_straggler_draws_follow_the_fraction_and_depend_on_seed_client_round(tmp
     counts = np.bincount(slow, minlength=5)
     assert counts[0] == 0 and counts[4] == 0  # 1..E-1 epochs, never E
     np.testing.assert_allclose(counts[1:4] / len(slow), 1 / 3, atol=0.06)
-    other_seed, _, _ = _build(tiny_config(tmp_path / "y.h5", "fedprox", seed=1), straggler_fraction=0.3)
+    other_seed, _, _ = build_algorithm(tiny_config(tmp_path / "y.h5", "fedprox", seed=1), straggler_fraction=0.3)
     assert draws(other_seed) != first
-    none, _, _ = _build(cfg, straggler_fraction=0.0)
+    none, _, _ = build_algorithm(cfg, straggler_fraction=0.0)
     assert all(e is None for e in draws(none))
