@@ -63,7 +63,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..data import ClientData
-from .training import TrainConfig, sgd_epochs
+from .training import TrainConfig, evaluate, sgd_epochs
 
 WIRE_DTYPES: dict[torch.dtype, np.dtype] = {
     t: np.dtype(n)
@@ -148,12 +148,38 @@ class Setup:
     num_clients: int
     num_classes: int
     seed: int
+    # heterogeneous clients: one model per architecture group (``models[0] is model``) and the group
+    # of every client, known on every rank from the config; by default one group holding every client
+    models: list[torch.nn.Module] = field(default_factory=list)
+    groups: np.ndarray | None = None  # int [num_clients]
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
     # class frequencies over all clients' training data, known on every rank before round 1
     label_distribution: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
+        self.models = self.models or [self.model]
+        if self.models[0] is not self.model:
+            raise ValueError("Setup: models[0] must be model")
+        if self.groups is None:
+            self.groups = np.zeros(self.num_clients, dtype=np.int64)
         self.params = list(self.model.parameters())
+        self._group_params = [self.params, *(list(m.parameters()) for m in self.models[1:])]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.models)
+
+    def group_of(self, client: int) -> int:
+        """The architecture group of ``client``."""
+        return int(self.groups[client])
+
+    def model_for(self, client: int) -> torch.nn.Module:
+        """The model (built once per rank) of ``client``'s architecture group."""
+        return self.models[self.group_of(client)]
+
+    def params_for(self, client: int) -> list[torch.nn.Parameter]:
+        """``model_for(client).parameters()``, listed once."""
+        return self._group_params[self.group_of(client)]
 
 
 @dataclass
@@ -250,6 +276,8 @@ class Algorithm:
     down: ClassVar[Down | None] = Broadcast()
     up: ClassVar[Up | None] = WeightedSum()
     client_metrics: ClassVar[tuple[str, ...]] = ("train_loss",)
+    # whether clients may have different architectures (``Setup.models``, ``Setup.model_for``)
+    heterogeneous: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, setup: Setup):
         self.params = params
@@ -261,6 +289,14 @@ class Algorithm:
 
     def up_numel(self) -> int:
         return 0
+
+    def down_numel_of(self, client: int) -> int:
+        """PerClient: the size of ``client``'s payload (may differ per client; default ``down_numel()``)."""
+        return self.down_numel()
+
+    def up_numel_of(self, client: int) -> int:
+        """Gathered: the size of ``client``'s payload (may differ per client; default ``up_numel()``)."""
+        return self.up_numel()
 
     def client_state_spec(self) -> dict[str, int]:
         """Names and sizes of the flat vectors a client keeps between rounds."""
@@ -295,9 +331,9 @@ class Algorithm:
 
     # -- client (a worker) ---------------------------------------------------------------
     def local_sgd(self, client: Client, **options) -> float:
-        """SGD epochs of ``setup.model`` on the client's training split (see ``training.sgd_epochs``)."""
-        options.setdefault("params", self.setup.params)
-        return sgd_epochs(self.setup.model, *client.train, self.setup.train, client.generator, **options)
+        """SGD epochs of the client's model on its training split (see ``training.sgd_epochs``)."""
+        options.setdefault("params", self.setup.params_for(client.id))
+        return sgd_epochs(self.setup.model_for(client.id), *client.train, self.setup.train, client.generator, **options)
 
     def client_update(self, client: Client, payload: torch.Tensor | None) -> Update:
         raise NotImplementedError
@@ -305,6 +341,11 @@ class Algorithm:
     def load_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
         """Load into ``setup.model`` the parameters this client would use."""
         raise NotImplementedError
+
+    def evaluate_client(self, client: Client) -> tuple[float, float]:
+        """(test loss, test accuracy) of the model ``load_for_eval`` loaded for ``client``; override for
+        another inference rule (e.g. FedProto's nearest prototype)."""
+        return evaluate(self.setup.model_for(client.id), *client.test)
 
     def load_global_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
         """Load into ``setup.model`` the server's global model, for algorithms that keep one beside the
