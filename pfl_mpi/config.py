@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .algorithms import resolve
 from .algorithms.training import TrainConfig
+from .comm.world import POLL_MAX_MS
 from .data import DataConfig
 from .errors import ConfigError
 from .models import ModelConfig
@@ -25,7 +26,14 @@ class CommConfig(BaseModel):
     """How ranks wait for messages."""
 
     model_config = ConfigDict(extra="forbid")
-    poll_max_ms: float = Field(1.0, gt=0, description="longest sleep between polls of a pending collective (ms)")
+    wait: Literal["polled", "blocking"] = Field(
+        "polled",
+        description="polled: a waiting rank sleeps between polls (frees its core for the others; it notices "
+        "completion up to poll_max_ms late); blocking: MPI's own wait (busy-polls a core; lowest latency)",
+    )
+    poll_max_ms: float = Field(
+        POLL_MAX_MS, gt=0, description="polled wait: longest sleep between polls of a pending collective (ms)"
+    )
 
 
 class RunConfig(BaseModel):

@@ -142,9 +142,42 @@ def test_measured_round_takes_the_slowest_rank_without_its_waiting(tmp_path):
     assert measured["metrics"]["seconds"] == pytest.approx(0.101)  # the workers did not wait: their 0.101
     assert measured["metrics"]["waiting"] == pytest.approx(0.1)
     assert measured["down"]["bytes"] == 100
+    assert measured["metrics"]["calls"] == 1
     assert "state" not in measured
-    table = prediction_table("fake", {"down": {"bytes": 100, "seconds": 0.002, "interpolated": 0.002}}, measured)
-    assert "| down | 100 | 100 | 2.000 | 2.000 | 2.000 | 2.000 | 0.000 |" in table
+    predicted = {"down": {"bytes": 100, "seconds": 0.002, "interpolated": 0.002, "wake": 0.0005}}
+    table = prediction_table("fake", predicted, measured)
+    # fit, wake, fit + wake, interp. + wake, measured, raw, waiting
+    assert "| down | 100 | 100 | 2.000 | 0.500 | 2.500 | 2.500 | 2.000 | 2.000 | 0.000 |" in table
+
+
+def test_the_wake_term_follows_how_long_a_call_waited():
+    """A call adds the sweep's wake in full after waiting poll_max or longer, in proportion below,
+    and nothing within the poll loop's spin (it never slept)."""
+    from pfl_mpi.bench import Message
+    from pfl_mpi.comm.world import SPIN
+
+    fits = {"Gatherv": AlphaBeta(1e-6, 0.0, 0, 0), "Bcast": AlphaBeta(1e-6, 0.0, 0, 0)}
+    wake = {"Gatherv": 4e-4, "Bcast": 2e-4}
+    messages = [Message("metrics", "Gatherv", 8), Message("down", "Bcast", 8), Message("control", "Bcast", 8)]
+    waited = {"metrics": 0.02, "down": 0.5e-3, "control": 0.5 * SPIN}
+    out = predict_round(messages, fits, wake=wake, waited=waited, poll_max=1e-3)
+    assert out["metrics"]["wake"] == pytest.approx(4e-4)
+    assert out["down"]["wake"] == pytest.approx(1e-4)
+    assert out["control"]["wake"] == 0.0
+    assert out["metrics"]["seconds"] == pytest.approx(1e-6)  # the fit is reported apart
+    everywhere = predict_round(messages, fits, wake=wake)  # no run to say who waited: every call wakes
+    assert [everywhere[k]["wake"] for k in ("metrics", "down", "control")] == pytest.approx([4e-4, 2e-4, 2e-4])
+
+
+def test_wake_is_the_notice_time_beyond_the_fit():
+    from pfl_mpi.bench.report import notice_table, wake_terms
+
+    fits = {"Reduce": AlphaBeta(10e-6, 0.0, 0, 0), "Bcast": AlphaBeta(1e-3, 0.0, 0, 0)}
+    notice = {"Reduce": np.array([0.3e-3, 0.5e-3, 0.9e-3]), "Bcast": np.array([0.5e-3, 0.6e-3, 0.7e-3])}
+    wake = wake_terms(notice, fits, nbytes=8)
+    assert wake["Reduce"] == pytest.approx(0.49e-3)
+    assert wake["Bcast"] == 0.0  # never negative: a noticed call cannot be faster than the transfer
+    assert "| Reduce | 0.500 | 0.900 | 0.490 |" in notice_table(notice, wake)
 
 
 def test_measured_round_needs_a_clean_round(tmp_path):

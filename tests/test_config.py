@@ -137,6 +137,8 @@ def test_unknown_key_is_named(override, key):
         ("data.name=imagenet", "data.name"),
         ("model.name=resnet", "model.name"),
         ("train=3", "train"),
+        ("comm.wait=spin", "comm.wait"),
+        ("comm.poll_max_ms=0", "comm.poll_max_ms"),
     ],
 )
 def test_wrong_type_or_value_is_named(override, key):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..comm import FIELDS, LABELS
+from ..comm.world import POLL_MAX_MS, SPIN
 from .fit import AlphaBeta, Interpolated
 
 ROUND_LABELS = ("control", "down", "metrics", "up", "state", "ledger")
@@ -84,26 +85,43 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
 
 
 def predict_round(
-    messages: list[Message], fits: Mapping[str, AlphaBeta], sweep: Mapping[str, Interpolated] | None = None
+    messages: list[Message],
+    fits: Mapping[str, AlphaBeta],
+    sweep: Mapping[str, Interpolated] | None = None,
+    wake: Mapping[str, float] | None = None,
+    waited: Mapping[str, float] | None = None,
+    poll_max: float = POLL_MAX_MS / 1000,
 ) -> dict[str, dict[str, float]]:
-    """{label: {"bytes": per rank, "seconds": from the fit, "interpolated": from the sweep's medians}}."""
+    """{label: {"bytes": per rank, "seconds": from the fit, "interpolated": from the sweep's medians,
+    "wake": what a waiting rank adds by noticing completion late}}.
+
+    The predicted time of a label is ``seconds + wake`` (or ``interpolated + wake``). ``wake[op]``
+    is the sweep's notice delay after a long wait (``comm.benchmark``). A call whose longest wait
+    was ``w`` (``waited[label]``, seconds per call: the imbalance, which no communication model
+    predicts, so it is taken from the run) adds ``wake[op] * min(1, w / poll_max)``, nothing when
+    ``w`` is within the poll loop's spin: the polled wait sleeps in intervals doubling up to
+    ``poll_max``, so after waiting ``w`` the interval in effect is about ``min(w, poll_max)`` and
+    completion lands, on average, in its middle. Without ``waited`` every call adds ``wake[op]``."""
     out: dict[str, dict[str, float]] = {}
     for m in messages:
-        row = out.setdefault(m.label, {"bytes": 0.0, "seconds": 0.0, "interpolated": 0.0})
+        row = out.setdefault(m.label, {"bytes": 0.0, "seconds": 0.0, "interpolated": 0.0, "wake": 0.0})
         row["bytes"] += m.nbytes
         row["seconds"] += float(fits[m.op].predict(m.nbytes))
         if sweep is not None:
             row["interpolated"] += float(sweep[m.op].predict(m.nbytes))
+        if wake is not None:
+            w = poll_max if waited is None else waited.get(m.label, 0.0)
+            row["wake"] += float(wake[m.op]) * (min(1.0, w / poll_max) if w > SPIN else 0.0)
     return out
 
 
 def measured_round(path: str | Path) -> tuple[dict[str, dict[str, float]], list[int], int]:
     """What a run file measured per label in its training rounds without evaluation, round 0 excluded.
 
-    Returns ({label: {"bytes", "seconds", "seconds_raw", "waiting"}}, the rounds used, world size):
+    Returns ({label: {"bytes", "seconds", "seconds_raw", "waiting", "calls"}}, the rounds used, world size):
     ``seconds`` is the median over those rounds of the slowest rank's seconds minus its waiting
     (what the benchmark times: the call once every rank is in it), ``seconds_raw`` the same with
-    waiting included, ``bytes`` the mean payload per worker (sent + received).
+    waiting included, ``bytes`` the mean payload per worker (sent + received), ``calls`` per round.
     """
     from ..store import read_comm
 
@@ -129,5 +147,6 @@ def measured_round(path: str | Path) -> tuple[dict[str, dict[str, float]], list[
             "seconds": float(np.median(np.max(seconds[:, :, i] - waiting[:, :, i], axis=1))),
             "seconds_raw": float(np.median(np.max(seconds[:, :, i], axis=1))),
             "waiting": float(np.median(np.max(waiting[:, :, i], axis=1))),
+            "calls": float(np.median(calls[rounds, 0, i])),
         }
     return out, rounds, size

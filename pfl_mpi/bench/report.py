@@ -13,6 +13,7 @@ from .fit import AlphaBeta, Interpolated, fit_alpha_beta
 
 BUFFER_VS_PICKLED = (("Bcast", "pickled_bcast"), ("Gatherv", "pickled_gather"))
 SWEEP = "sweep"
+NOTICE = "notice"
 
 
 def parse_size(text: str) -> int:
@@ -72,31 +73,49 @@ def fit_table(fits: Mapping[str, AlphaBeta]) -> str:
     return "\n".join(lines)
 
 
+def wake_terms(notice: Mapping[str, np.ndarray], fits: Mapping[str, AlphaBeta], nbytes: int) -> dict[str, float]:
+    """{op: seconds} a waiting rank adds to a call: the median notice time of ``nbytes`` minus the fit there."""
+    return {op: max(0.0, float(np.median(t)) - float(fits[op].predict(nbytes))) for op, t in notice.items()}
+
+
+def notice_table(notice: Mapping[str, np.ndarray], wake: Mapping[str, float]) -> str:
+    lines = ["| op | notice ms (median) | notice ms (max) | wake ms = notice - fit |", "|---|---:|---:|---:|"]
+    for op, t in notice.items():
+        lines.append(f"| {op} | {1e3 * np.median(t):.3f} | {1e3 * np.max(t):.3f} | {1e3 * wake[op]:.3f} |")
+    return "\n".join(lines)
+
+
 def prediction_table(
     name: str, predicted: Mapping[str, Mapping[str, float]], measured: Mapping[str, Mapping[str, float]]
 ) -> str:
-    """Per label: bytes and seconds predicted next to measured (slowest rank, waiting removed)."""
+    """Per label: bytes and seconds predicted next to measured (slowest rank, waiting removed), and the
+    ratio measured / predicted of the whole round."""
     lines = [
-        f"**{name}**: one training round, predicted from the fit vs measured (median over rounds, "
-        "slowest rank, waiting removed; raw = waiting included)",
+        f"**{name}**: one training round, predicted vs measured (median over rounds, slowest rank, waiting "
+        "removed; raw = waiting included). pred. = fit + wake; interp. = the sweep's medians + wake",
         "",
-        "| label | bytes/rank pred. | bytes/rank meas. | ms fit | ms interp. | ms meas. | ms raw | ms waiting |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| label | bytes/rank pred. | bytes/rank meas. | ms fit | ms wake | ms pred. | ms interp. | ms meas. "
+        "| ms raw | ms waiting |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    total = np.zeros(5)
-    algorithm = np.zeros(3)
+    total = np.zeros(7)
+    algorithm = np.zeros(5)
     for label in dict.fromkeys([*predicted, *measured]):
-        p = predicted.get(label, {"bytes": 0.0, "seconds": 0.0, "interpolated": 0.0})
+        p = predicted.get(label, {"bytes": 0.0, "seconds": 0.0, "interpolated": 0.0, "wake": 0.0})
         m = measured.get(label, {"bytes": 0.0, "seconds": 0.0, "seconds_raw": 0.0, "waiting": 0.0})
-        row = np.array([p["seconds"], p.get("interpolated", np.nan), m["seconds"], m["seconds_raw"], m["waiting"]])
+        fit, wake, interp = p["seconds"], p.get("wake", 0.0), p.get("interpolated", np.nan)
+        row = np.array([fit, wake, fit + wake, interp + wake, m["seconds"], m["seconds_raw"], m["waiting"]])
         total += row
         if label in ("down", "up"):
-            algorithm += row[:3]
+            algorithm += row[:5]
         lines.append(
             f"| {label} | {p['bytes']:.0f} | {m['bytes']:.0f} | " + " | ".join(f"{1e3 * v:.3f}" for v in row) + " |"
         )
     lines.append("| **all** | | | " + " | ".join(f"**{1e3 * v:.3f}**" for v in total) + " |")
     lines.append("| down + up | | | " + " | ".join(f"{1e3 * v:.3f}" for v in algorithm) + " | | |")
+    ratio = total[4] / total[2] if total[2] > 0 else np.nan
+    ratio_fit = total[4] / total[0] if total[0] > 0 else np.nan
+    lines += ["", f"measured / predicted, whole round: {ratio:.2f} (fit alone, without wake: {ratio_fit:.1f})"]
     return "\n".join(lines)
 
 
@@ -107,8 +126,11 @@ def write_h5(
     fits: Mapping[str, AlphaBeta],
     attrs: Mapping[str, object],
     predictions: Sequence[dict] = (),
+    notice: Mapping[str, np.ndarray] | None = None,
+    wake: Mapping[str, float] | None = None,
 ) -> None:
-    """/sweep/<op>/{sizes, seconds, repeats} and /sweep/<op> attrs alpha, beta, rel_error; root attrs."""
+    """/sweep/<op>/{sizes, seconds, repeats} and /sweep/<op> attrs alpha, beta, rel_error; root attrs;
+    /notice/<op> the notice times of a waiting rank (seconds per repeat), attr wake."""
     import h5py
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +148,9 @@ def write_h5(
             g["repeats"] = np.asarray(t, dtype=np.float64)
             fit = fits[op]
             g.attrs.update(alpha=fit.alpha, beta=fit.beta, rel_error=fit.rel_error, max_rel_error=fit.max_rel_error)
+        for op, t in (notice or {}).items():
+            f[f"{NOTICE}/{op}"] = np.asarray(t, dtype=np.float64)
+            f[f"{NOTICE}/{op}"].attrs["wake"] = wake[op]
 
 
 def read_h5(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:

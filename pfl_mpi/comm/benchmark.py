@@ -19,6 +19,15 @@ Sizes are the payload per rank, ``n`` bytes, as the ledger counts it:
   ``comm.send``s one to rank 0, which ``comm.recv``s them in rank order.
 - ``np.add``: rank 0 alone, ``np.add(a, b, out=c)`` on n-byte float32 arrays, the in-memory bound
   of a reduce (the other ranks sleep in a barrier meanwhile).
+
+The sweep's ranks enter every call together, so nobody waits. In a round they do not: a rank that
+arrived early waits, and a polled wait notices completion only when its sleep ends (up to
+``poll_max``, plus the time for the woken process to get a core). ``time_notice`` measures that:
+one rank enters ``NOTICE_DELAY`` x poll_max late (times a random factor in [1, 2), so completion
+falls at a random point of the sleepers' schedule), and the time from its entry (on the common
+clock) until the last early rank sees the call complete is recorded: the transfer plus the notice
+delay. ``notice - sweep time`` at the same size is the *wake-up* term that the prediction adds to
+every call of a round (``pfl_mpi.bench.messages``); with blocking waits it is near 0.
 """
 
 from __future__ import annotations
@@ -30,9 +39,12 @@ import numpy as np
 from mpi4py import MPI
 
 from .mpi_world import MPIWorld
+from .world import WAIT_MODES
 
 OPS = ("Bcast", "Reduce", "Allreduce", "Gatherv", "Scatterv", "pickled_bcast", "pickled_gather", "np.add")
-WAIT_MODES = ("polled", "blocking")
+NOTICE_OPS = ("Bcast", "Reduce", "Allreduce", "Gatherv", "Scatterv")  # the buffer collectives of a round
+NOTICE_DELAY = 5.0  # the late rank enters 5-10 poll_max late: the early ones sleep poll_max between polls
+NOTICE_BYTES = 8
 
 
 def _quiet_barrier(world: MPIWorld) -> None:
@@ -42,10 +54,10 @@ def _quiet_barrier(world: MPIWorld) -> None:
 class Sweep:
     """One rank's part of the sweep; rank 0 gets the results."""
 
-    def __init__(self, world: MPIWorld, wait: str = "polled"):
-        if wait not in WAIT_MODES:
-            raise ValueError(f"wait must be one of {WAIT_MODES}")
-        self.world, self.comm, self.wait = world, world.comm, wait
+    def __init__(self, world: MPIWorld):
+        """Calls complete as ``world`` completes them (its ``wait`` mode and ``poll_max``)."""
+        self.world, self.comm = world, world.comm
+        self.wait = WAIT_MODES[1] if world.blocking else WAIT_MODES[0]
         self.rank, self.size = world.rank, world.size
 
     # -- completing a call -----------------------------------------------------------------
@@ -125,6 +137,38 @@ class Sweep:
             self.comm.Reduce(mine, slowest, op=MPI.MAX, root=0)
             times[i] = slowest[0]
         return times if self.rank == 0 else np.zeros(0)
+
+    def time_notice(self, op: str, repeats: int, seed: int = 0) -> np.ndarray:
+        """Seconds from a late rank's entry into an 8-byte ``op`` until the last early rank has seen it
+        complete, for each of ``repeats`` calls (rank 0; others get an empty array).
+
+        The late rank is the one the others wait for in a round: the root for Bcast and Scatterv (the
+        workers wait for the server), the last rank for Reduce, Allreduce and Gatherv (the server waits
+        for the workers)."""
+        call = self._operation(op, NOTICE_BYTES)
+        call()
+        late = 0 if op in ("Bcast", "Scatterv") else self.size - 1
+        delay = NOTICE_DELAY * (0.0 if self.wait == "blocking" else self.world.poll_max) + 1e-3
+        rng = np.random.default_rng([seed, NOTICE_OPS.index(op)])
+        times = np.empty(repeats)
+        mine, last = np.zeros(2), np.zeros(2)  # (entry, seen complete), on the common clock
+        for i in range(repeats):
+            sleep = delay * (1.0 + rng.random())  # the same on every rank (same seed): only ``late`` uses it
+            self.comm.Barrier()
+            if self.rank == late:
+                time.sleep(sleep)
+            mine[0] = self.world.now()
+            call()
+            mine[1] = self.world.now() if self.rank != late else -np.inf
+            self.comm.Reduce(mine, last, op=MPI.MAX, root=0)
+            times[i] = last[1] - last[0]
+        return times if self.rank == 0 else np.zeros(0)
+
+    def notice(self, repeats: int, ops: Sequence[str] = NOTICE_OPS) -> dict[str, np.ndarray]:
+        """{op: [repeats] seconds} of ``time_notice`` on rank 0 ({} elsewhere)."""
+        out = {op: self.time_notice(op, repeats) for op in ops}
+        _quiet_barrier(self.world)
+        return out if self.rank == 0 else {}
 
     def _time_numpy(self, nbytes: int, repeats: int) -> np.ndarray:
         times = np.zeros(0)

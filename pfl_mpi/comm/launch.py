@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .world import POLL_MAX_MS
+
 # Variables that MPICH's Hydra, Open MPI/PRRTE, Intel MPI and srun (PMI-2/PMIx) set in every rank.
 _RANK_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
 
@@ -34,12 +36,14 @@ def relaunch_command(n: int, module_args: list[str]) -> list[str]:
     return [mpiexec_path(), "-n", str(n), sys.executable, "-m", "pfl_mpi", *module_args]
 
 
-def make_world(poll_max: float = 5e-3):
-    """The world of this process: MPI ranks under a launcher, a single process otherwise."""
+def make_world(poll_max: float = POLL_MAX_MS / 1000, wait: str = "polled"):
+    """The world of this process: MPI ranks under a launcher, a single process otherwise.
+
+    ``poll_max`` (seconds) and ``wait`` say how a rank completes a collective (see ``MPIWorld``)."""
     if under_mpi():
         from .mpi_world import MPIWorld
 
-        return MPIWorld(poll_max=poll_max)
+        return MPIWorld(poll_max=poll_max, wait=wait)
     from .serial import SerialWorld
 
     return SerialWorld()

@@ -22,19 +22,21 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from .ledger import waiting_of
-from .world import SERVER, World
+from .world import BURST, POLL_MAX_MS, POLL_MIN, SERVER, SPIN, WAIT_MODES, World
 
 SYNC_PINGS = 16  # ping-pongs per rank when estimating clock offsets (the fastest one is kept)
-POLL_MIN = 20e-6  # first sleep (s)
-SPIN = 50e-6  # spin before the first sleep (s)
-BURST = 5e-6  # spin after each sleep (s)
 
 
 class MPIWorld(World):
     """A world of MPI ranks (``MPI.COMM_WORLD``)."""
 
-    def __init__(self, poll_max: float = 5e-3) -> None:
+    def __init__(self, poll_max: float = POLL_MAX_MS / 1000, wait: str = "polled") -> None:
+        """``wait``: "polled" (spin, then sleep up to ``poll_max`` seconds between polls) or
+        "blocking" (MPI's own wait, which busy-polls: the lowest latency, a full core per waiting rank)."""
         super().__init__()
+        if wait not in WAIT_MODES:
+            raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+        self.blocking = wait == "blocking"
         self.comm = MPI.COMM_WORLD.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -95,6 +97,9 @@ class MPIWorld(World):
 
     # -- completion -----------------------------------------------------------------------
     def _wait(self, request: MPI.Request) -> None:
+        if self.blocking:
+            request.Wait()
+            return
         delay, spin_until = POLL_MIN, time.perf_counter() + SPIN
         while not request.Test():
             if time.perf_counter() < spin_until:

@@ -15,6 +15,12 @@ import numpy as np
 from .ledger import Ledger
 
 SERVER = 0
+WAIT_MODES = ("polled", "blocking")  # how a rank completes a collective (comm.wait)
+# the polled wait: spin, then sleeps doubling from POLL_MIN up to poll_max, each followed by a burst of polls
+SPIN = 50e-6  # seconds of spinning before the first sleep
+POLL_MIN = 20e-6  # first sleep (s)
+BURST = 5e-6  # spin after each sleep (s)
+POLL_MAX_MS = 1.0  # default longest sleep (comm.poll_max_ms)
 
 
 class World(abc.ABC):

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..comm.world import POLL_MAX_MS, WAIT_MODES
 from ..errors import ConfigError
 
 NAME = "bench"
@@ -32,7 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     comm.add_argument("--repeats", type=int, default=5, help="timed calls per size and operation (median kept)")
     comm.add_argument(
-        "--wait", choices=("polled", "blocking"), default="polled", help="completion (default: as the runtime)"
+        "--wait",
+        choices=WAIT_MODES,
+        default=WAIT_MODES[0],
+        help="how the sweep's calls complete (comm.wait; default: as the runtime's default)",
+    )
+    comm.add_argument(
+        "--poll-max-ms",
+        type=float,
+        default=POLL_MAX_MS,
+        metavar="MS",
+        help=f"polled wait: longest sleep between polls (comm.poll_max_ms, default {POLL_MAX_MS:g})",
     )
     comm.add_argument(
         "--out", default=None, metavar="FILE.h5", help="result file (default runs/bench-comm-P<ranks>.h5)"
@@ -61,6 +72,8 @@ def _check(args: argparse.Namespace):
         raise ConfigError("--sizes", str(err)) from None
     if args.repeats < 1:
         raise ConfigError("--repeats", "must be at least 1")
+    if args.poll_max_ms <= 0:
+        raise ConfigError("--poll-max-ms", "must be positive")
     if args.rounds < 3:
         raise ConfigError("--rounds", "at least 3 (round 0 and the last, evaluated one are not compared)")
     for path in args.run:
@@ -91,7 +104,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return _launch(args, argv)
     from ..comm import make_world
 
-    world = make_world()
+    world = make_world(poll_max=args.poll_max_ms / 1000, wait=args.wait)
     try:
         return _comm(args, world, sizes, configs)
     except Exception:
@@ -119,8 +132,18 @@ def _comm(args: argparse.Namespace, world, sizes: list[int], configs: list) -> i
     import os
 
     from ..bench import measured_round, predict_round, round_messages
-    from ..bench.report import fit_all, fit_table, interpolated, plot, prediction_table, sweep_table, write_h5
-    from ..comm.benchmark import OPS, Sweep, library_versions
+    from ..bench.report import (
+        fit_all,
+        fit_table,
+        interpolated,
+        notice_table,
+        plot,
+        prediction_table,
+        sweep_table,
+        wake_terms,
+        write_h5,
+    )
+    from ..comm.benchmark import NOTICE_BYTES, OPS, Sweep, library_versions
     from ..config import validate
     from ..runtime import Engine
     from ..store import read_config_text
@@ -130,21 +153,33 @@ def _comm(args: argparse.Namespace, world, sizes: list[int], configs: list) -> i
         return 2
     out = Path(args.out or f"runs/bench-comm-P{world.size}.h5")
     started = time.perf_counter()
-    times = Sweep(world, args.wait).run(sizes, args.repeats)
+    sweep = Sweep(world)
+    times = sweep.run(sizes, args.repeats)
+    notice = sweep.notice(args.repeats)
     elapsed = time.perf_counter() - started
     fits = fit_all(sizes, times) if world.rank == 0 else {}
+    wake = wake_terms(notice, fits, NOTICE_BYTES) if world.rank == 0 else {}
+    waits = f"{args.wait} completion"
+    if args.wait == "polled":
+        waits += f" (polls up to {args.poll_max_ms:g} ms apart)"
     hosts = sorted(set(world.hosts))
     versions = library_versions()
     versions["mpi_library"] = " ".join(versions["mpi_library"].split())
     _say(
         world,
         f"## bench comm: {world.size} ranks on {len(hosts)} host(s) ({', '.join(hosts)}), {versions['mpi_library']}\n"
-        f"rooted at rank 0, {args.wait} completion, median of {args.repeats} after a warm-up; a call's time is "
+        f"rooted at rank 0, {waits}, median of {args.repeats} after a warm-up; a call's time is "
         f"the slowest rank's; sizes are bytes per rank; load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; sweep took {elapsed:.1f} s\n",
     )
     if world.rank == 0:
         print(sweep_table(sizes, times) + "\n\nalpha-beta fit, t = alpha + beta * bytes:\n\n" + fit_table(fits) + "\n")
+        print(
+            f"a waiting rank's notice delay: one rank enters {NOTICE_BYTES}-byte calls late, the others wait; "
+            "time from its entry until the last of them sees completion (wake = that minus the fit):\n\n"
+            + notice_table(notice, wake)
+            + "\n"
+        )
 
     predictions = []
     runs = [(cfg.name, cfg, None) for cfg in configs] + [(Path(p).stem, None, p) for p in args.run]
@@ -154,7 +189,9 @@ def _comm(args: argparse.Namespace, world, sizes: list[int], configs: list) -> i
             path = cfg.output_path
             world.barrier()
             _fresh_ledger(world)  # nothing from the sweep or an earlier config counts in this run
+            world.poll_max, world.blocking = cfg.comm.poll_max_ms / 1000, cfg.comm.wait == "blocking"
             Engine(cfg, world, show_progress=False).run()
+            world.poll_max, world.blocking = args.poll_max_ms / 1000, args.wait == "blocking"
         if world.rank != 0:
             continue
         if cfg is None:
@@ -163,7 +200,13 @@ def _comm(args: argparse.Namespace, world, sizes: list[int], configs: list) -> i
             cfg = validate(yaml.safe_load(read_config_text(path)))
         measured, rounds, size = measured_round(path)
         note = "" if size == world.size else f" (run on {size} ranks, fit on {world.size}: not comparable)"
-        predicted = predict_round(round_messages(cfg, size, t=rounds[0]), fits, interpolated(sizes, times))
+        if (cfg.comm.wait, cfg.comm.poll_max_ms) != (args.wait, args.poll_max_ms):
+            note += f" (the run waits {cfg.comm.wait}, poll_max_ms {cfg.comm.poll_max_ms:g}: not the sweep's wake)"
+        waited = {label: m["waiting"] / m["calls"] for label, m in measured.items()}
+        messages = round_messages(cfg, size, t=rounds[0])
+        predicted = predict_round(
+            messages, fits, interpolated(sizes, times), wake, waited, poll_max=cfg.comm.poll_max_ms / 1000
+        )
         print(prediction_table(f"{name}, {cfg.algorithm['name']}, {path}, rounds {rounds}{note}", predicted, measured))
         print()
         predictions.append(
@@ -175,11 +218,12 @@ def _comm(args: argparse.Namespace, world, sizes: list[int], configs: list) -> i
             "hosts": list(world.hosts),
             "versions": versions,
             "wait": args.wait,
+            "poll_max_ms": args.poll_max_ms,
             "timing": "median over repeats of the slowest rank's seconds; bytes per rank",
             "operations": list(OPS),
             "clock_error": float(world.clock_error),
         }
-        write_h5(out, sizes, times, fits, attrs, predictions)
+        write_h5(out, sizes, times, fits, attrs, predictions, notice, wake)
         print(f"wrote {out}")
         if args.plot:
             plot(Path(args.plot), sizes, times, fits, f"{world.size} ranks, {versions['mpi_library']}")

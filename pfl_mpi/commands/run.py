@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not under_mpi() and args.ranks and args.ranks > 1:
         return _launch(args, argv)
 
-    world = make_world(poll_max=cfg.comm.poll_max_ms / 1000.0)
+    world = make_world(poll_max=cfg.comm.poll_max_ms / 1000.0, wait=cfg.comm.wait)
     try:
         from ..runtime import Engine
 

@@ -10,7 +10,7 @@ import pytest
 from mpi4py import MPI
 
 from pfl_mpi.comm import FIELDS, LABELS
-from pfl_mpi.comm.benchmark import OPS, Sweep
+from pfl_mpi.comm.benchmark import NOTICE_OPS, OPS, Sweep
 from pfl_mpi.comm.ledger import unpack_rows
 from pfl_mpi.comm.mpi_world import MPIWorld
 
@@ -60,14 +60,28 @@ def test_a_late_rank_makes_the_root_wait():
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("wait", ["polled", "blocking"])
 def test_sweep_times_every_operation(wait):
-    world = MPIWorld()
-    times = Sweep(world, wait).run([8, 4096], repeats=2)
+    world = MPIWorld(wait=wait)
+    times = Sweep(world).run([8, 4096], repeats=2)
     if world.rank == 0:
         assert set(times) == set(OPS)
         for op, t in times.items():
             assert t.shape == (2, 2) and np.all(t > 0) and np.all(np.isfinite(t)), op
     else:
         assert times == {}
+
+
+@pytest.mark.mpi(min_size=2)
+def test_notice_times_a_late_entry():
+    """Each collective once per repeat with one rank entering late: every time is positive, finite and
+    recorded from the late rank's entry (so it never includes the late rank's own sleep)."""
+    world = MPIWorld(poll_max=2e-3)
+    notice = Sweep(world).notice(repeats=3)
+    if world.rank == 0:
+        assert set(notice) == set(NOTICE_OPS)
+        for op, t in notice.items():
+            assert t.shape == (3,) and np.all(t > 0) and np.all(np.isfinite(t)), op
+    else:
+        assert notice == {}
 
 
 @pytest.mark.mpi(min_size=2)
@@ -93,10 +107,13 @@ def test_bench_comm_command(mpi_tmp_path, capsys):
         printed = capsys.readouterr().out
         assert "| size | Bcast us |" in printed and "| Reduce |" in printed
         assert "**tiny, fedper" in printed and "| down + up |" in printed
+        assert "| wake ms = notice - fit |" in printed and "measured / predicted, whole round:" in printed
         with h5py.File(out) as f:
             assert f.attrs["ranks"] == MPI.COMM_WORLD.Get_size()
             assert set(f["sweep"]) == set(OPS)
             assert f["sweep/Bcast/repeats"].shape == (3, 2)
+            assert set(f["notice"]) == set(NOTICE_OPS) and f["notice/Reduce"].shape == (2,)
+            assert f["notice/Reduce"].attrs["wake"] >= 0
         run = f"{path}/bench-tiny.h5"
         with h5py.File(run) as f:
             waiting = f["comm/waiting"][...]

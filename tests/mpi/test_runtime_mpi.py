@@ -149,3 +149,21 @@ def test_scatter_and_gather_paths_equal_bcast_and_reduce(mpi_tmp_path):
                 # evaluation scatters every hosted client's payload
                 assert received[t, rank, LABELS.index("eval_down")] == 4 * numel * int(np.sum(hosts == rank))
     MPI.COMM_WORLD.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_blocking_wait_changes_how_ranks_wait_not_what_moves(mpi_tmp_path):
+    """comm.wait = blocking completes calls with MPI's own wait: the same metrics and bytes as polled."""
+    polled = tiny_config(mpi_tmp_path / "polled.h5", "fedavg")
+    blocking = tiny_config(mpi_tmp_path / "blocking.h5", "fedavg", **{"comm.wait": "blocking"})
+    assert _run(polled, MPIWorld(wait=polled.comm.wait)) == 0
+    assert _run(blocking, MPIWorld(wait=blocking.comm.wait)) == 0
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        for name in ("train_loss", "test_acc"):
+            np.testing.assert_array_equal(
+                committed(polled.output_path, "rounds", name), committed(blocking.output_path, "rounds", name)
+            )
+        with h5py.File(polled.output_path) as a, h5py.File(blocking.output_path) as b:
+            for field in ("calls", "bytes_sent", "bytes_received"):
+                np.testing.assert_array_equal(a[f"comm/{field}"][...], b[f"comm/{field}"][...])
+    MPI.COMM_WORLD.Barrier()
