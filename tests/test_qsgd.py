@@ -1,4 +1,4 @@
-"""QSGD: the quantiser is unbiased with the paper's variance bound, packs to 4 ceil(d / bucket) + d bytes."""
+"""QSGD: an unbiased quantiser with the paper's variance bound, packed to 4 ceil(d / bucket) + ceil(d b / 8) bytes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pfl_mpi.algorithms.base import Collected, unpack
+from pfl_mpi.algorithms.bitpack import unpack_codes
 from pfl_mpi.algorithms.qsgd import QSGD, QSGDParams, dequantize, quantize
 from pfl_mpi.runtime import Engine
 
@@ -52,12 +53,13 @@ def _algo(**params) -> QSGD:
 def test_client_payload_size_and_server_decoding():
     algo = _algo(s=8, bucket_size=4)
     d = algo.shared.numel  # 15: 4 buckets
-    assert algo.up_numel() == 4 * 4 + d
+    assert algo.up_numel() == 4 * 4 + math.ceil(d * 5 / 8)  # levels -8..8: 17 codes, 5 bits
     payloads, expected = [], []
     for k in (0, 1):
         update = algo.client_update(_client(k), algo.w.clone())
         assert update.payload.dtype == torch.uint8 and update.payload.numel() == algo.up_numel()
-        norms, levels = unpack(update.payload, (torch.float32, 4), (torch.int8, d))
+        norms, codes = unpack(update.payload, (torch.float32, 4), (torch.uint8, math.ceil(d * 5 / 8)))
+        levels = unpack_codes(codes, 5, d) - 8
         payloads.append(update.payload)
         expected.append(dequantize(norms, levels, 8, 4).double().numpy())
     weights = torch.tensor([20.0, 60.0])
@@ -74,6 +76,6 @@ def test_run_gathers_the_compact_size(tmp_path):
     engine = Engine(cfg, world, show_progress=False)
     assert engine.run() == 0
     d = engine.algo.shared.numel
-    size = 4 * math.ceil(d / 256) + d
+    size = 4 * math.ceil(d / 256) + math.ceil(d * 6 / 8)  # default s = 16: 33 codes, 6 bits
     ups = [(c[0], c[2], c[3]) for c in world.calls if c[1] == "up"]
     assert ups == [("gatherv", np.uint8, size * cfg.clients_per_round)] * 3

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from pfl_mpi.algorithms.base import Collected, unpack
+from pfl_mpi.algorithms.base import Collected
 from pfl_mpi.algorithms.fedavg import FedAvg, FedAvgParams
-from pfl_mpi.algorithms.topk import TopK, TopKParams, compress, decode
+from pfl_mpi.algorithms.topk import TopK, TopKParams, compress, decode, encode, payload_size, unpack_sparse
 from pfl_mpi.runtime import Engine
 
 from .helpers import tiny_config
@@ -71,8 +73,10 @@ def test_client_packs_indices_and_values_and_keeps_the_residual():
     client.state = state
     w = torch.zeros(d)
     update = algo.client_update(client, w.clone())
-    assert update.payload.dtype == torch.uint8 and update.payload.numel() == 8 * 4 == algo.up_numel()
-    index, values = unpack(update.payload, (torch.int32, 4), (torch.float32, 4))
+    bits = math.ceil(math.log2(d))  # per index: d = 15 needs 4 bits, so 4 indices take 2 bytes
+    assert update.payload.dtype == torch.uint8 and update.payload.numel() == math.ceil(4 * bits / 8) + 4 * 4
+    assert update.payload.numel() == algo.up_numel()
+    index, values = unpack_sparse(update.payload, 4, d)
     u = FedAvg(FedAvgParams(), _setup()).client_update(_client(2), w.clone()).payload  # the same training
     accumulated = before + u
     expected = accumulated.abs().topk(4).indices.sort().values
@@ -87,9 +91,7 @@ def test_server_decodes_the_weighted_mean_of_sparse_updates():
     algo = _algo(k=2)
     d = algo.shared.numel
     rows = [compress(torch.randn(d, generator=torch.Generator().manual_seed(i)), 2) for i in range(3)]
-    from pfl_mpi.algorithms.base import pack
-
-    payloads = torch.stack([pack(i, v) for i, v, _ in rows])
+    payloads = torch.stack([encode(i, v, d) for i, v, _ in rows])
     weights = torch.tensor([1.0, 2.0, 5.0])
     dense = np.zeros(d)
     for (i, v, _), w in zip(rows, weights.tolist(), strict=True):
@@ -101,12 +103,14 @@ def test_server_decodes_the_weighted_mean_of_sparse_updates():
     np.testing.assert_allclose((algo.w - w0).numpy(), dense, atol=1e-6)
 
 
-def test_run_gathers_8k_bytes_per_client(tmp_path):
+def test_run_gathers_the_packed_size_per_client(tmp_path):
     cfg = tiny_config(tmp_path / "topk.h5", "topk", **{"algorithm.k": 25, "rounds": 3})
     world = RecordingWorld()
     engine = Engine(cfg, world, show_progress=False)
     assert engine.run() == 0
     d = engine.algo.shared.numel
     ups = [(c[0], c[2], c[3]) for c in world.calls if c[1] == "up"]
-    assert ups == [("gatherv", np.uint8, 8 * 25 * cfg.clients_per_round)] * 3  # not 4 d per client
-    assert 8 * 25 < 4 * d
+    size = math.ceil(25 * math.ceil(math.log2(d)) / 8) + 4 * 25  # bit-packed indices, float32 values
+    assert payload_size(25, d) == size
+    assert ups == [("gatherv", np.uint8, size * cfg.clients_per_round)] * 3  # not 4 d per client
+    assert size < 8 * 25 < 4 * d  # smaller than int32 indices

@@ -7,9 +7,11 @@ signed level sign(v_i) l_i with l_i in {0..s}: l_i = floor(s |v_i| / ||v_b||) pl
 s |v_i| / ||v_b|| - floor(s |v_i| / ||v_b||) (the random rounding of Q_s, from the client's generator).
 The server decodes Q_s(v_i) = ||v_b|| sign(v_i) l_i / s, which is unbiased: E[Q_s(v)] = v.
 
-Packing: levels in int8 (so s <= 127), one byte per entry, instead of the paper's Elias coding.
+Packing: each signed level shifted to l + s in 0..2s and packed in ceil(log2(2 s + 1)) bits
+(bitpack.py; 6 bits for the default s = 16, 2 bits for s = 1), instead of the paper's Elias coding.
 Moves: w down by Broadcast (4 d bytes per worker); up, one uint8 payload per sampled client,
-4 ceil(d / bucket_size) + d bytes (Gatherv), about a quarter of float32's 4 d. The server decodes each
+4 ceil(d / bucket_size) + ceil(d b / 8) bytes with b those bits (Gatherv): 3/16 of float32's 4 d
+at s = 16. The server decodes each
 client's payload in ``aggregate`` (counted as aggregation time), takes the weighted mean and applies
 FedAvg's server optimiser.
 """
@@ -22,12 +24,15 @@ import torch
 from pydantic import Field
 
 from .base import Client, Collected, Gathered, Setup, Update, pack, packed_size, unpack
+from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvg, FedAvgParams
 from .registry import register
 
 
 class QSGDParams(FedAvgParams):
-    s: int = Field(16, ge=1, le=127, description="s: quantisation levels per sign (int8 payload: at most 127)")
+    s: int = Field(
+        16, ge=1, le=127, description="s: quantisation levels per sign (at most 127: a level is an int8 before packing)"
+    )
     bucket_size: int = Field(512, ge=1, description="d': entries per bucket, each with its own norm (paper: 512)")
 
 
@@ -64,9 +69,10 @@ class QSGD(FedAvg):
     def __init__(self, params: QSGDParams, setup: Setup):
         super().__init__(params, setup)
         self.buckets = math.ceil(self.shared.numel / params.bucket_size)
+        self.bits = bits_for(2 * params.s + 1)  # per level: l + s in 0..2s
 
     def parts(self) -> tuple[tuple[torch.dtype, int], ...]:
-        return (torch.float32, self.buckets), (torch.int8, self.shared.numel)
+        return (torch.float32, self.buckets), (torch.uint8, packed_bytes(self.shared.numel, self.bits))
 
     def up_numel(self) -> int:
         return packed_size(*self.parts())
@@ -74,11 +80,12 @@ class QSGD(FedAvg):
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         update = super().client_update(client, payload)
         norms, levels = quantize(update.payload, self.params.s, self.params.bucket_size, client.generator)
-        update.payload = pack(norms, levels)
+        update.payload = pack(norms, pack_codes(levels.long() + self.params.s, self.bits))
         return update
 
     def decode(self, row: torch.Tensor) -> torch.Tensor:
-        norms, levels = unpack(row, *self.parts())
+        norms, codes = unpack(row, *self.parts())
+        levels = unpack_codes(codes, self.bits, self.shared.numel) - self.params.s
         return dequantize(norms, levels, self.params.s, self.params.bucket_size)
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
