@@ -10,6 +10,7 @@ import torch
 from pfl_mpi.algorithms.base import WeightedMean
 from pfl_mpi.algorithms.fetchsgd import FetchSGD, FetchSGDParams
 from pfl_mpi.algorithms.sketch import CountSketch, top_k
+from pfl_mpi.errors import ConfigError
 from pfl_mpi.runtime import Engine
 
 from .helpers import tiny_config
@@ -126,7 +127,7 @@ def test_server_state_round_trips():
     b.aggregate(1, WeightedMean(mean * 2, 1.0, 1))
     for k, v in a.server_state().items():
         assert torch.equal(v, b.server_state()[k])
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ConfigError, match=r"^algorithm.k: 1000 exceeds the model's 15 shared parameters$"):
         _algo(k=1000)
 
 

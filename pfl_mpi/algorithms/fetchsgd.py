@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import ConfigError
 from ..runtime.seeding import derive_seed
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvg
@@ -55,7 +56,7 @@ class FetchSGD(FedAvg):
         super().__init__(params, setup)
         d = self.shared.numel
         if params.k > d:
-            raise ValueError(f"fetchsgd: k = {params.k} exceeds the {d} shared parameters")
+            raise ConfigError("algorithm.k", f"{params.k} exceeds the model's {d} shared parameters")
         self.sketcher = CountSketch(d, params.rows, params.columns, derive_seed(setup.seed, _SKETCH))
 
     def up_numel(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..errors import ConfigError
 from .base import Client, Collected, Gathered, Setup, Update, pack, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvg, FedAvgParams
@@ -78,7 +79,7 @@ class TopK(FedAvg):
     def __init__(self, params: TopKParams, setup: Setup):
         super().__init__(params, setup)
         if params.k > self.shared.numel:
-            raise ValueError(f"topk: k = {params.k} exceeds the {self.shared.numel} shared parameters")
+            raise ConfigError("algorithm.k", f"{params.k} exceeds the model's {self.shared.numel} shared parameters")
 
     def up_numel(self) -> int:
         return payload_size(self.params.k, self.shared.numel)
