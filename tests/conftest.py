@@ -18,12 +18,15 @@ if "--with-mpi" not in sys.argv:
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads(monkeypatch):
-    """The engine pins torch threads and OMP_NUM_THREADS; give the rest of the session its own back."""
+def _one_torch_thread(monkeypatch):
+    """Every test runs torch on one thread, as the runtime does by default (``threads: 1``): small models
+    are slower with more, and much slower when the machine is busy. The engine also pins torch threads
+    and OMP_NUM_THREADS; give the rest of the session its own back."""
     import torch
 
     threads = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
