@@ -66,6 +66,27 @@ class Mnist1dConfig(BaseModel):
     )
 
 
+class PublicConfig(BaseModel):
+    """A public data set shared by every client (FedMD's D0), beside the clients' private data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["holdout", "digits", "mnist1d"] = Field(
+        "holdout",
+        description="holdout: `size` samples of the clients' own pooled data set (digits, mnist1d, file), held "
+        "apart before partitioning, so that no client holds them (which ones: drawn from the data seed); "
+        "digits / mnist1d: that data set, which must have the clients' input shape and classes (mnist1d "
+        "generated with `mnist1d_seed`).",
+    )
+    size: int = Field(..., ge=1, description="Public samples.")
+    mnist1d_seed: int = Field(
+        1,
+        ge=0,
+        description="source mnist1d only: seed of the generator that makes the public samples; it must differ "
+        "from data.mnist1d.seed when the clients' data are MNIST-1D too (else both sets would be the same).",
+    )
+
+
 class DataConfig(BaseModel):
     """Which data set, how many clients, how the samples are dealt out and split into train and test."""
 
@@ -123,6 +144,9 @@ class DataConfig(BaseModel):
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="name: synthetic only.")
     mnist1d: Mnist1dConfig = Field(default_factory=Mnist1dConfig, description="name: mnist1d only.")
+    public: PublicConfig | None = Field(
+        None, description="A public data set shared by all clients (FedMD); None: none. See PublicConfig."
+    )
 
 
 def check_static(cfg: DataConfig) -> None:
@@ -141,6 +165,7 @@ def check_static(cfg: DataConfig) -> None:
             "data.partition",
             f"{cfg.name} has no natural split by client; use iid, dirichlet, shards or quantity",
         )
+    _check_public(cfg)
     syn = cfg.synthetic
     if cfg.name == "synthetic" and syn.max_samples is not None and syn.max_samples < cfg.min_samples:
         raise ConfigError(
@@ -152,4 +177,23 @@ def check_static(cfg: DataConfig) -> None:
             "data.synthetic.size_offset",
             f"{syn.size_offset} is below data.min_samples = {cfg.min_samples}; the smallest client would "
             "hold too few samples",
+        )
+
+
+def _check_public(cfg: DataConfig) -> None:
+    public = cfg.public
+    if public is None:
+        return
+    if cfg.name == "synthetic":
+        raise ConfigError(
+            "data.public", "synthetic data are generated per client and have no public set; use digits, mnist1d or file"
+        )
+    if public.source == cfg.name == "digits":
+        raise ConfigError(
+            "data.public.source", "digits is the clients' own data set: use holdout to hold part of it apart"
+        )
+    if public.source == cfg.name == "mnist1d" and public.mnist1d_seed == cfg.mnist1d.seed:
+        raise ConfigError(
+            "data.public.mnist1d_seed",
+            f"{public.mnist1d_seed} equals data.mnist1d.seed: the public samples would be the clients' own",
         )

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pfl_mpi.data import pooled, synthetic
+from pfl_mpi.data import pooled, public, synthetic
 from pfl_mpi.data.config import DataConfig, SyntheticConfig, check_static
 from pfl_mpi.data.files import FileReader, inspect_file
 from pfl_mpi.data.partition import Partition, dirichlet, iid, natural, quantity, shards
@@ -118,7 +118,11 @@ class FederatedData:
         )
 
     def label_histograms(self) -> np.ndarray:
-        """int64 [N, C]: train samples of each class per client (synthetic: generates every client)."""
+        """int64 [N, C]: train samples of each class per client (synthetic: generates every client).
+
+        For tools and tests: a run never calls it, each worker counts the clients it hosts instead
+        (``Engine._label_histograms``), so that no rank materialises a client it does not host.
+        """
         if self._histograms is None:
             hist = np.zeros((self.num_clients, self.num_classes), dtype=np.int64)
             for k in range(self.num_clients):
@@ -138,6 +142,7 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     data_seed = seed if cfg.seed is None else cfg.seed
     if data_seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {data_seed}")
+    public.publish(public.load_public(cfg, seed))  # data.public (FedMD): validated here, read by the algorithm
     common = dict(test_fraction=cfg.test_fraction, stratify=cfg.stratify, seed=data_seed)
     if cfg.name == "synthetic":
         syn = cfg.synthetic
@@ -164,6 +169,7 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
         def read(idx: np.ndarray, x: np.ndarray = pool.x) -> np.ndarray:
             return x[idx]
 
+    labels, read, client_ids = public.hold_apart(cfg, data_seed, labels, read, client_ids)  # data.public: holdout
     kind = cfg.partition or ("natural" if client_ids is not None else "iid")
     part = _partition(cfg, kind, labels, num_classes, client_ids, rng(data_seed, Stream.PARTITION))
     return FederatedData(
