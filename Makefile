@@ -1,5 +1,7 @@
 # make run: set up .venv and run the default experiment on $(NP) ranks.
 # make test: set up .venv and run every test (plain pytest, then MPI tests on 2 and 4 ranks).
+# make slurm-up (root): install SLURM and start a one-node cluster on loopback; make test-slurm: the
+# SLURM tests alone (without a cluster they skip, saying so). See docs/slurm.md.
 #
 # TORCH_SPEC picks the torch build: plain "torch" keeps a GPU user's CUDA build; CI sets
 # TORCH_SPEC=torch==2.13.0 to take the local CPU wheel. EXTRAS=test,mpi installs MPICH from
@@ -16,7 +18,7 @@ PY := $(VENV)/bin/python
 MPIEXEC := $(VENV)/bin/mpiexec
 PYTEST_MPI := $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 
-.PHONY: venv run test test-unit test-mpi bench lint clean
+.PHONY: venv run test test-unit test-mpi test-slurm slurm-up bench lint clean
 
 venv: $(VENV)/.installed
 
@@ -38,6 +40,12 @@ test-unit: venv
 test-mpi: venv
 	MPIEXEC_TIMEOUT=$(MPIEXEC_TIMEOUT) $(MPIEXEC) -n 2 $(PYTEST_MPI)
 	MPIEXEC_TIMEOUT=$(MPIEXEC_TIMEOUT) $(MPIEXEC) -n 4 $(PYTEST_MPI)
+
+slurm-up:
+	.ci/slurm-up.sh
+
+test-slurm: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_slurm.py
 
 bench: venv
 	$(PY) benchmarks/throughput.py
