@@ -11,6 +11,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -127,7 +128,34 @@ def validate(raw: dict[str, Any]) -> RunConfig:
             raise ConfigError("plugins", f"cannot import {module!r}: {err}") from None
     cls, params = resolve(cfg.algorithm)
     cfg.algorithm = {"name": cls.name, **params.model_dump(mode="json")}
+    _check_architectures(cfg, cls)
     return cfg
+
+
+def _check_architectures(cfg: RunConfig, cls) -> None:
+    """Several architectures need an algorithm that supports heterogeneous clients, and a client for each."""
+    groups = len(cfg.model.architectures)
+    if groups > 1 and not cls.heterogeneous:
+        raise ConfigError(
+            "model.architectures",
+            f"{groups} architectures, but {cls.name} needs one model for every client "
+            "(it does not support heterogeneous clients)",
+        )
+    if groups > cfg.data.num_clients:
+        raise ConfigError(
+            "model.architectures", f"{groups} architectures for {cfg.data.num_clients} clients (data.num_clients)"
+        )
+
+
+def check_models(cfg: RunConfig, data) -> None:
+    """The checks that need the data: every architecture builds for the data's samples and classes, and the
+    algorithm accepts the built models (``Algorithm.check_models``). Raises ConfigError naming the key."""
+    from .models import build_models
+
+    with torch.random.fork_rng(devices=[]):
+        models = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)
+    cls, params = resolve(cfg.algorithm)
+    cls.check_models(params, models)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

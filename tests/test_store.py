@@ -255,12 +255,10 @@ def test_read_checkpoint_returns_last_committed_round(path):
 
 
 def test_resume_then_continue_keeps_checkpoint_current(path):
-    """After a resume, pend_all + the next checkpoint make the new slot hold the whole state."""
+    """After a resume, carry_over + the next checkpoint make the new slot hold the whole state."""
     committed = _three_rounds_then_crash(path)
     w, done = RunWriter.reopen(path)
-    server, tables = w.read_checkpoint(done)
-    order = np.arange(N)
-    w.pend_all(order, {n: tables[n][order] for n in SPEC})
+    w.carry_over(done)  # overwrites what the uncommitted round 3 left in slot 1
     rows = _rows([2], 3)
     w.checkpoint(3, {"w": np.full(3, 3, dtype=np.float32)}, [2], rows)
     w.commit(3)

@@ -41,6 +41,26 @@ them row-wise, and ``Client.state`` hands the algorithm writable views of one cl
 (update them in place, e.g. ``client.state["personal"].copy_(v)``). State may change only in
 ``client_update``, never in evaluation.
 
+Heterogeneous clients (``heterogeneous = True``; config ``model.architectures``): clients fall into
+architecture groups, every rank builds one model per group (``Setup.models``, ``models[0] is model``)
+and knows every client's group (``Setup.groups``, ``group_of``); ``model_for(k)``/``params_for(k)``
+give client k's. An algorithm that is not heterogeneous is refused with more than one group.
+
+- Sizes per client: ``down_numel_of(k)`` (PerClient) and ``up_numel_of(k)`` (Gathered) may differ
+  between clients (by group, or e.g. by training samples); every rank computes them. The runtime sizes
+  Scatterv/Gatherv from them and never pads: the ledger counts exactly the declared payloads.
+  A PerClient ``downlink`` returns ``[len(clients), down_numel]`` when sizes agree, or a list of 1-D
+  payloads (one per client, in ``clients`` order) in any case. A Gathered uplink arrives as
+  :class:`Collected`: ``rows`` always (one 1-D payload per client), ``payloads`` 2-D only when every
+  client of the round sent the same size (else None).
+- State per group: ``client_state_spec(group)`` may depend on the group (it is called without the
+  argument when there is one group, so ``def client_state_spec(self)`` keeps working);
+  ``init_client_state(k)`` returns the state of k's group.
+- Checks that need the built models (e.g. FedProto's equal embedding sizes): ``check_models``, run
+  before MPI starts (``pfl-mpi run``) and when the runtime builds the algorithm.
+- Evaluation calls ``load_for_eval`` then ``evaluate_client`` (default: the test loss and accuracy of
+  ``model_for(k)``); override ``evaluate_client`` for another inference rule.
+
 How the later algorithms fit (sketches):
 
 - pFedHN: ``down = PerClient()``, ``up = Gathered()``. ``downlink`` runs the hypernetwork,
@@ -152,6 +172,8 @@ class Setup:
     # of every client, known on every rank from the config; by default one group holding every client
     models: list[torch.nn.Module] = field(default_factory=list)
     groups: np.ndarray | None = None  # int [num_clients]
+    # training samples of every client, int [num_clients], known on every rank (per-client payload sizes)
+    train_sizes: np.ndarray | None = None
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
     # class frequencies over all clients' training data, known on every rank before round 1
     label_distribution: torch.Tensor = field(init=False)
@@ -232,11 +254,33 @@ class WeightedMean:
 
 @dataclass
 class Collected:
-    """What the server gets from a Gathered uplink: every client's payload, in ``clients`` order."""
+    """What the server gets from a Gathered uplink: every client's payload, in ``clients`` order.
+
+    ``rows[i]`` is client ``clients[i]``'s payload (1-D, ``up_numel_of`` elements, a view), always set.
+    ``payloads`` stacks them, ``[len(clients), up_numel]``, when every client of the round sent the same
+    size; when sizes differ (``ragged``) it is None: use ``rows`` or ``of(client)``. Built from
+    ``payloads`` alone (the uniform case), ``rows`` are its rows.
+    """
 
     clients: list[int]
-    payloads: torch.Tensor  # [len(clients), up_numel], in the Gathered's dtype
+    payloads: torch.Tensor | None  # [len(clients), up_numel] in the Gathered's dtype; None when ragged
     weights: torch.Tensor  # [len(clients)]
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.payloads is not None and not self.rows:
+            self.rows = list(self.payloads)
+        if len(self.rows) != len(self.clients):
+            raise ValueError(f"Collected: {len(self.rows)} payloads for {len(self.clients)} clients")
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the clients' payloads differ in size (then ``payloads`` is None)."""
+        return self.payloads is None
+
+    def of(self, client: int) -> torch.Tensor:
+        """The payload of ``client``."""
+        return self.rows[self.clients.index(client)]
 
 
 def pack(*tensors: torch.Tensor) -> torch.Tensor:
@@ -298,9 +342,22 @@ class Algorithm:
         """Gathered: the size of ``client``'s payload (may differ per client; default ``up_numel()``)."""
         return self.up_numel()
 
-    def client_state_spec(self) -> dict[str, int]:
-        """Names and sizes of the flat vectors a client keeps between rounds."""
+    def client_state_spec(self, group: int = 0) -> dict[str, int]:
+        """Names and sizes of the flat vectors a client of architecture ``group`` keeps between rounds.
+
+        Called without ``group`` when there is one group (an override may omit the argument)."""
         return {}
+
+    def state_specs(self) -> list[dict[str, int]]:
+        """``client_state_spec`` of every architecture group, in group order."""
+        if self.setup.num_groups == 1:
+            return [self.client_state_spec()]
+        return [self.client_state_spec(g) for g in range(self.setup.num_groups)]
+
+    @classmethod
+    def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
+        """Refuse a configuration whose built models (one per architecture group) this algorithm cannot use:
+        raise ``ConfigError`` naming the key. Runs before MPI starts; default: accept."""
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
         """Initial value of a client's state (must depend on the seed and client only)."""
@@ -310,8 +367,9 @@ class Algorithm:
     def init_server(self) -> None:
         """Build the server's state."""
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
-        """Broadcast: [down_numel]; PerClient: [len(clients), down_numel], in ``clients`` order."""
+    def downlink(self, round: int, clients: list[int]) -> torch.Tensor | list[torch.Tensor]:
+        """Broadcast: [down_numel]; PerClient: [len(clients), down_numel], or a list of 1-D payloads of
+        ``down_numel_of(k)`` elements (needed when sizes differ), in ``clients`` order."""
         raise NotImplementedError
 
     def aggregate(self, round: int, up: WeightedMean | Collected | None) -> dict[str, float]:
@@ -339,7 +397,7 @@ class Algorithm:
         raise NotImplementedError
 
     def load_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
-        """Load into ``setup.model`` the parameters this client would use."""
+        """Load into ``setup.model_for(client.id)`` the parameters this client would use."""
         raise NotImplementedError
 
     def evaluate_client(self, client: Client) -> tuple[float, float]:
@@ -348,7 +406,7 @@ class Algorithm:
         return evaluate(self.setup.model_for(client.id), *client.test)
 
     def load_global_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
-        """Load into ``setup.model`` the server's global model, for algorithms that keep one beside the
+        """Load into ``setup.model_for(client.id)`` the server's global model, for algorithms that keep one beside the
         personal models (Ditto's w, Per-FedAvg's w before personalisation): the runtime then records
         its test accuracy too (``global_test_acc``). Not overridden: nothing extra is evaluated."""
         raise NotImplementedError

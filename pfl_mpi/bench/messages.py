@@ -1,14 +1,15 @@
 """The messages of one training round, predicted from a configuration, and what a run file measured.
 
 A round without evaluation sends, in order (docs/design.md): ``control`` (Bcast of 2 int64),
-``down`` (Bcast of ``down_numel`` or Scatterv of ``down_numel`` per sampled client), ``metrics``
-(Gatherv of one float64 row per sampled client), ``up`` (Reduce of ``up_numel + 1`` float32, or of
-``up_numel`` in the declared dtype plus a second Reduce of 2 float64; or Gatherv of ``up_numel``
-per client), ``state`` (Gatherv of the personal state of the sampled clients, when the algorithm
-keeps any) and ``ledger`` (a Gatherv of every rank's counters and an Allgather of its entry times).
-The sizes come from the algorithm built as the engine builds it, without training, and from the
-round's actual sample and placement. A message's size is per rank, as the benchmark sweeps it:
-the Bcast/Reduce buffer, or a Gatherv/Scatterv's mean part per worker.
+``down`` (Bcast of ``down_numel`` or Scatterv of ``down_numel_of(k)`` per sampled client k),
+``metrics`` (Gatherv of one float64 row per sampled client), ``up`` (Reduce of ``up_numel + 1``
+float32, or of ``up_numel`` in the declared dtype plus a second Reduce of 2 float64; or Gatherv of
+``up_numel_of(k)`` per client), ``state`` (Gatherv of the personal state of the sampled clients, of
+their architecture group's size, when the algorithm keeps any) and ``ledger`` (a Gatherv of every
+rank's counters and an Allgather of its entry times). The sizes come from the algorithm built as
+the engine builds it, without training, and from the round's actual sample and placement. A
+message's size is per rank, as the benchmark sweeps it: the Bcast/Reduce buffer, or a
+Gatherv/Scatterv's mean part per worker.
 """
 
 from __future__ import annotations
@@ -45,27 +46,36 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
 
     from ..algorithms import Broadcast, Gathered, PerClient, Setup, WeightedSum, resolve
     from ..data import load_federated
-    from ..models import build_model
+    from ..models import build_models
     from ..runtime.placement import make_plan, place_clients, sample_clients
     from ..runtime.record import META_COLUMNS, RANK_FIELDS
 
     if world_size < 2:
         raise ValueError("nothing moves on one rank")
     data = load_federated(cfg.data, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    models = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)
     cls, params = resolve(cfg.algorithm)
-    algo = cls(params, Setup(model, torch.device("cpu"), cfg.train, data.num_clients, data.num_classes, cfg.seed))
+    groups = cfg.model.groups(data.num_clients)
+    cpu = torch.device("cpu")
+    setup = Setup(
+        models[0], cpu, cfg.train, data.num_clients, data.num_classes, cfg.seed, models, groups, data.train_sizes
+    )
+    algo = cls(params, setup)
     workers = world_size - 1
     host = place_clients(data.train_sizes, list(range(1, world_size)))
     plan = make_plan(sample_clients(cfg.seed, t, data.num_clients, cfg.sampled_per_round), host, world_size)
     per_worker = len(plan.order) / workers  # mean sampled clients per worker
+
+    def mean_per_worker(numel_of) -> float:
+        """Mean over workers of the summed per-client sizes of their sampled clients."""
+        return sum(numel_of(k) for k in plan.order) / workers
+
     messages = [Message("control", "Bcast", 16)]
     down, up = algo.down, algo.up
     if isinstance(down, Broadcast):
         messages.append(Message("down", "Bcast", algo.down_numel() * _itemsize(down)))
     elif isinstance(down, PerClient):
-        messages.append(Message("down", "Scatterv", per_worker * algo.down_numel() * _itemsize(down)))
+        messages.append(Message("down", "Scatterv", mean_per_worker(algo.down_numel_of) * _itemsize(down)))
     messages.append(Message("metrics", "Gatherv", per_worker * 8 * (len(META_COLUMNS) + len(algo.client_metrics))))
     if isinstance(up, WeightedSum):
         size = _itemsize(up)
@@ -74,10 +84,10 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
         else:
             messages += [Message("up", "Reduce", algo.up_numel() * size), Message("up", "Reduce", 16)]
     elif isinstance(up, Gathered):
-        messages.append(Message("up", "Gatherv", per_worker * algo.up_numel() * _itemsize(up)))
-    state = sum(algo.client_state_spec().values())
-    if state:
-        messages.append(Message("state", "Gatherv", per_worker * 4 * state))
+        messages.append(Message("up", "Gatherv", mean_per_worker(algo.up_numel_of) * _itemsize(up)))
+    state = [sum(spec.values()) for spec in algo.state_specs()]  # floats per client, by architecture group
+    if any(state):
+        messages.append(Message("state", "Gatherv", mean_per_worker(lambda k: state[setup.group_of(k)]) * 4))
     ledger_row = 8 * (len(LABELS) * len(FIELDS) + len(RANK_FIELDS))
     calls = len(messages) + 2  # entry times per round: its calls, last round's gather, the Allgather's own
     messages += [Message("ledger", "Gatherv", ledger_row), Message("ledger", "Allreduce", 8 * calls)]

@@ -1,14 +1,17 @@
-"""Configuration of the target networks."""
+"""Configuration of the target networks: one architecture for every client, or several assigned to clients."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Assignment = Literal["round_robin", "blocks"]
 
 
-class ModelConfig(BaseModel):
-    """Which network every client trains, and where its personal head begins."""
+class ArchitectureConfig(BaseModel):
+    """One network: which one, its sizes, and where its personal head begins."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,3 +48,47 @@ class ModelConfig(BaseModel):
         if self.name == "cnn1d":
             return 4
         return 2 + len(self.cnn2d_fc) + 1
+
+
+class ModelConfig(ArchitectureConfig):
+    """The ``model`` section: the network every client trains, or several architectures (heterogeneous clients).
+
+    Without ``architectures`` (the default) every client has the network described by the section's own
+    fields. With a list, client k gets ``architectures[g]`` with g from ``assignment``; each entry is an
+    architecture whose unset keys take the section's values (so ``head_layers`` set once applies to all).
+    """
+
+    architectures: list[ArchitectureConfig] = Field(
+        default_factory=list,
+        description="Heterogeneous clients: one network per architecture group, each entry written like this "
+        "section (name, hidden, head_layers, ...; unset keys inherit the section's). Empty: one network for "
+        "all clients, the section's own. Only algorithms that support heterogeneous clients accept several.",
+    )
+    assignment: Assignment = Field(
+        "round_robin",
+        description="Which clients get which entry of architectures: round_robin (client k gets entry k mod G) "
+        "or blocks (contiguous, equal ranges of client ids: the first N/G clients entry 0, ...).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_section(cls, data: Any) -> Any:
+        """Each entry of ``architectures`` starts from the architecture keys set in the section itself."""
+        if not isinstance(data, dict) or not isinstance(data.get("architectures"), list):
+            return data
+        shared = {k: v for k, v in data.items() if k in ArchitectureConfig.model_fields}
+        entries = [{**shared, **entry} if isinstance(entry, dict) else entry for entry in data["architectures"]]
+        return {**data, "architectures": entries}
+
+    def specs(self) -> list[ArchitectureConfig]:
+        """The architecture of each group, in group order (one group: the section itself)."""
+        return list(self.architectures) or [self]
+
+    @property
+    def num_groups(self) -> int:
+        return max(len(self.architectures), 1)
+
+    def groups(self, num_clients: int) -> np.ndarray:
+        """The architecture group of every client, int64 [num_clients] (all 0 with one architecture)."""
+        k, g = np.arange(num_clients, dtype=np.int64), self.num_groups
+        return k % g if self.assignment == "round_robin" else (k * g) // max(num_clients, 1)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pfl_mpi.errors import ConfigError
-from pfl_mpi.models.config import ModelConfig
+from pfl_mpi.models.config import ArchitectureConfig, ModelConfig
 
 Named = list[tuple[str, nn.Module]]
 
@@ -54,7 +54,32 @@ class SplitModel(nn.Module):
         return self.head(self.base(x))
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
+def build_models(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> list[SplitModel]:
+    """One network per architecture group of ``cfg`` (``cfg.specs()``), each initialised from ``seed``.
+
+    Every architecture is built right after ``torch.manual_seed(seed)``, as a run with that architecture
+    alone would build it; the global random state is left as after building the first one (so one
+    architecture gives exactly what ``torch.manual_seed(seed); build_model(cfg, ...)`` gives).
+    A ConfigError of entry g names ``model.architectures.<g>.<key>``.
+    """
+    models = []
+    torch.manual_seed(seed)
+    for g, spec in enumerate(cfg.specs()):
+        try:
+            if g == 0:
+                models.append(build_model(spec, input_shape, num_classes))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                models.append(build_model(spec, input_shape, num_classes))
+        except ConfigError as err:
+            if not cfg.architectures:
+                raise
+            raise ConfigError(err.key.replace("model.", f"model.architectures.{g}.", 1), err.message) from None
+    return models
+
+
+def build_model(cfg: ArchitectureConfig, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
     """Build the network of ``cfg`` for samples of shape ``input_shape`` (without batch) and ``num_classes``.
 
     Initialisation is torch's default, so it is determined by the torch seed at the time of the call.

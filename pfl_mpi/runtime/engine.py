@@ -39,13 +39,14 @@ from ..algorithms import (
     resolve,
 )
 from ..algorithms.base import WIRE_DTYPES
-from ..algorithms.training import evaluate
 from ..comm import FIELDS, LABELS, World
 from ..config import RunConfig
 from ..data import ClientData, load_federated
 from ..errors import DivergenceError
-from ..models import build_model
+from ..models import build_models
 from ..store import RunWriter
+from ..store.layout import StateLayout
+from ..store.writer import block_rows
 from .client_store import ClientStore
 from .device import select_device, set_threads
 from .placement import Plan, make_plan, place_clients, sample_clients
@@ -82,6 +83,24 @@ def _wire_array(payload: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...
     if payload.dtype != dtype and (dtype != torch.float32 or not payload.dtype.is_floating_point):
         raise TypeError(f"downlink payload has dtype {payload.dtype}, the message declares {dtype}")
     return np.array(payload.numpy(), dtype=WIRE_DTYPES[dtype], copy=True, order="C")
+
+
+def _sizes(numel_of, clients) -> np.ndarray:
+    """``numel_of(k)`` of every client, int64."""
+    return np.fromiter((numel_of(int(k)) for k in clients), dtype=np.int64, count=len(clients))
+
+
+def _wire_rows(payload, dtype: torch.dtype, sizes: np.ndarray, numel: int) -> np.ndarray:
+    """A PerClient downlink (a [clients, numel] tensor, or a list of 1-D payloads of ``sizes``) as one flat
+    contiguous array of the message's dtype, the clients' payloads one after another."""
+    if isinstance(payload, torch.Tensor):
+        if len(set(sizes.tolist())) > 1:
+            raise ValueError("downlink payloads differ in size per client: return a list of 1-D tensors")
+        return _wire_array(payload, dtype, (len(sizes), int(sizes[0]) if len(sizes) else numel)).reshape(-1)
+    if len(payload) != len(sizes):
+        raise ValueError(f"downlink returned {len(payload)} payloads for {len(sizes)} clients")
+    parts = [_wire_array(p, dtype, (int(n),)) for p, n in zip(payload, sizes, strict=True)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=WIRE_DTYPES[dtype])
 
 
 def _raw(buf: np.ndarray) -> np.ndarray:
@@ -123,42 +142,69 @@ class Engine:
         self.all_clients = make_plan(np.arange(self.num_clients), self.host, world.size)
         self.hosted = self.all_clients.of_rank(world.rank)
         self.device = select_device(cfg.device, world.local_rank) if world.is_worker else torch.device("cpu")
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        models = build_models(cfg.model, self.data.input_shape, self.data.num_classes, cfg.seed)  # one per group
+        models = [m.to(self.device) for m in models]
         cls, params = resolve(cfg.algorithm)
-        self.algo: Algorithm = cls(
-            params, Setup(model, self.device, cfg.train, self.num_clients, self.data.num_classes, cfg.seed)
+        cls.check_models(params, models)
+        groups = cfg.model.groups(self.num_clients)
+        setup = Setup(
+            models[0],
+            self.device,
+            cfg.train,
+            self.num_clients,
+            self.data.num_classes,
+            cfg.seed,
+            models=models,
+            groups=groups,
+            train_sizes=self.data.train_sizes,
         )
-        self.state_spec = self.algo.client_state_spec()
+        self.algo: Algorithm = cls(params, setup)
+        self.layout = StateLayout(self.algo.state_specs(), groups)  # each client's state, by architecture group
         self.metric_names = self.algo.client_metrics
         self.stop_code = 0
         self.start_round = 0
         self.writer: RunWriter | None = None
         self.pending: RoundRecord | None = None
         if world.is_worker:
-            self.store = ClientStore(self.state_spec, self.hosted, self.algo.init_client_state)
+            self.store = ClientStore(self.layout.specs, self.hosted, self.algo.init_client_state, groups)
             self.client_data = {k: _to_device(self.data.client(k), self.device) for k in self.hosted}
-        self.algo.setup.label_distribution = self._label_distribution()
+        histograms = self._label_histograms()
+        self.algo.setup.label_distribution = self._label_distribution(histograms)
         if world.is_server:
             self.algo.init_server()
         if resume:
             self._restore()
         elif world.is_server:
-            self.writer = self._create_file()
+            self.writer = self._create_file(histograms)
         self.progress = Progress(cfg.rounds, self.start_round, enabled=show_progress and world.is_server)
 
-    def _label_distribution(self) -> torch.Tensor:
-        """Class frequencies of all training data: each worker counts its clients', one Reduce, one Bcast."""
+    def _label_histograms(self) -> np.ndarray | None:
+        """Training samples per class of every client, int64 [N, C], on the server (None elsewhere).
+
+        Each worker counts the clients it hosts, one Gatherv: no rank loads (or, for synthetic data,
+        generates) a client it does not host.
+        """
+        c = self.data.num_classes
+        mine = np.zeros((len(self.hosted), c), dtype=np.int64)
+        for i, k in enumerate(self.hosted if self.world.is_worker else ()):
+            mine[i] = np.bincount(self.client_data[k].y_train.cpu().numpy(), minlength=c)
+        rows = self._gather_rows(self.all_clients, mine, "setup")
+        if rows is None:
+            return None
+        histograms = np.empty_like(rows)
+        histograms[self.all_clients.order] = rows
+        return histograms
+
+    def _label_distribution(self, histograms: np.ndarray | None) -> torch.Tensor:
+        """Class frequencies of all training data: summed on the server, one Bcast."""
         counts = np.zeros(self.data.num_classes, dtype=np.float64)
-        if self.world.is_worker:
-            for k in self.hosted:
-                counts += np.bincount(self.client_data[k].y_train.cpu().numpy(), minlength=len(counts))
-        self.world.reduce_sum(counts, "setup")
+        if histograms is not None:
+            counts[:] = histograms.sum(axis=0)
         self.world.broadcast(counts, "setup")
         return torch.from_numpy(counts / counts.sum()).float()
 
     # -- the file -------------------------------------------------------------------------
-    def _create_file(self) -> RunWriter:
+    def _create_file(self, histograms: np.ndarray) -> RunWriter:
         import h5py
 
         cfg, data = self.cfg, self.data
@@ -171,6 +217,7 @@ class Engine:
             "num_clients": self.num_clients,
             "world_size": self.world.size,
             "hosts": self.world.hosts,
+            **importlib.import_module(".cluster", __package__).job_attributes(),  # SLURM job, GPUs
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "comm_labels": list(LABELS),
             "comm_fields": list(FIELDS),
@@ -186,17 +233,21 @@ class Engine:
         partition = {
             "train_sizes": data.train_sizes,
             "test_sizes": data.test_sizes,
-            "label_histograms": data.label_histograms(),
+            "label_histograms": histograms,
             "host_rank": self.host,
+            **self.layout.partition(),
         }
 
         def init_state(k: int) -> dict[str, np.ndarray]:
             return {name: v.numpy() for name, v in self.algo.init_client_state(k).items()}
 
-        return RunWriter.create(self.cfg.output_path, attrs, partition, self.state_spec, init_state, self.num_clients)
+        return RunWriter.create(
+            self.cfg.output_path, attrs, partition, self.layout.tables(), init_state, self.num_clients
+        )
 
     def _restore(self) -> None:
-        """Continue a run file: server state from its checkpoint, client states scattered to their hosts."""
+        """Continue a run file: server state from its checkpoint, client states scattered to their hosts
+        in blocks of clients, so that rank 0 never holds all N states."""
         w = self.world
         done = np.zeros(1, dtype=np.int64)
         if w.is_server:
@@ -206,21 +257,23 @@ class Engine:
         self.start_round = int(done[0])
         if self.start_round == 0:
             return
-        tables: dict[str, np.ndarray] = {}
+        tables = {}
         if w.is_server:
             server, tables = self.writer.read_checkpoint(self.start_round)
             self.algo.load_server_state({k: torch.from_numpy(v) for k, v in server.items()})
-        if not self.state_spec:
+            self.writer.carry_over(self.start_round)
+        if self.layout.empty:
             return
-        plan, numel = self.all_clients, sum(self.state_spec.values())
-        send = None
-        if w.is_server:
-            send = np.concatenate([tables[name] for name in self.state_spec], axis=1)[plan.order]
-            self.writer.pend_all(np.asarray(plan.order), {n: tables[n][plan.order] for n in self.state_spec})
-        recv = np.empty((len(self.hosted), numel), dtype=np.float32)
-        w.scatterv(send, [c * numel for c in plan.per_rank], recv, "restore")
-        if w.is_worker:
-            self.store.unpack(self.hosted, recv)
+        rows = block_rows(int(self.layout.group_numel.max()))
+        for start in range(0, self.num_clients, rows):
+            stop = min(start + rows, self.num_clients)
+            block = make_plan(np.arange(start, stop), self.host, w.size)
+            send = self.layout.read(tables, block.order) if w.is_server else None
+            mine = block.of_rank(w.rank)
+            recv = np.empty(int(self.layout.numels(mine).sum()), dtype=np.float32)
+            w.scatterv(send, self._counts(block, self.layout.numels(block.order)), recv, "restore")
+            if w.is_worker:
+                self.store.unpack(mine, recv)
 
     # -- messages -------------------------------------------------------------------------
     def _down(self, t: int, plan: Plan, label: str) -> list[torch.Tensor | None]:
@@ -239,15 +292,14 @@ class Engine:
             payload = torch.from_numpy(buf)
             return [payload] * len(mine)
         assert isinstance(down, PerClient)
-        send = (
-            _wire_array(self.algo.downlink(t, plan.order), down.dtype, (len(plan.order), n))
-            if self.world.is_server
-            else None
-        )
-        recv = np.empty((len(mine), n), dtype=wire)
-        size = n * wire.itemsize if down.dtype != torch.float32 else n  # elements of the (raw) buffers
-        self.world.scatterv(None if send is None else _raw(send), [c * size for c in plan.per_rank], _raw(recv), label)
-        return [torch.from_numpy(row) for row in recv]
+        sizes = _sizes(self.algo.down_numel_of, plan.order)
+        send = _wire_rows(self.algo.downlink(t, plan.order), down.dtype, sizes, n) if self.world.is_server else None
+        own = _sizes(self.algo.down_numel_of, mine)
+        recv = np.empty(int(own.sum()), dtype=wire)
+        scale = wire.itemsize if down.dtype != torch.float32 else 1  # elements of the (raw) buffers
+        counts = [c * scale for c in self._counts(plan, sizes)]
+        self.world.scatterv(None if send is None else _raw(send), counts, _raw(recv), label)
+        return list(torch.from_numpy(recv).split(own.tolist()))
 
     def _up(self, plan: Plan, uplink: UplinkBuffer, weights: np.ndarray | None) -> WeightedMean | Collected | None:
         """Move this rank's uplink buffer up; the server gets what its ``aggregate`` takes."""
@@ -274,13 +326,24 @@ class Engine:
             mean = (summed.astype(np.float64) / total).astype(np.float32) if total else np.zeros(n, np.float32)
             return WeightedMean(torch.from_numpy(mean), total, len(plan.order), torch.from_numpy(summed))
         if isinstance(up, Gathered):
-            wire = uplink.buf.dtype
-            recv = np.empty((len(plan.order), n), dtype=wire) if w.is_server else None
-            size = n * wire.itemsize if up.dtype != torch.float32 else n
-            w.gatherv(_raw(uplink.buf), [c * size for c in plan.per_rank], None if recv is None else _raw(recv), "up")
+            wire, sizes = uplink.buf.dtype, _sizes(self.algo.up_numel_of, plan.order)
+            recv = np.empty(int(sizes.sum()), dtype=wire) if w.is_server else None
+            scale = wire.itemsize if up.dtype != torch.float32 else 1
+            counts = [c * scale for c in self._counts(plan, sizes)]
+            w.gatherv(_raw(uplink.buf), counts, None if recv is None else _raw(recv), "up")
             if w.is_server:
-                return Collected(plan.order, torch.from_numpy(recv), torch.from_numpy(weights.astype(np.float32)))
+                flat, weights = torch.from_numpy(recv), torch.from_numpy(weights.astype(np.float32))
+                if len(set(sizes.tolist())) > 1:  # ragged: one 1-D view per client
+                    return Collected(plan.order, None, weights, list(flat.split(sizes.tolist())))
+                return Collected(plan.order, flat.reshape(len(plan.order), int(sizes[0]) if len(sizes) else n), weights)
         return None
+
+    @staticmethod
+    def _counts(plan: Plan, sizes: np.ndarray) -> list[int]:
+        """Elements per rank of a Scatterv/Gatherv carrying ``sizes[i]`` elements for client ``plan.order[i]``."""
+        ends = np.cumsum([0, *plan.per_rank])
+        total = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))
+        return [int(total[ends[r + 1]] - total[ends[r]]) for r in range(len(plan.per_rank))]
 
     def _gather_rows(self, plan: Plan, rows: np.ndarray, label: str) -> np.ndarray | None:
         """Gatherv of one float row per client of ``plan`` (this rank sends its own clients' rows)."""
@@ -307,7 +370,8 @@ class Engine:
             self._write_pending(ended=(times.start_wall, times.start_cpu))  # while the workers train
 
         start = time.perf_counter()
-        uplink = UplinkBuffer(self.algo.up, self.algo.up_numel(), len(mine))
+        sizes = _sizes(self.algo.up_numel_of, mine) if isinstance(self.algo.up, Gathered) else None
+        uplink = UplinkBuffer(self.algo.up, self.algo.up_numel(), len(mine), sizes)
         rows = np.empty((len(mine), len(META_COLUMNS) + len(self.metric_names)), dtype=np.float64)
         for i, (k, payload) in enumerate(zip(mine, payloads, strict=True)):
             update = self.algo.client_update(self._client(k, t), payload)
@@ -329,9 +393,11 @@ class Engine:
             times.aggregate = time.perf_counter() - start
 
         state_rows = None
-        if self.state_spec:
-            packed = self.store.pack(mine) if w.is_worker else np.empty((0, self.store_numel), np.float32)
-            state_rows = self._gather_rows(plan, packed, "state")
+        if not self.layout.empty:  # every trained client's state, of its group's size: no padding
+            sizes = self.layout.numels(plan.order)
+            packed = self.store.pack_flat(mine) if w.is_worker else np.empty(0, np.float32)
+            state_rows = np.empty(int(sizes.sum()), dtype=np.float32) if w.is_server else None
+            w.gatherv(packed, self._counts(plan, sizes), state_rows, "state")
 
         evaluated = self._evaluate(t) if self._eval_due(t) else (None, ())
         ledgers = w.gather_rows(np.concatenate([w.ledger.as_row(), times.row()]), "ledger")
@@ -339,10 +405,6 @@ class Engine:
         if w.is_server:
             self._keep_record(t, plan, times, client_rows, algorithm_metrics, state_rows, evaluated, ledgers)
         return 0
-
-    @property
-    def store_numel(self) -> int:
-        return sum(self.state_spec.values())
 
     def _eval_due(self, t: int) -> bool:
         return (t + 1) % self.cfg.eval_every == 0 or t == self.cfg.rounds - 1
@@ -358,9 +420,10 @@ class Engine:
         After the last round with ``finetune_epochs``, each client then fine-tunes that model on its
         training split and is evaluated again (``FINETUNE_COLUMNS``); its state is not changed. An
         algorithm with a global model beside the personal ones (``load_global_for_eval``) also has
-        that model evaluated on every client (``GLOBAL_COLUMNS``).
+        that model evaluated on every client (``GLOBAL_COLUMNS``). Every evaluation is the algorithm's
+        ``evaluate_client`` on the model of the client's architecture group.
         """
-        plan, model, algo = self.all_clients, self.algo.setup.model, self.algo
+        plan, algo = self.all_clients, self.algo
         finetune = self.cfg.finetune_epochs if t == self.cfg.rounds - 1 else 0
         extra = (FINETUNE_COLUMNS if finetune else ()) + (GLOBAL_COLUMNS if algo.has_global_model() else ())
         payloads = self._down(t, plan, "eval_down")
@@ -368,14 +431,14 @@ class Engine:
         for i, (k, payload) in enumerate(zip(self.hosted, payloads, strict=True)):
             client = self._client(k, t)
             algo.load_for_eval(client, payload)
-            row = [k, client.data.y_test.shape[0], *evaluate(model, *client.test)]
+            row = [k, client.data.y_test.shape[0], *algo.evaluate_client(client)]
             if finetune:
                 client.generator = client_generator(self.cfg.seed, k, self.cfg.rounds)  # a round never trained
                 algo.local_sgd(client, epochs=finetune)
-                row += evaluate(model, *client.test)
+                row += algo.evaluate_client(client)
             if algo.has_global_model():
                 algo.load_global_for_eval(client, payload)
-                row += evaluate(model, *client.test)
+                row += algo.evaluate_client(client)
             rows[i] = row
         return self._gather_rows(plan, rows, "eval_metrics"), extra
 
@@ -395,8 +458,7 @@ class Engine:
                 f"the file keeps the {t} completed round(s)"
             )
             return
-        offsets = np.cumsum([0, *self.state_spec.values()])
-        state = {name: state_rows[:, offsets[i] : offsets[i + 1]] for i, name in enumerate(self.state_spec)}
+        state = self.layout.split(plan.order, state_rows) if state_rows is not None else {}
         snapshot = None
         if self._snapshot_due(t):
             snapshot = {k: v.detach().cpu().numpy().copy() for k, v in self.algo.global_state().items()}
@@ -407,7 +469,6 @@ class Engine:
             comm,
             ranks,
             server_state,
-            plan.order,
             state,
             snapshot,
             (times.start_wall, times.start_cpu),

@@ -32,8 +32,7 @@ class RoundRecord:
     comm: dict[str, np.ndarray]
     ranks: dict[str, np.ndarray]
     server_state: dict[str, np.ndarray]
-    changed: list[int]  # clients whose state rows follow
-    state_rows: dict[str, np.ndarray]
+    state: dict[str, tuple[np.ndarray, np.ndarray]]  # table key -> (rows, values) of the clients that trained
     global_state: dict[str, np.ndarray] | None  # a snapshot is due
     started: tuple[float, float]  # the server's (wall, cpu) clock when the round began
 
@@ -119,7 +118,8 @@ def write(writer: RunWriter, record: RoundRecord, ended: tuple[float, float]) ->
     wall = ended[0] - record.started[0]
     scalars = dict(record.scalars, seconds_wall=wall, server_cpu=(ended[1] - record.started[1]) / max(wall, 1e-9))
     writer.append_round(record.t, scalars, record.clients, record.comm, record.ranks)
-    writer.checkpoint(record.t, record.server_state, record.changed, record.state_rows)
+    rows = {key: r for key, (r, _) in record.state.items()}
+    writer.checkpoint(record.t, record.server_state, rows, {key: v for key, (_, v) in record.state.items()})
     if record.global_state is not None:
         writer.snapshot(record.t, record.global_state)
     writer.commit(record.t)

@@ -31,14 +31,17 @@ def payload_of(update: Update, dtype: torch.dtype, numel: int) -> torch.Tensor:
 
 
 class UplinkBuffer:
-    """WeightedSum: sum(w_k p_k) (float32: with sum(w_k) appended), one vector; Gathered: one row per client.
+    """WeightedSum: sum(w_k p_k) (float32: with sum(w_k) appended), one vector; Gathered: the clients'
+    payloads one after another, ``sizes[i]`` elements for the i-th client added (default ``numel`` each).
 
     ``buf`` is what goes up in the main message; ``side`` (WeightedSum with a dtype other than
     float32) the float64 [sum(w_k), sum(|w_k| max|p_k|)] of the second Reduce.
     """
 
-    def __init__(self, up: WeightedSum | Gathered | None, numel: int, clients: int):
+    def __init__(self, up: WeightedSum | Gathered | None, numel: int, clients: int, sizes=None):
         self.up, self.numel, self.count = up, numel, 0
+        self.sizes = [numel] * clients if sizes is None else [int(n) for n in sizes]
+        self._offset = 0
         self.dtype = up.dtype if up is not None else torch.float32
         self.side: np.ndarray | None = None
         wire = WIRE_DTYPES[self.dtype]
@@ -52,7 +55,9 @@ class UplinkBuffer:
                 self.side = np.zeros(2, dtype=np.float64)
                 self.buf = np.zeros(numel, dtype=wire)
         elif isinstance(up, Gathered):
-            self.buf = np.empty((clients, numel), dtype=wire)
+            if len(self.sizes) != clients:
+                raise ValueError(f"{len(self.sizes)} payload sizes for {clients} clients")
+            self.buf = np.empty(sum(self.sizes), dtype=wire)
         else:
             self.buf = np.empty(0, dtype=np.float32)
 
@@ -71,8 +76,9 @@ class UplinkBuffer:
                 self.side[0] += weight
                 self.side[1] += abs(weight) * (float(payload.abs().max()) if self.numel else 0.0)
         elif isinstance(self.up, Gathered):
-            payload = payload_of(update, self.dtype, self.numel)
-            self.buf[self.count] = payload.numpy()
+            size = self.sizes[self.count]
+            self.buf[self._offset : self._offset + size] = payload_of(update, self.dtype, size).numpy()
+            self._offset += size
         self.count += 1
 
     def seal(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .layout import CLIENTS, COMM, FORMAT, ROUNDS
+from .layout import CLIENT_STATE, CLIENTS, COMM, FORMAT, PARTITION, ROUNDS, group_key
 
 
 @dataclass
@@ -67,3 +67,15 @@ def read_comm(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
         done = int(f.attrs["rounds_completed"])
         labels = list(_attr(f.attrs["comm_labels"]))
         return labels, {name: ds[:done] for name, ds in f[COMM].items()}
+
+
+def read_client_states(path: str | Path, name: str, snapshot: int = -1) -> list[np.ndarray]:
+    """Every client's state ``name`` at snapshot ``snapshot`` (default: the last), one array per client of its
+    own size: with several architecture groups the tables are per group (docs/hdf5.md), this hides it."""
+    with open_run(path) as f:
+        states = f[CLIENT_STATE]
+        if name in states and isinstance(states[name], h5py.Dataset):
+            return list(states[name][snapshot])
+        groups, rows = f[PARTITION]["group"][...], f[PARTITION]["group_row"][...]
+        tables = {int(g): states[group_key(int(g), name)][snapshot] for g in np.unique(groups)}
+        return [tables[int(g)][r] for g, r in zip(groups, rows, strict=True)]

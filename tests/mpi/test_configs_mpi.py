@@ -13,6 +13,7 @@ from pfl_mpi.comm.mpi_world import MPIWorld
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.config import load_config
 from pfl_mpi.runtime import Engine
+from pfl_mpi.store.writer import tables_under
 
 from ..helpers import committed
 
@@ -35,7 +36,7 @@ def test_config_runs_under_mpi_like_one_process(config, mpi_tmp_path):
     world = MPIWorld()
     cfg = load_config(config, [*SHORT, f"output={mpi_tmp_path / 'mpi.h5'}"])
     engine = Engine(cfg, world, show_progress=False)
-    state_spec = engine.algo.client_state_spec()
+    tables = engine.layout.tables()  # client-state table -> (numel, its clients): per architecture group
     assert engine.run() == 0
     if world.rank == 0:
         one = load_config(config, [*SHORT, f"output={mpi_tmp_path / 'one.h5'}"])
@@ -45,9 +46,9 @@ def test_config_runs_under_mpi_like_one_process(config, mpi_tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
         with h5py.File(cfg.output_path) as f, h5py.File(one.output_path) as g:
             assert f.attrs["status"] == "completed" and f.attrs["world_size"] == world.size
-            assert set(f["clients/state"]) == {"round", *state_spec}
-            for name, numel in state_spec.items():
-                assert f["clients/state"][name].shape == (2, 10, numel)
+            assert set(tables_under(f["clients/state"])) == {"round", *tables}
+            for name, (numel, clients) in tables.items():
+                assert f["clients/state"][name].shape == (2, len(clients), numel)
                 np.testing.assert_allclose(f["clients/state"][name][...], g["clients/state"][name][...], atol=1e-5)
             for name in g["global/state"]:
                 np.testing.assert_allclose(f["global/state"][name][...], g["global/state"][name][...], atol=1e-5)

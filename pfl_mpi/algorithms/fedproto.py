@@ -1,0 +1,219 @@
+"""FedProto (Tan, Long, Liu, Zhou, Lu, Jiang and Zhang, "FedProto: Federated Prototype Learning across
+Heterogeneous Clients", AAAI 2022).
+
+Clients share class prototypes instead of weights, so their architectures may differ (``model.architectures``)
+as long as the embedding f(x) = ``base(x)`` has one size d for all.
+
+Moves: down, Broadcast (float32) of the global prototypes P [C, d] and their sample counts [C]; up, a
+WeightedSum with weight 1 in float64 of each sampled client's per-class embedding sums S_k [C, d] and counts
+n_k [C]. The reduce is exactly what aggregation needs: the server's prototype of class j is
+sum_k S_kj / sum_k n_kj, the mean of the clients' local prototypes C_k^(j) = S_kj / n_kj weighted by their
+sample counts |D_k,j| (the paper's weighting). A class that no client of the round holds keeps its previous
+prototype (the paper has every client in every round, so it never needs this). In float64 the order of the
+additions, which depends on the ranks, changes the sums by about 1e-16 (relative) before the prototypes are
+cast to float32. Bytes up per worker: 8 (C d + C) + 16 (the WeightedSum's side Reduce).
+
+Computes, on a client: its own model (client state: the whole model of its architecture) trained for
+``train.local_epochs`` epochs of SGD on CE(head(f(x)), y) + lam * ||f(x) - P_y||^2, the distance term as the
+authors' code computes it (torch's MSELoss: averaged over the batch and the d coordinates; a sample whose class
+has no global prototype yet counts as distance 0); then the local prototypes from f(x) of every training
+sample with the trained model. Inference: the nearest global prototype in squared Euclidean distance among the
+classes of the client's own training data, as the authors' code evaluates (classes without a prototype are never
+predicted; the client's head when none of its classes has one). ``test_loss`` is the cross-entropy of the
+client's own head, for want of a loss of the nearest-prototype rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ConfigError
+from ..models.params import ParamLayout
+from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .registry import register
+from .training import evaluate
+
+
+class FedProtoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lam: float = Field(
+        1.0,
+        ge=0,
+        description="lambda, weight of the prototype distance in the client loss (the authors' code: --ld, "
+        "default 1); 0 = local training with CE only",
+    )
+
+
+@register
+class FedProto(Algorithm):
+    name = "fedproto"
+    Params = FedProtoParams
+    heterogeneous = True
+    down = Broadcast()
+    up = WeightedSum(torch.float64)
+    client_metrics = ("train_loss", "proto_loss")
+
+    def __init__(self, params: FedProtoParams, setup: Setup):
+        super().__init__(params, setup)
+        self.check_models(params, setup.models)
+        self.classes, self.dim = setup.num_classes, setup.models[0].feature_dim
+        self.layouts = [ParamLayout(m, [n for n, _ in m.named_parameters()]) for m in setup.models]
+        self.initial = [layout.flatten(m) for layout, m in zip(self.layouts, setup.models, strict=True)]
+        self.eval_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
+        dims = [int(m.feature_dim) for m in models]
+        if len(set(dims)) > 1:
+            sizes = ", ".join(f"architecture {g}: {d}" for g, d in enumerate(dims))
+            raise ConfigError("model.architectures", f"fedproto needs one embedding size (base output), got {sizes}")
+
+    # -- sizes and state ------------------------------------------------------------------
+    def down_numel(self) -> int:
+        return self.classes * self.dim + self.classes
+
+    def up_numel(self) -> int:
+        return self.classes * self.dim + self.classes
+
+    def client_state_spec(self, group: int = 0) -> dict[str, int]:
+        return {"model": self.layouts[group].numel}
+
+    def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
+        return {"model": self.initial[self.setup.group_of(client_id)].clone()}
+
+    # -- server ---------------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.prototypes = torch.zeros(self.classes, self.dim)
+        self.counts = torch.zeros(self.classes, dtype=torch.float64)  # samples behind each prototype
+
+    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+        return torch.cat([self.prototypes.reshape(-1), self.counts.float()])
+
+    def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
+        summed = up.sum.double()
+        sums, counts = summed[: self.classes * self.dim].reshape(self.classes, self.dim), summed[-self.classes :]
+        seen = counts > 0
+        self.prototypes[seen] = (sums[seen] / counts[seen, None]).float()
+        self.counts[seen] = counts[seen]
+        return {"prototype_classes": float((self.counts > 0).sum())}
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        return {"prototypes": self.prototypes, "counts": self.counts}
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.prototypes.copy_(state["prototypes"])
+        self.counts.copy_(state["counts"])
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {"prototypes": self.prototypes.reshape(-1), "counts": self.counts}
+
+    # -- client ---------------------------------------------------------------------------
+    def _decode(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prototypes [C, d], whether each class has one [C])."""
+        cd = self.classes * self.dim
+        return payload[:cd].reshape(self.classes, self.dim), payload[cd:] > 0
+
+    def _load(self, client: Client) -> torch.nn.Module:
+        model = self.setup.model_for(client.id)
+        self.layouts[self.setup.group_of(client.id)].load(model, client.state["model"])
+        return model
+
+    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+        model = self._load(client)
+        prototypes, present = self._decode(payload)
+        ce, distance = self.train_prototypes(client, model, prototypes, present)
+        client.state["model"].copy_(self.layouts[self.setup.group_of(client.id)].flatten(model))
+        sums, counts = local_prototype_sums(model, *client.train, self.classes)
+        return Update(torch.cat([sums.reshape(-1), counts]), 1.0, {"train_loss": ce, "proto_loss": distance})
+
+    def train_prototypes(
+        self, client: Client, model: torch.nn.Module, prototypes: torch.Tensor, present: torch.Tensor
+    ) -> tuple[float, float]:
+        """SGD epochs on CE + lam * the distance to the global prototypes; (mean CE, mean distance) per batch.
+
+        The batches and the step are those of ``training.sgd_epochs`` (one permutation per epoch from the
+        client's generator; weight decay, then momentum), so lam = 0 trains exactly as ``local`` does.
+        """
+        cfg, lam = self.setup.train, self.params.lam
+        params = self.setup.params_for(client.id)
+        x, y = client.train
+        prototypes, present = prototypes.to(x.device), present.to(x.device)
+        model.train()
+        momentum = [torch.zeros_like(p) for p in params] if cfg.momentum else None
+        ce_total, distance_total, batches = torch.zeros((), device=x.device), torch.zeros((), device=x.device), 0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(x.shape[0], generator=client.generator).to(x.device)
+            for start in range(0, x.shape[0], cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                features = model.base(x[idx])
+                ce = F.cross_entropy(model.head(features), y[idx])
+                distance = prototype_distance(features, y[idx], prototypes, present)
+                grads = torch.autograd.grad(ce + lam * distance if lam else ce, params)
+                with torch.no_grad():
+                    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                        if cfg.weight_decay:
+                            g = g.add(p, alpha=cfg.weight_decay)
+                        if momentum is not None:
+                            g = momentum[i].mul_(cfg.momentum).add_(g)
+                        p.add_(g, alpha=-cfg.lr)
+                    ce_total += ce.detach()
+                    distance_total += distance.detach()
+                batches += 1
+        return float(ce_total) / max(batches, 1), float(distance_total) / max(batches, 1)
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self._load(client)
+        self.eval_prototypes = self._decode(payload)
+
+    def evaluate_client(self, client: Client) -> tuple[float, float]:
+        """(cross-entropy of the client's head, accuracy of the nearest global prototype) on its test split;
+        the candidates are the classes of the client's training data that have a prototype."""
+        model = self.setup.model_for(client.id)
+        loss, head_acc = evaluate(model, *client.test)
+        prototypes, present = self.eval_prototypes
+        x, y = client.test
+        present = present.to(x.device)
+        own = present & (torch.bincount(client.train[1], minlength=self.classes) > 0)
+        candidates = own if own.any() else present
+        if not candidates.any():
+            return loss, head_acc
+        predicted = nearest_prototype(model, x, prototypes.to(x.device), candidates)
+        return loss, float((predicted == y).float().mean()) if len(y) else 0.0
+
+
+def prototype_distance(
+    features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """Mean over the batch and the d coordinates of (f(x) - P_y)^2, samples of classes without a prototype as 0
+    (torch's MSELoss against targets that equal f(x) where no prototype exists, as in the authors' code)."""
+    mask = present[labels].to(features.dtype)[:, None]
+    return ((features - prototypes[labels]) ** 2 * mask).sum() / max(features.numel(), 1)
+
+
+@torch.no_grad()
+def local_prototype_sums(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, batch_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of f(x) [C, d] and sample counts [C], float64 on the CPU: the local prototypes are
+    sums / counts."""
+    model.eval()
+    sums = torch.zeros(classes, model.feature_dim, dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        sums.index_add_(0, y[start : start + batch_size], model.base(x[start : start + batch_size]).double())
+    counts = torch.bincount(y, minlength=classes).double()
+    return sums.cpu(), counts.cpu()
+
+
+@torch.no_grad()
+def nearest_prototype(
+    model: torch.nn.Module, x: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor, batch_size: int = 1024
+) -> torch.Tensor:
+    """The class of the nearest prototype (squared Euclidean) to f(x) of each sample, among ``present`` ones."""
+    model.eval()
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        distances = ((model.base(x[start : start + batch_size])[:, None, :] - prototypes[None]) ** 2).sum(dim=2)
+        out.append(distances.masked_fill(~present, float("inf")).argmin(dim=1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
