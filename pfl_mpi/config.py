@@ -11,7 +11,6 @@ import importlib
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -145,17 +144,6 @@ def _check_architectures(cfg: RunConfig, cls) -> None:
         raise ConfigError(
             "model.architectures", f"{groups} architectures for {cfg.data.num_clients} clients (data.num_clients)"
         )
-
-
-def check_models(cfg: RunConfig, data) -> None:
-    """The checks that need the data: every architecture builds for the data's samples and classes, and the
-    algorithm accepts the built models (``Algorithm.check_models``). Raises ConfigError naming the key."""
-    from .models import build_models
-
-    with torch.random.fork_rng(devices=[]):
-        models = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)
-    cls, params = resolve(cfg.algorithm)
-    cls.check_models(params, models)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -77,13 +77,10 @@ def names_of(model, part):
 
 def build_algorithm(cfg, **params):
     """The algorithm of ``cfg`` (with ``params`` changed) on a fresh model, the data, and w_0 flat."""
-    from pfl_mpi.algorithms import Setup, resolve
     from pfl_mpi.data import load_federated
+    from pfl_mpi.runtime.build import build_algorithm as build
 
     data = load_federated(cfg.data, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    cls, p = resolve({**cfg.algorithm, **params})
-    algo = cls(p, Setup(model, torch.device("cpu"), cfg.train, data.num_clients, data.num_classes, cfg.seed))
+    algo = build(cfg.model_copy(update={"algorithm": {**cfg.algorithm, **params}}), data)
     algo.init_server()
     return algo, data, algo.downlink(0, []).clone()

@@ -232,6 +232,8 @@ def in_tmp(tmp_path, monkeypatch):
         (["run", "tiny.yaml", "--set", "data.num_clients=1000"], "data.num_clients"),
         (["run", "tiny.yaml", "--set", "model.head_layers=2"], "model.head_layers"),
         (["run", "tiny.yaml", "--set", "colour=red"], "colour"),
+        (["run", "tiny.yaml", "--set", "algorithm.name=topk", "--set", "algorithm.k=1000000"], "algorithm.k"),
+        (["run", "tiny.yaml", "--set", "algorithm.name=fetchsgd", "--set", "algorithm.k=1000000"], "algorithm.k"),
         (["run", "tiny.yaml", "--set", "plugins=[no_such_plugin_module_xyz]"], "plugins"),
         (["run", "tiny.yaml", "--resume", "runs/tiny.h5"], "config"),
         (["run", "--resume", "nothing.h5"], "resume"),

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from pfl_mpi.algorithms import Client, Collected, Setup, resolve
 from pfl_mpi.algorithms.fedgkt import _SERVER_ORDER
 from pfl_mpi.comm.serial import SerialWorld
-from pfl_mpi.config import check_models
 from pfl_mpi.data import load_federated
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import build_models
 from pfl_mpi.runtime import Engine
+from pfl_mpi.runtime.build import check_buildable
 from pfl_mpi.runtime.seeding import client_generator, derive_seed
 from pfl_mpi.store import read_clients
 
@@ -285,7 +285,7 @@ def test_logit_memory_last_round_keeps_only_the_last_rounds_clients(tmp_path):
 def test_unequal_feature_sizes_are_refused_before_the_run(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "fedgkt", **{"model.architectures": "[{hidden: [16]}, {hidden: [24]}]"})
     with pytest.raises(ConfigError, match="model.architectures: fedgkt.*architecture 0: 16, architecture 1: 24"):
-        check_models(cfg, load_federated(cfg.data, cfg.seed))
+        check_buildable(cfg, load_federated(cfg.data, cfg.seed))
 
 
 # -- state and resume ---------------------------------------------------------------------------------

@@ -13,15 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfl_mpi.algorithms import Client, Setup, resolve
+from pfl_mpi.algorithms import Client
 from pfl_mpi.algorithms.fedmd import alignment_indices
 from pfl_mpi.comm.serial import SerialWorld
-from pfl_mpi.config import check_models
 from pfl_mpi.data import load_federated, pooled
 from pfl_mpi.data.public import holdout_positions, load_public
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import ParamLayout, build_models
 from pfl_mpi.runtime import Engine
+from pfl_mpi.runtime.build import build_algorithm, check_buildable
 from pfl_mpi.runtime.seeding import client_generator
 from pfl_mpi.store import read_clients
 
@@ -56,13 +56,7 @@ def _run(cfg, resume: bool = False, world=None) -> Engine:
 def _algorithm(cfg, **params):
     """FedMD built as the runtime builds it: the data loaded first, one model per architecture."""
     data = load_federated(cfg.data, cfg.seed)
-    models = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)
-    groups = cfg.model.groups(data.num_clients)
-    setup = Setup(
-        models[0], torch.device("cpu"), cfg.train, data.num_clients, data.num_classes, cfg.seed, models, groups
-    )
-    cls, p = resolve({**cfg.algorithm, **params})
-    algo = cls(p, setup)
+    algo = build_algorithm(cfg.model_copy(update={"algorithm": {**cfg.algorithm, **params}}), data)
     algo.init_server()
     return algo, data
 
@@ -217,7 +211,7 @@ def test_another_data_set_as_public_data():
 def test_bad_public_data_name_their_key_before_mpi_starts(overrides, key):
     with pytest.raises(ConfigError) as info:
         cfg = _config(Path("unused.h5"), **overrides)
-        check_models(cfg, load_federated(cfg.data, cfg.seed))  # what `pfl-mpi run` does before starting ranks
+        check_buildable(cfg, load_federated(cfg.data, cfg.seed))  # what `pfl-mpi run` does before starting ranks
     assert info.value.key == key
 
 

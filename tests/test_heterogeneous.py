@@ -12,11 +12,12 @@ import torch
 
 from pfl_mpi.algorithms import Collected
 from pfl_mpi.comm.serial import SerialWorld
-from pfl_mpi.config import check_models, load_config
+from pfl_mpi.config import load_config
 from pfl_mpi.data import load_federated
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import build_model, build_models
 from pfl_mpi.runtime import Engine
+from pfl_mpi.runtime.build import check_buildable
 from pfl_mpi.runtime.client_store import ClientStore
 from pfl_mpi.store import read_client_states, read_clients
 from pfl_mpi.store.layout import StateLayout
@@ -114,7 +115,7 @@ def test_bad_architectures_name_their_key():
     assert info.value.key == "model.architectures"
     cfg = load_config(None, [*HETERO, "model.architectures=[{}, {name: cnn1d}]"])
     with pytest.raises(ConfigError) as info:  # cnn1d cannot take 8 x 8 images: found when the models are built
-        check_models(cfg, load_federated(cfg.data, cfg.seed))
+        check_buildable(cfg, load_federated(cfg.data, cfg.seed))
     assert info.value.key == "model.architectures.1.name"
 
 

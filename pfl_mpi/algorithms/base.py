@@ -83,6 +83,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..data import ClientData
+from ..data.public import PublicData
 from .training import TrainConfig, evaluate, sgd_epochs
 
 WIRE_DTYPES: dict[torch.dtype, np.dtype] = {
@@ -174,6 +175,7 @@ class Setup:
     groups: np.ndarray | None = None  # int [num_clients]
     # training samples of every client, int [num_clients], known on every rank (per-client payload sizes)
     train_sizes: np.ndarray | None = None
+    public: PublicData | None = None  # the data set shared by every client (data.public), if any
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
     # class frequencies over all clients' training data, known on every rank before round 1
     label_distribution: torch.Tensor = field(init=False)

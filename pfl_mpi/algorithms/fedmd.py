@@ -42,9 +42,7 @@ S_t is a uniform draw of the public set (the authors' code draws it stratified b
 client's own model on its test split. ``train_loss`` is the revisit's loss, or the private part of the start
 in a client's first round without a consensus; ``digest_loss`` is 0 in a round without a digest.
 
-The public set reaches the algorithm through ``pfl_mpi.data.public.published()``, the public set of the data
-that ``load_federated`` loaded last in this process (the engine loads the data right before it builds the
-algorithm), because ``Setup`` carries no data configuration.
+The public set reaches the algorithm as ``Setup.public`` (``data.public``, loaded with the clients' data).
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.public import PublicData, published
+from ..data.public import PublicData
 from ..errors import ConfigError
 from ..models.params import ParamLayout
 from ..runtime.seeding import derive_seed
@@ -117,7 +115,7 @@ class FedMD(Algorithm):
 
     def __init__(self, params: FedMDParams, setup: Setup):
         super().__init__(params, setup)
-        public = self.public_data(params)
+        public = self.public_data(params, setup.public)
         self.public_x, self.public_y = public.x.to(setup.device), public.y.to(setup.device)
         self.classes = setup.num_classes
         self.layouts = [ParamLayout(m, [n for n, _ in m.named_parameters()]) for m in setup.models]
@@ -126,9 +124,8 @@ class FedMD(Algorithm):
         self._subsets: dict[int, torch.Tensor] = {}  # round -> its public subset
 
     @staticmethod
-    def public_data(params: FedMDParams) -> PublicData:
-        """The public set of the loaded data; ``ConfigError`` when there is none or it is too small."""
-        public = published()
+    def public_data(params: FedMDParams, public: PublicData | None) -> PublicData:
+        """``public``, checked: ``ConfigError`` when there is none or it is too small."""
         if public is None:
             raise ConfigError(
                 "data.public", "fedmd needs a public data set: set data.public.size (and data.public.source)"
@@ -139,10 +136,6 @@ class FedMD(Algorithm):
                 f"{params.alignment_size} exceeds the {len(public)} public samples (data.public.size)",
             )
         return public
-
-    @classmethod
-    def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
-        cls.public_data(params)
 
     def subset(self, round: int) -> torch.Tensor:
         """Rows of the public set scored in ``round`` (drawn once per round on this rank)."""

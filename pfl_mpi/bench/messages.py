@@ -44,23 +44,16 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
     """The messages of training round ``t`` (no evaluation) of ``cfg`` on ``world_size`` ranks."""
     import torch
 
-    from ..algorithms import Broadcast, Gathered, PerClient, Setup, WeightedSum, resolve
+    from ..algorithms import Broadcast, Gathered, PerClient, WeightedSum
     from ..data import load_federated
-    from ..models import build_models
+    from ..runtime.build import build_algorithm
     from ..runtime.placement import make_plan, place_clients, sample_clients
     from ..runtime.record import META_COLUMNS, RANK_FIELDS
 
     if world_size < 2:
         raise ValueError("nothing moves on one rank")
     data = load_federated(cfg.data, cfg.seed)
-    models = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)
-    cls, params = resolve(cfg.algorithm)
-    groups = cfg.model.groups(data.num_clients)
-    cpu = torch.device("cpu")
-    setup = Setup(
-        models[0], cpu, cfg.train, data.num_clients, data.num_classes, cfg.seed, models, groups, data.train_sizes
-    )
-    algo = cls(params, setup)
+    algo = build_algorithm(cfg, data)
     workers = world_size - 1
     host = place_clients(data.train_sizes, list(range(1, world_size)))
     plan = make_plan(sample_clients(cfg.seed, t, data.num_clients, cfg.sampled_per_round), host, world_size)
@@ -87,7 +80,7 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
         messages.append(Message("up", "Gatherv", mean_per_worker(algo.up_numel_of) * _itemsize(up)))
     state = [sum(spec.values()) for spec in algo.state_specs()]  # floats per client, by architecture group
     if any(state):
-        messages.append(Message("state", "Gatherv", mean_per_worker(lambda k: state[setup.group_of(k)]) * 4))
+        messages.append(Message("state", "Gatherv", mean_per_worker(lambda k: state[algo.setup.group_of(k)]) * 4))
     ledger_row = 8 * (len(LABELS) * len(FIELDS) + len(RANK_FIELDS))
     calls = len(messages) + 2  # entry times per round: its calls, last round's gather, the Allgather's own
     messages += [Message("ledger", "Gatherv", ledger_row), Message("ledger", "Allreduce", 8 * calls)]

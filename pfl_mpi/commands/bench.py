@@ -64,7 +64,7 @@ def _check(args: argparse.Namespace):
     from ..bench.report import parse_size
     from ..config import load_config
     from ..data import load_federated
-    from ..models import build_model
+    from ..runtime.build import check_buildable
 
     try:
         sizes = sorted({parse_size(s) for s in args.sizes})
@@ -84,8 +84,7 @@ def _check(args: argparse.Namespace):
         for path in args.config
     ]
     for cfg in configs:  # the data-dependent checks of ``run``, before any rank starts
-        data = load_federated(cfg.data, cfg.seed)
-        build_model(cfg.model, data.input_shape, data.num_classes)
+        check_buildable(cfg, load_federated(cfg.data, cfg.seed))
     return sizes, configs
 
 

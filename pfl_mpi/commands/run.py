@@ -110,8 +110,9 @@ def _existing_rounds(cfg) -> int | None:
 def _resolve_run_config(args: argparse.Namespace):
     """The validated configuration of ``run``, including the data-dependent checks, and whether it continues
     a run file (``--resume``, or ``--resume-if-exists``/a requeued job finding its file): (cfg, rounds done or None)."""
-    from ..config import apply_overrides, check_models, load_config, validate
+    from ..config import apply_overrides, load_config, validate
     from ..data import load_federated
+    from ..runtime.build import check_buildable
 
     if args.resume:
         import yaml
@@ -135,7 +136,7 @@ def _resolve_run_config(args: argparse.Namespace):
         if args.out:
             cfg.output = args.out
         done = _existing_rounds(cfg) if args.resume_if_exists or requeued() else None
-    check_models(cfg, load_federated(cfg.data, cfg.seed))
+    check_buildable(cfg, load_federated(cfg.data, cfg.seed))
     return cfg, done
 
 

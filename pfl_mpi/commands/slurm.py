@@ -139,8 +139,9 @@ def _array_indices(spec: str) -> list[int]:
 
 def _tasks(args: argparse.Namespace) -> list[Task]:
     """Every (config, seed) task of the sweep, each validated like ``pfl-mpi run`` would (data checks included)."""
-    from ..config import check_models, load_config
+    from ..config import load_config
     from ..data import load_federated
+    from ..runtime.build import check_buildable
 
     tasks = []
     for path in args.configs:
@@ -155,7 +156,7 @@ def _tasks(args: argparse.Namespace) -> list[Task]:
                 overrides.append(f"seed={seed}")
             cfg = load_config(path, overrides)
             if i == 0:
-                check_models(cfg, load_federated(cfg.data, cfg.seed))
+                check_buildable(cfg, load_federated(cfg.data, cfg.seed))
             name = f"{cfg.name}-s{seed}" if len(seeds) > 1 else cfg.name
             tasks.append(Task(Path(path).resolve(), overrides, name))
     return tasks

@@ -90,6 +90,7 @@ class FederatedData:
         self.train_sizes = np.asarray(sizes, dtype=np.int64) - self.test_sizes
         self._fraction, self._stratify, self._seed, self._source = test_fraction, stratify, seed, source
         self._histograms: np.ndarray | None = None
+        self.public: public.PublicData | None = None  # data.public, set by load_federated
 
     def __repr__(self) -> str:
         total = int(self.train_sizes.sum() + self.test_sizes.sum())
@@ -142,7 +143,12 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     data_seed = seed if cfg.seed is None else cfg.seed
     if data_seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {data_seed}")
-    public.publish(public.load_public(cfg, seed))  # data.public (FedMD): validated here, read by the algorithm
+    data = _load(cfg, seed, data_seed)
+    data.public = public.load_public(cfg, seed)
+    return data
+
+
+def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
     common = dict(test_fraction=cfg.test_fraction, stratify=cfg.stratify, seed=data_seed)
     if cfg.name == "synthetic":
         syn = cfg.synthetic

@@ -6,8 +6,7 @@ with the clients' input shape and classes (``digits``, ``mnist1d``). Which sampl
 configuration and the data seed, so every rank computes the same public set without communication.
 Labels come with it (FedMD's transfer-learning start trains on them; its digest uses only x).
 
-``load_federated`` publishes the public set of the data it loads (``publish``); an algorithm reads it with
-``published()``. That hand-over exists because ``Setup`` has no place for it yet (see the FedMD module).
+``load_federated`` keeps it as ``FederatedData.public``; the runtime hands it to the algorithm as ``Setup.public``.
 """
 
 from __future__ import annotations
@@ -125,17 +124,3 @@ def _public(x: np.ndarray, y: np.ndarray, source: str, positions: np.ndarray) ->
         source,
         positions,
     )
-
-
-_published: PublicData | None = None
-
-
-def publish(public: PublicData | None) -> None:
-    """Make ``public`` the public set of the data this process loaded last (``load_federated`` calls this)."""
-    global _published
-    _published = public
-
-
-def published() -> PublicData | None:
-    """The public set of the data this process loaded last with ``load_federated`` (None: it had none)."""
-    return _published

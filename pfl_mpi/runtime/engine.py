@@ -33,21 +33,20 @@ from ..algorithms import (
     Collected,
     Gathered,
     PerClient,
-    Setup,
     WeightedMean,
     WeightedSum,
-    resolve,
 )
 from ..algorithms.base import WIRE_DTYPES
 from ..comm import FIELDS, LABELS, World
 from ..config import RunConfig
 from ..data import ClientData, load_federated
 from ..errors import DivergenceError
-from ..models import build_models
 from ..store import RunWriter
 from ..store.layout import StateLayout
 from ..store.writer import block_rows
+from .build import build_algorithm
 from .client_store import ClientStore
+from .cluster import job_attributes
 from .device import select_device, set_threads
 from .placement import Plan, make_plan, place_clients, sample_clients
 from .progress import Progress
@@ -142,23 +141,8 @@ class Engine:
         self.all_clients = make_plan(np.arange(self.num_clients), self.host, world.size)
         self.hosted = self.all_clients.of_rank(world.rank)
         self.device = select_device(cfg.device, world.local_rank) if world.is_worker else torch.device("cpu")
-        models = build_models(cfg.model, self.data.input_shape, self.data.num_classes, cfg.seed)  # one per group
-        models = [m.to(self.device) for m in models]
-        cls, params = resolve(cfg.algorithm)
-        cls.check_models(params, models)
-        groups = cfg.model.groups(self.num_clients)
-        setup = Setup(
-            models[0],
-            self.device,
-            cfg.train,
-            self.num_clients,
-            self.data.num_classes,
-            cfg.seed,
-            models=models,
-            groups=groups,
-            train_sizes=self.data.train_sizes,
-        )
-        self.algo: Algorithm = cls(params, setup)
+        self.algo: Algorithm = build_algorithm(cfg, self.data, self.device)
+        groups = self.algo.setup.groups
         self.layout = StateLayout(self.algo.state_specs(), groups)  # each client's state, by architecture group
         self.metric_names = self.algo.client_metrics
         self.stop_code = 0
@@ -217,7 +201,7 @@ class Engine:
             "num_clients": self.num_clients,
             "world_size": self.world.size,
             "hosts": self.world.hosts,
-            **importlib.import_module(".cluster", __package__).job_attributes(),  # SLURM job, GPUs
+            **job_attributes(),  # SLURM job, GPUs
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "comm_labels": list(LABELS),
             "comm_fields": list(FIELDS),

@@ -1,0 +1,42 @@
+"""Building a run's algorithm as every rank builds it, and the check that does so before any rank starts."""
+
+from __future__ import annotations
+
+import torch
+
+from ..algorithms import Algorithm, Setup, resolve
+from ..config import RunConfig
+from ..data import FederatedData
+from ..models import build_models
+
+
+def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | None = None) -> Algorithm:
+    """One model per architecture group (on ``device``), the ``Setup`` and the algorithm of ``cfg``.
+
+    The models are initialised from ``cfg.seed`` (``build_models``); raises ``ConfigError`` naming the key
+    when the algorithm cannot use them or its parameters do not fit the model or the data."""
+    device = device or torch.device("cpu")
+    models = [m.to(device) for m in build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)]
+    cls, params = resolve(cfg.algorithm)
+    cls.check_models(params, models)
+    setup = Setup(
+        models[0],
+        device,
+        cfg.train,
+        data.num_clients,
+        data.num_classes,
+        cfg.seed,
+        models=models,
+        groups=cfg.model.groups(data.num_clients),
+        train_sizes=data.train_sizes,
+        public=data.public,
+    )
+    return cls(params, setup)
+
+
+def check_buildable(cfg: RunConfig, data: FederatedData) -> None:
+    """Build what every rank will build, so that an error of the configuration against the data (an
+    architecture the samples do not fit, FedProto's unequal embeddings, top-k's k above the model size)
+    is one ``ConfigError`` line before MPI starts, not a traceback on every rank. Leaves torch's RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        build_algorithm(cfg, data)
