@@ -324,6 +324,9 @@ class Algorithm:
     client_metrics: ClassVar[tuple[str, ...]] = ("train_loss",)
     # whether clients may have different architectures (``Setup.models``, ``Setup.model_for``)
     heterogeneous: ClassVar[bool] = False
+    # whether ``load_for_eval`` reads the downlink payload; False: evaluation sends nothing down
+    # (the clients evaluate what their state holds) and ``load_for_eval`` gets None
+    eval_payload: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel, setup: Setup):
         self.params = params

@@ -180,6 +180,7 @@ class FedGKT(Algorithm):
     name = "fedgkt"
     Params = FedGKTParams
     heterogeneous = True
+    eval_payload = False  # clients evaluate their own models
     down = PerClient()
     up = Gathered()
     client_metrics = ("train_loss", "kd_loss")
@@ -380,5 +381,5 @@ class FedGKT(Algorithm):
         out = torch.cat(rows) if rows else torch.zeros(0, self.row_width)
         return out.reshape(-1).to(device="cpu", dtype=torch.float32)
 
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+    def load_for_eval(self, client: Client, payload: None) -> None:
         self._load(client)

@@ -109,6 +109,7 @@ class FedMD(Algorithm):
     name = "fedmd"
     Params = FedMDParams
     heterogeneous = True
+    eval_payload = False  # clients evaluate their own models
     down = Broadcast()
     up = WeightedSum()
     client_metrics = ("train_loss", "digest_loss")
@@ -243,5 +244,5 @@ class FedMD(Algorithm):
                 batches += 1
         return float(total) / max(batches, 1)
 
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+    def load_for_eval(self, client: Client, payload: None) -> None:
         self._load(client)

@@ -65,6 +65,7 @@ from .seeding import client_generator
 from .uplink import UplinkBuffer, wire_limit
 
 EXIT_DIVERGED = 3
+EVAL_BLOCK_BYTES = 64 << 20  # at most this much of per-client evaluation payloads at once on the server
 
 
 def _to_device(data: ClientData, device: torch.device) -> ClientData:
@@ -407,24 +408,40 @@ class Engine:
         that model evaluated on every client (``GLOBAL_COLUMNS``). Every evaluation is the algorithm's
         ``evaluate_client`` on the model of the client's architecture group.
         """
-        plan, algo = self.all_clients, self.algo
+        algo = self.algo
         finetune = self.cfg.finetune_epochs if t == self.cfg.rounds - 1 else 0
         extra = (FINETUNE_COLUMNS if finetune else ()) + (GLOBAL_COLUMNS if algo.has_global_model() else ())
-        payloads = self._down(t, plan, "eval_down")
-        rows = np.empty((len(self.hosted), len(EVAL_COLUMNS) + len(extra)))
-        for i, (k, payload) in enumerate(zip(self.hosted, payloads, strict=True)):
-            client = self._client(k, t)
-            algo.load_for_eval(client, payload)
-            row = [k, client.data.y_test.shape[0], *algo.evaluate_client(client)]
-            if finetune:
-                client.generator = client_generator(self.cfg.seed, k, self.cfg.rounds)  # a round never trained
-                algo.local_sgd(client, epochs=finetune)
-                row += algo.evaluate_client(client)
-            if algo.has_global_model():
-                algo.load_global_for_eval(client, payload)
-                row += algo.evaluate_client(client)
-            rows[i] = row
-        return self._gather_rows(plan, rows, "eval_metrics"), extra
+        rows: dict[int, list[float]] = {}
+        for plan in self._eval_blocks():
+            mine = plan.of_rank(self.world.rank)
+            payloads = self._down(t, plan, "eval_down") if algo.eval_payload else [None] * len(mine)
+            for k, payload in zip(mine, payloads, strict=True):
+                client = self._client(k, t)
+                algo.load_for_eval(client, payload)
+                row = [k, client.data.y_test.shape[0], *algo.evaluate_client(client)]
+                if finetune:
+                    client.generator = client_generator(self.cfg.seed, k, self.cfg.rounds)  # a round never trained
+                    algo.local_sgd(client, epochs=finetune)
+                    row += algo.evaluate_client(client)
+                if algo.has_global_model():
+                    algo.load_global_for_eval(client, payload)
+                    row += algo.evaluate_client(client)
+                rows[k] = row
+        width = len(EVAL_COLUMNS) + len(extra)
+        table = np.array([rows[k] for k in self.hosted], dtype=np.float64).reshape(len(self.hosted), width)
+        return self._gather_rows(self.all_clients, table, "eval_metrics"), extra
+
+    def _eval_blocks(self) -> list[Plan]:
+        """Every client, in blocks whose per-client evaluation payloads (PerClient) take at most
+        ``EVAL_BLOCK_BYTES`` together: the server never builds N models' worth at once. One block otherwise."""
+        down = self.algo.down
+        if not isinstance(down, PerClient) or not self.algo.eval_payload:
+            return [self.all_clients]
+        itemsize = WIRE_DTYPES[down.dtype].itemsize
+        largest = max(self.algo.down_numel_of(k) for k in range(self.num_clients)) * itemsize
+        block = max(1, EVAL_BLOCK_BYTES // max(largest, 1))
+        clients = np.arange(self.num_clients)
+        return [make_plan(clients[i : i + block], self.host, self.world.size) for i in range(0, len(clients), block)]
 
     # -- the server's records -------------------------------------------------------------
     def _keep_record(self, t, plan, times, client_rows, algorithm_metrics, state_rows, evaluated, ledgers) -> None:
