@@ -78,6 +78,7 @@ from ..runtime.seeding import derive_seed
 from .base import Broadcast, Client, Collected, Gathered, Setup, Update
 from .fedavg import FedAvg, FedAvgParams
 from .registry import register
+from .training import sgd_step
 from .weighting import client_weight
 
 _GENERATOR_INIT = 0x4647  # stream tag of the generator's initialisation
@@ -395,14 +396,8 @@ class FedGen(FedAvg):
                         features = self.client_gen(z, y_gen)
                     synthetic = F.cross_entropy(model.head(features), y_gen)
                     objective = objective + (p.gen_batch_size / cfg.batch_size) * alpha * synthetic
-                grads = torch.autograd.grad(objective, params)
+                sgd_step(params, torch.autograd.grad(objective, params), cfg, momentum)
                 with torch.no_grad():
-                    for i, (q, g) in enumerate(zip(params, grads, strict=True)):
-                        if cfg.weight_decay:
-                            g = g.add(q, alpha=cfg.weight_decay)
-                        if momentum is not None:
-                            g = momentum[i].mul_(cfg.momentum).add_(g)
-                        q.add_(g, alpha=-cfg.lr)
                     sums += torch.stack([loss.detach(), synthetic.detach(), latent.detach()]).double()
                 batches += 1
         train, synthetic, latent = (sums / max(batches, 1)).tolist()

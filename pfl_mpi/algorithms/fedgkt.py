@@ -74,6 +74,7 @@ from ..models.params import ParamLayout
 from ..runtime.seeding import derive_seed
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Setup, Update
 from .registry import register
+from .training import sgd_step
 
 _SERVER_INIT = 0x474B  # stream tag of the server model's initialisation
 _SERVER_ORDER = 0x4753  # stream tag of the server's minibatch order, per round
@@ -357,15 +358,8 @@ class FedGKT(Algorithm):
                     kd = kd_loss(out, teacher[idx], temperature)
                     objective = ce + alpha * kd
                     kd_total += kd.detach()
-                grads = torch.autograd.grad(objective, params)
-                with torch.no_grad():
-                    for i, (q, g) in enumerate(zip(params, grads, strict=True)):
-                        if cfg.weight_decay:
-                            g = g.add(q, alpha=cfg.weight_decay)
-                        if momentum is not None:
-                            g = momentum[i].mul_(cfg.momentum).add_(g)
-                        q.add_(g, alpha=-cfg.lr)
-                    ce_total += ce.detach()
+                sgd_step(params, torch.autograd.grad(objective, params), cfg, momentum)
+                ce_total += ce.detach()
                 batches += 1
         return float(ce_total) / max(batches, 1), float(kd_total) / max(batches, 1)
 

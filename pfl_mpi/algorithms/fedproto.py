@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..models.params import ParamLayout
 from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
-from .training import evaluate
+from .training import evaluate, sgd_step
 
 
 class FedProtoParams(BaseModel):
@@ -150,16 +150,9 @@ class FedProto(Algorithm):
                 features = model.base(x[idx])
                 ce = F.cross_entropy(model.head(features), y[idx])
                 distance = prototype_distance(features, y[idx], prototypes, present)
-                grads = torch.autograd.grad(ce + lam * distance if lam else ce, params)
-                with torch.no_grad():
-                    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                        if cfg.weight_decay:
-                            g = g.add(p, alpha=cfg.weight_decay)
-                        if momentum is not None:
-                            g = momentum[i].mul_(cfg.momentum).add_(g)
-                        p.add_(g, alpha=-cfg.lr)
-                    ce_total += ce.detach()
-                    distance_total += distance.detach()
+                sgd_step(params, torch.autograd.grad(ce + lam * distance if lam else ce, params), cfg, momentum)
+                ce_total += ce.detach()
+                distance_total += distance.detach()
                 batches += 1
         return float(ce_total) / max(batches, 1), float(distance_total) / max(batches, 1)
 

@@ -55,17 +55,27 @@ def sgd_epochs(
             idx = order[start : start + cfg.batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             objective = loss if regulariser is None else loss + regulariser()
-            grads = torch.autograd.grad(objective, params)
-            with torch.no_grad():
-                for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                    if cfg.weight_decay:
-                        g = g.add(p, alpha=cfg.weight_decay)
-                    if momentum is not None:
-                        g = momentum[i].mul_(cfg.momentum).add_(g)
-                    p.add_(g, alpha=-cfg.lr)
-                total += loss.detach()
+            sgd_step(params, torch.autograd.grad(objective, params), cfg, momentum)
+            total += loss.detach()
             batches += 1
     return float(total) / max(batches, 1)
+
+
+@torch.no_grad()
+def sgd_step(
+    params: list[torch.nn.Parameter],
+    grads: tuple[torch.Tensor, ...],
+    cfg: TrainConfig,
+    momentum: list[torch.Tensor] | None,
+) -> None:
+    """One step of torch's SGD rule in place: weight decay, then momentum (dampening 0; ``momentum`` holds
+    one buffer per parameter, or None without momentum), then ``p -= lr * g``."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if cfg.weight_decay:
+            g = g.add(p, alpha=cfg.weight_decay)
+        if momentum is not None:
+            g = momentum[i].mul_(cfg.momentum).add_(g)
+        p.add_(g, alpha=-cfg.lr)
 
 
 @torch.no_grad()
