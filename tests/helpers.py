@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.config import load_config
 from pfl_mpi.models import build_model
 
@@ -84,3 +85,34 @@ def build_algorithm(cfg, **params):
     algo = build(cfg.model_copy(update={"algorithm": {**cfg.algorithm, **params}}), data)
     algo.init_server()
     return algo, data, algo.downlink(0, []).clone()
+
+
+class RecordingWorld(SerialWorld):
+    """One process, as SerialWorld, that notes what each collective would move under MPI:
+    ``calls`` holds (operation, label, dtype, bytes) per call, ``moved`` its (label, bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, str, np.dtype, int]] = []
+
+    @property
+    def moved(self) -> list[tuple[str, int]]:
+        return [(label, nbytes) for _, label, _, nbytes in self.calls]
+
+    def broadcast(self, buf, label):
+        self.calls.append(("bcast", label, buf.dtype, buf.nbytes))
+
+    def scatterv(self, send, counts, recv, label):
+        self.calls.append(("scatterv", label, recv.dtype, recv.nbytes))
+        super().scatterv(send, counts, recv, label)
+
+    def reduce_sum(self, buf, label):
+        self.calls.append(("reduce", label, buf.dtype, buf.nbytes))
+
+    def gatherv(self, send, counts, recv, label):
+        self.calls.append(("gatherv", label, send.dtype, send.nbytes))
+        super().gatherv(send, counts, recv, label)
+
+    def gather_rows(self, row, label):
+        self.calls.append(("gather_rows", label, row.dtype, row.nbytes))
+        return super().gather_rows(row, label)

@@ -9,8 +9,7 @@ import pytest
 
 from pfl_mpi.runtime import Engine, engine
 
-from .helpers import committed, tiny_config
-from .test_message_dtypes import RecordingWorld
+from .helpers import RecordingWorld, committed, tiny_config
 
 
 def _run(cfg) -> RecordingWorld:

@@ -28,7 +28,7 @@ from pfl_mpi.errors import ConfigError
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.seeding import client_generator, derive_seed
 
-from .helpers import committed, initial_model, tiny_config
+from .helpers import RecordingWorld, committed, initial_model, tiny_config
 
 
 def _build(cfg, name="fedgen", **params):
@@ -292,21 +292,6 @@ def test_resume_equals_an_unbroken_run(tmp_path):
         for name in ("shared", "generator"):
             np.testing.assert_array_equal(fb["global/state"][name][-1], fa["global/state"][name][-1], err_msg=name)
         assert np.nanmax(fb["clients/synthetic_loss"][-1]) > 0  # the resumed rounds did use the generator
-
-
-class RecordingWorld(SerialWorld):
-    """One process, as SerialWorld, that records the bytes each collective would move under MPI."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.moved: list[tuple[str, int]] = []
-
-    def broadcast(self, buf, label):
-        self.moved.append((label, buf.nbytes))
-
-    def gatherv(self, send, counts, recv, label):
-        self.moved.append((label, send.nbytes))
-        super().gatherv(send, counts, recv, label)
 
 
 def test_each_client_sends_its_model_and_label_counts_and_the_generator_goes_down(tmp_path):

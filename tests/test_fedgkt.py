@@ -29,7 +29,7 @@ from pfl_mpi.runtime.build import check_buildable
 from pfl_mpi.runtime.seeding import client_generator, derive_seed
 from pfl_mpi.store import read_clients
 
-from .helpers import committed, tiny_config
+from .helpers import RecordingWorld, committed, tiny_config
 
 C = 10  # digits classes
 D = 16  # features of both test architectures
@@ -336,22 +336,6 @@ def test_resume_equals_an_unbroken_run(tmp_path):
 
 
 # -- under the runtime --------------------------------------------------------------------------------
-
-
-class RecordingWorld(SerialWorld):
-    """One process, as SerialWorld, that records the bytes each Scatterv/Gatherv would move under MPI."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.moved: list[tuple[str, int]] = []
-
-    def scatterv(self, send, counts, recv, label):
-        self.moved.append((label, recv.nbytes))
-        super().scatterv(send, counts, recv, label)
-
-    def gatherv(self, send, counts, recv, label):
-        self.moved.append((label, send.nbytes))
-        super().gatherv(send, counts, recv, label)
 
 
 def test_a_serial_run_moves_per_sample_rows_up_and_logits_down(tmp_path):

@@ -13,8 +13,7 @@ from pfl_mpi.algorithms.sketch import CountSketch, top_k
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.runtime import Engine
 
-from .helpers import tiny_config
-from .test_message_dtypes import RecordingWorld
+from .helpers import RecordingWorld, tiny_config
 from .test_robust import _client, _setup
 
 

@@ -11,37 +11,14 @@ import torch
 
 from pfl_mpi.algorithms import Broadcast, Gathered, PerClient, Update, WeightedSum
 from pfl_mpi.algorithms.base import pack, packed_size, unpack
-from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.runtime.uplink import UplinkBuffer
 
-from .helpers import tiny_config
+from .helpers import RecordingWorld, tiny_config
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 import dtype_probe  # noqa: E402  (registers the algorithm)
-
-
-class RecordingWorld(SerialWorld):
-    """One process that notes the dtype and bytes of every buffer handed to a collective, by label."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, str, np.dtype, int]] = []
-
-    def broadcast(self, buf, label):
-        self.calls.append(("bcast", label, buf.dtype, buf.nbytes))
-
-    def scatterv(self, send, counts, recv, label):
-        self.calls.append(("scatterv", label, recv.dtype, recv.nbytes))
-        super().scatterv(send, counts, recv, label)
-
-    def reduce_sum(self, buf, label):
-        self.calls.append(("reduce", label, buf.dtype, buf.nbytes))
-
-    def gatherv(self, send, counts, recv, label):
-        self.calls.append(("gatherv", label, send.dtype, send.nbytes))
-        super().gatherv(send, counts, recv, label)
 
 
 def _probe(tmp_path, **params):

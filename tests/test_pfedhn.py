@@ -24,7 +24,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.seeding import client_generator
 from pfl_mpi.store import read_comm
 
-from .helpers import committed, tiny_config
+from .helpers import RecordingWorld, committed, tiny_config
 
 FAST = {"algorithm.inner_steps": 5}
 
@@ -58,32 +58,6 @@ def _client(cfg, data, algo, k: int, t: int, state=None) -> Client:
 
 def _target_numel(model: torch.nn.Module, prefix: str = "") -> int:
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
-
-
-class RecordingWorld(SerialWorld):
-    """One process, as SerialWorld, that records the bytes each collective would move under MPI."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.moved: list[tuple[str, int]] = []
-
-    def broadcast(self, buf, label):
-        self.moved.append((label, buf.nbytes))
-
-    def scatterv(self, send, counts, recv, label):
-        self.moved.append((label, recv.nbytes))
-        super().scatterv(send, counts, recv, label)
-
-    def reduce_sum(self, buf, label):
-        self.moved.append((label, buf.nbytes))
-
-    def gatherv(self, send, counts, recv, label):
-        self.moved.append((label, send.nbytes))
-        super().gatherv(send, counts, recv, label)
-
-    def gather_rows(self, row, label):
-        self.moved.append((label, row.nbytes))
-        return super().gather_rows(row, label)
 
 
 @pytest.mark.parametrize("name,prefix", [("pfedhn", ""), ("pfedhn-pc", "base.")])

@@ -13,8 +13,7 @@ from pfl_mpi.algorithms.bitpack import unpack_codes
 from pfl_mpi.algorithms.qsgd import QSGD, QSGDParams, dequantize, quantize
 from pfl_mpi.runtime import Engine
 
-from .helpers import tiny_config
-from .test_message_dtypes import RecordingWorld
+from .helpers import RecordingWorld, tiny_config
 from .test_robust import _client, _setup
 
 

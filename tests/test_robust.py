@@ -17,8 +17,7 @@ from pfl_mpi.data import ClientData
 from pfl_mpi.runtime import Engine
 from pfl_mpi.store import read_summary
 
-from .helpers import tiny_config
-from .test_message_dtypes import RecordingWorld
+from .helpers import RecordingWorld, tiny_config
 
 
 def _setup(num_clients=10, seed=0) -> Setup:

@@ -13,8 +13,7 @@ from pfl_mpi.algorithms.signsgd import SignSGD, SignSGDParams, vote_dtype
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.uplink import UplinkBuffer
 
-from .helpers import tiny_config
-from .test_message_dtypes import RecordingWorld
+from .helpers import RecordingWorld, tiny_config
 from .test_robust import _client, _setup
 
 

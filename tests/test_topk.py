@@ -12,8 +12,7 @@ from pfl_mpi.algorithms.fedavg import FedAvg, FedAvgParams
 from pfl_mpi.algorithms.topk import TopK, TopKParams, compress, decode, encode, payload_size, unpack_sparse
 from pfl_mpi.runtime import Engine
 
-from .helpers import tiny_config
-from .test_message_dtypes import RecordingWorld
+from .helpers import RecordingWorld, tiny_config
 from .test_robust import _client, _setup
 
 
