@@ -91,7 +91,7 @@ def _round(algo, data, states, clients, t):
 def _model_of(algo, states, k):
     """A copy of client k's model holding its current state."""
     model = copy.deepcopy(algo.setup.model_for(k))
-    algo.layouts[algo.setup.group_of(k)].load(model, states[k]["model"])
+    algo.personal.layouts[algo.setup.group_of(k)].load(model, states[k]["model"])
     return model
 
 
@@ -115,7 +115,7 @@ def test_uplink_bytes_scale_with_samples_not_parameters(tmp_path):
         sizes = data.train_sizes
         a, b = int(np.argmin(sizes)), int(np.argmax(sizes))
         assert sizes[b] > 2 * sizes[a]
-        numels[width] = algo.layouts[0].numel
+        numels[width] = algo.personal.layouts[0].numel
         _, rows, _ = _round(algo, data, {}, [a, b], t=0)
         payloads[width] = [r.numel() * r.element_size() for r in rows]
         for k, row in zip((a, b), rows, strict=True):
@@ -246,7 +246,7 @@ def test_a_client_distils_from_the_server_logits_of_each_batchs_own_samples(tmp_
             opt.step()
             kd_values.append(float(kd.detach()))
     np.testing.assert_allclose(
-        states[k]["model"].numpy(), algo.layouts[1].flatten(reference).numpy(), rtol=1e-5, atol=1e-6
+        states[k]["model"].numpy(), algo.personal.layouts[1].flatten(reference).numpy(), rtol=1e-5, atol=1e-6
     )
     assert update.metrics["kd_loss"] == pytest.approx(np.mean(kd_values), rel=1e-5)
 
@@ -264,9 +264,10 @@ def test_without_server_logits_or_with_alpha_0_a_client_trains_on_plain_ce(tmp_p
     states = {}
     update = algo.client_update(_client(algo, data, states, k, t), payload)
     plain = _client(algo, data, {}, k, t)
-    algo.layouts[0].load(algo.setup.model_for(k), plain.state["model"])
+    algo.personal.layouts[0].load(algo.setup.model_for(k), plain.state["model"])
     loss = algo.local_sgd(plain)
-    np.testing.assert_array_equal(states[k]["model"].numpy(), algo.layouts[0].flatten(algo.setup.model).numpy())
+    expected = algo.personal.layouts[0].flatten(algo.setup.model)
+    np.testing.assert_array_equal(states[k]["model"].numpy(), expected.numpy())
     assert update.metrics["train_loss"] == loss and update.metrics["kd_loss"] == 0.0
 
 

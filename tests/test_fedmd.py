@@ -122,7 +122,7 @@ def test_digest_moves_the_logits_toward_the_consensus():
         k = 1  # the CNN
         client = Client(k, 1, data.client(k), algo.init_client_state(k), client_generator(0, k, 1))
         model = algo.setup.model_for(k)
-        algo.layouts[1].load(model, client.state["model"])
+        algo.personal.layouts[1].load(model, client.state["model"])
         x = algo.public_x[algo.subset(0)]
         distance = F.l1_loss if loss == "l1" else F.mse_loss
         with torch.no_grad():
@@ -145,7 +145,8 @@ def test_transfer_learning_start_trains_each_architecture_on_the_public_data_onc
         torch.testing.assert_close(start["model"], again["model"], rtol=0, atol=0)
         assert float(start["started"]) == 0.0
         raw = untrained.init_client_state(a)["model"]
-        torch.testing.assert_close(raw, algo.initial[g], rtol=0, atol=0)  # public_epochs = 0: the initialisation
+        initial = algo.personal.initial[g]
+        torch.testing.assert_close(raw, initial, rtol=0, atol=0)  # public_epochs = 0: the initialisation
         with torch.no_grad():
             trained = F.cross_entropy(_model(_CFG, data, g, start["model"])(public.x), public.y)
             initial = F.cross_entropy(_model(_CFG, data, g, raw)(public.x), public.y)
@@ -243,7 +244,7 @@ class _Recorder(SerialWorld):
 def test_bytes_up_are_the_logits_whatever_the_architectures(tmp_path, architectures):
     world = _Recorder()
     engine = _run(_config(tmp_path / "b.h5", rounds=2, **{"model.architectures": architectures}), world=world)
-    assert len({layout.numel for layout in engine.algo.layouts}) == 2
+    assert len({layout.numel for layout in engine.algo.personal.layouts}) == 2
     assert [r for r in world.reduced if r[0] == "up"] == [("up", (ALIGNMENT * CLASSES + 1) * 4)] * 2
 
 

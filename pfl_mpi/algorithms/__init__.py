@@ -36,6 +36,7 @@ __all__ = [
 
 # modules of this package that hold no algorithm
 _SUPPORT = {"base", "registry", "training", "weighting", "server_opt", "meta", "sketch", "byzantine", "bitpack"}
+_SUPPORT |= {"personal_models"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT:
         importlib.import_module(f"{__name__}.{_module.name}")

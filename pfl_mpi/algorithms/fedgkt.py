@@ -73,6 +73,7 @@ from ..errors import ConfigError
 from ..models.params import ParamLayout
 from ..runtime.seeding import derive_seed
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Setup, Update
+from .personal_models import PersonalModels
 from .registry import register
 from .training import sgd_step
 
@@ -190,8 +191,7 @@ class FedGKT(Algorithm):
         super().__init__(params, setup)
         self.check_models(params, setup.models)
         self.classes, self.dim = setup.num_classes, int(setup.models[0].feature_dim)
-        self.layouts = [ParamLayout(m, [n for n, _ in m.named_parameters()]) for m in setup.models]
-        self.initial = [layout.flatten(m) for layout, m in zip(self.layouts, setup.models, strict=True)]
+        self.personal = PersonalModels(setup)
 
     @classmethod
     def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
@@ -218,10 +218,10 @@ class FedGKT(Algorithm):
         return self.samples(client) * self.classes + 1 if self.params.alpha > 0 else 0
 
     def client_state_spec(self, group: int = 0) -> dict[str, int]:
-        return {"model": self.layouts[group].numel}
+        return {"model": self.personal.numel(group)}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        return {"model": self.initial[self.setup.group_of(client_id)].clone()}
+        return {"model": self.personal.initial_state(client_id)}
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
@@ -313,11 +313,6 @@ class FedGKT(Algorithm):
         return {"server_model": self.server_layout.flatten(self.server)}
 
     # -- client ---------------------------------------------------------------------------
-    def _load(self, client: Client) -> torch.nn.Module:
-        model = self.setup.model_for(client.id)
-        self.layouts[self.setup.group_of(client.id)].load(model, client.state["model"])
-        return model
-
     def server_logits(self, client: Client, payload: torch.Tensor) -> torch.Tensor | None:
         """The server's logits [n_k, C] in a client's payload, or None when it has none (or alpha = 0)."""
         if payload.numel() == 0 or float(payload[0]) == 0:
@@ -325,10 +320,10 @@ class FedGKT(Algorithm):
         return payload[1:].reshape(client.num_train, self.classes)
 
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        model = self._load(client)
+        model = self.personal.load(client)
         teacher = self.server_logits(client, payload)
         ce, kd = self.train_client(client, model, teacher)
-        client.state["model"].copy_(self.layouts[self.setup.group_of(client.id)].flatten(model))
+        self.personal.save(client, model)
         return Update(
             self.client_rows(model, *client.train), float(client.num_train), {"train_loss": ce, "kd_loss": kd}
         )
@@ -376,4 +371,4 @@ class FedGKT(Algorithm):
         return out.reshape(-1).to(device="cpu", dtype=torch.float32)
 
     def load_for_eval(self, client: Client, payload: None) -> None:
-        self._load(client)
+        self.personal.load(client)

@@ -55,9 +55,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.public import PublicData
 from ..errors import ConfigError
-from ..models.params import ParamLayout
 from ..runtime.seeding import derive_seed
 from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .personal_models import PersonalModels
 from .registry import register
 from .training import sgd_epochs
 
@@ -119,8 +119,7 @@ class FedMD(Algorithm):
         public = self.public_data(params, setup.public)
         self.public_x, self.public_y = public.x.to(setup.device), public.y.to(setup.device)
         self.classes = setup.num_classes
-        self.layouts = [ParamLayout(m, [n for n, _ in m.named_parameters()]) for m in setup.models]
-        self.initial = [layout.flatten(m) for layout, m in zip(self.layouts, setup.models, strict=True)]
+        self.personal = PersonalModels(setup)
         self._public_start: dict[int, torch.Tensor] = {}  # group -> its model trained on the public data
         self._subsets: dict[int, torch.Tensor] = {}  # round -> its public subset
 
@@ -155,7 +154,7 @@ class FedMD(Algorithm):
         return self.params.alignment_size * self.classes
 
     def client_state_spec(self, group: int = 0) -> dict[str, int]:
-        return {"model": self.layouts[group].numel, "started": 1}
+        return {"model": self.personal.numel(group), "started": 1}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
         return {"model": self.public_start(self.setup.group_of(client_id)).clone(), "started": torch.zeros(1)}
@@ -164,8 +163,8 @@ class FedMD(Algorithm):
         """Architecture ``group``'s initial model after ``public_epochs`` epochs on the labelled public data
         (flat); a function of (seed, group), computed once per rank."""
         if group not in self._public_start:
-            model, layout = self.setup.models[group], self.layouts[group]
-            layout.load(model, self.initial[group])
+            model, layout = self.setup.models[group], self.personal.layouts[group]
+            layout.load(model, self.personal.initial[group])
             generator = torch.Generator().manual_seed(derive_seed(self.setup.seed, _PUBLIC_START, group))
             cfg = self.setup.train.model_copy(update={"batch_size": self.params.public_batch_size})
             with torch.enable_grad():  # also when the caller is not training
@@ -196,13 +195,8 @@ class FedMD(Algorithm):
         return {"consensus": self.consensus}
 
     # -- client ---------------------------------------------------------------------------
-    def _load(self, client: Client) -> torch.nn.Module:
-        model = self.setup.model_for(client.id)
-        self.layouts[self.setup.group_of(client.id)].load(model, client.state["model"])
-        return model
-
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        model = self._load(client)
+        model = self.personal.load(client)
         train_loss = digest_loss = 0.0
         if not client.state["started"].item():
             train_loss = self.local_sgd(client, epochs=self.params.private_epochs)
@@ -213,7 +207,7 @@ class FedMD(Algorithm):
             digest_loss = self.digest(client, model, previous, consensus)
             train_loss = self.local_sgd(client)
         logits = score(model, self.public_x[self.subset(client.round)])
-        client.state["model"].copy_(self.layouts[self.setup.group_of(client.id)].flatten(model))
+        self.personal.save(client, model)
         weight = 1.0 if self.params.weighting == "uniform" else float(client.num_train)
         return Update(logits.reshape(-1).cpu(), weight, {"train_loss": train_loss, "digest_loss": digest_loss})
 
@@ -245,4 +239,4 @@ class FedMD(Algorithm):
         return float(total) / max(batches, 1)
 
     def load_for_eval(self, client: Client, payload: None) -> None:
-        self._load(client)
+        self.personal.load(client)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
-from ..models.params import ParamLayout
 from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .personal_models import PersonalModels
 from .registry import register
 from .training import evaluate, sgd_step
 
@@ -59,8 +59,7 @@ class FedProto(Algorithm):
         super().__init__(params, setup)
         self.check_models(params, setup.models)
         self.classes, self.dim = setup.num_classes, setup.models[0].feature_dim
-        self.layouts = [ParamLayout(m, [n for n, _ in m.named_parameters()]) for m in setup.models]
-        self.initial = [layout.flatten(m) for layout, m in zip(self.layouts, setup.models, strict=True)]
+        self.personal = PersonalModels(setup)
         self.eval_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -78,10 +77,10 @@ class FedProto(Algorithm):
         return self.classes * self.dim + self.classes
 
     def client_state_spec(self, group: int = 0) -> dict[str, int]:
-        return {"model": self.layouts[group].numel}
+        return {"model": self.personal.numel(group)}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        return {"model": self.initial[self.setup.group_of(client_id)].clone()}
+        return {"model": self.personal.initial_state(client_id)}
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
@@ -115,16 +114,11 @@ class FedProto(Algorithm):
         cd = self.classes * self.dim
         return payload[:cd].reshape(self.classes, self.dim), payload[cd:] > 0
 
-    def _load(self, client: Client) -> torch.nn.Module:
-        model = self.setup.model_for(client.id)
-        self.layouts[self.setup.group_of(client.id)].load(model, client.state["model"])
-        return model
-
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        model = self._load(client)
+        model = self.personal.load(client)
         prototypes, present = self._decode(payload)
         ce, distance = self.train_prototypes(client, model, prototypes, present)
-        client.state["model"].copy_(self.layouts[self.setup.group_of(client.id)].flatten(model))
+        self.personal.save(client, model)
         sums, counts = local_prototype_sums(model, *client.train, self.classes)
         return Update(torch.cat([sums.reshape(-1), counts]), 1.0, {"train_loss": ce, "proto_loss": distance})
 
@@ -157,7 +151,7 @@ class FedProto(Algorithm):
         return float(ce_total) / max(batches, 1), float(distance_total) / max(batches, 1)
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self._load(client)
+        self.personal.load(client)
         self.eval_prototypes = self._decode(payload)
 
     def evaluate_client(self, client: Client) -> tuple[float, float]:
