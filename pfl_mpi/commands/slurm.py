@@ -1,11 +1,13 @@
 """Write a ready SLURM batch script for an experiment, or a job array sweeping configs and seeds; --submit sends it.
 
-One config and at most one seed make a plain job; several configs or seeds make a job array, one task
-per (config, seed), chosen by SLURM_ARRAY_TASK_ID. Every configuration is validated first (exit 2, one
-line). Without GPUs the job has --ntasks-per-node ranks on each node; with --gpus-per-node G it has one
+One config and at most one seed make a plain job; several configs, --set-grid values or seeds make a job
+array, one task per (config, grid point, seed) (``pfl_mpi.grid``, shared with ``pfl-mpi sweep``), chosen by
+SLURM_ARRAY_TASK_ID. Every configuration is validated first (exit 2, one line). Without GPUs the job has --ntasks-per-node ranks on each node; with --gpus-per-node G it has one
 rank per GPU plus the server rank (G+1 task slots per node, srun --distribution=cyclic, so every node
 hosts G workers). Logs are named %x-%j.out (%x-%A_%a.out for arrays), run files <name>-<job id>.h5
-(<name>-s<seed>-<array job id>_<task id>.h5); a requeued job continues its run file. See docs/slurm.md.
+(<name>-s<seed>-<array job id>_<task id>.h5); a requeued job continues its run file. The log directory is
+created with the script; site set-up and modules come before ``set -u`` (Lmod fails under it), and srun gets
+the allocation's --cpus-per-task through SRUN_CPUS_PER_TASK. See docs/slurm.md.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..grid import Task, expand, parse_grid
 
 NAME = "slurm"
 HELP = "write (and --submit) a SLURM batch script for an experiment or a sweep of configs and seeds"
@@ -28,15 +31,6 @@ EXIT_CONFIG = 2
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM(:SS)
 _ARRAY = re.compile(r"^(\d+(-\d+(:\d+)?)?)(,\d+(-\d+(:\d+)?)?)*(%\d+)?$")
 _JOB_NAME = re.compile(r"[^A-Za-z0-9_.+-]")
-
-
-@dataclass
-class Task:
-    """One run of the job (one array task): its config file, the --set overrides, and its name."""
-
-    config: Path
-    overrides: list[str]
-    name: str
 
 
 @dataclass
@@ -76,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("configs", nargs="+", metavar="CONFIG.yaml", help="experiment(s); several make a job array")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override, for every task"
+    )
+    parser.add_argument(
+        "--set-grid",
+        dest="grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="sweep a key over values (job array; repeatable: every combination)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[], metavar="S", help="seeds to sweep (job array)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -138,28 +140,13 @@ def _array_indices(spec: str) -> list[int]:
 
 
 def _tasks(args: argparse.Namespace) -> list[Task]:
-    """Every (config, seed) task of the sweep, each validated like ``pfl-mpi run`` would (data checks included)."""
-    from ..config import load_config
-    from ..data import load_federated
-    from ..runtime.build import check_buildable
-
-    tasks = []
-    for path in args.configs:
-        seeds = args.seeds or [None]
-        for i, seed in enumerate(seeds):
-            overrides = list(args.overrides)
-            if args.cpus_per_task > 1:
-                overrides.append(f"threads={args.cpus_per_task}")
-            if args.gpus_per_node and not any(o.partition("=")[0].strip() == "device" for o in args.overrides):
-                overrides.append("device=cuda")  # a GPU job without a visible GPU fails instead of using the CPU
-            if seed is not None:
-                overrides.append(f"seed={seed}")
-            cfg = load_config(path, overrides)
-            if i == 0:
-                check_buildable(cfg, load_federated(cfg.data, cfg.seed))
-            name = f"{cfg.name}-s{seed}" if len(seeds) > 1 else cfg.name
-            tasks.append(Task(Path(path).resolve(), overrides, name))
-    return tasks
+    """Every (config, grid point, seed) task of the job, validated (``pfl_mpi.grid``)."""
+    overrides = list(args.overrides)
+    if args.cpus_per_task > 1:
+        overrides.append(f"threads={args.cpus_per_task}")
+    if args.gpus_per_node and not any(o.partition("=")[0].strip() == "device" for o in args.overrides):
+        overrides.append("device=cuda")  # a GPU job without a visible GPU fails instead of using the CPU
+    return expand(args.configs, overrides, parse_grid(args.grid), args.seeds)
 
 
 def build_job(args: argparse.Namespace, argv: list[str]) -> Job:
@@ -256,14 +243,18 @@ def render(job: Job) -> str:
         if job.gpus_per_node
         else f"{job.nodes} node(s) x {job.ntasks_per_node} ranks"
     )
-    sweep = f", a job array of {len(job.tasks)} tasks (config x seed)" if job.is_array else ""
+    sweep = f", a job array of {len(job.tasks)} tasks (config x grid point x seed)" if job.is_array else ""
     lines = [
         "#!/bin/bash",
         f"# pfl_mpi job: {kind}{sweep}.",
         f"# Written {time.strftime('%Y-%m-%d %H:%M')} by: {job.command}",
         "# Submit with: sbatch THIS_FILE. A requeued job continues its run file (docs/slurm.md).",
         *_directives(job),
-        "set -euo pipefail",
+        "set -eo pipefail",
+        "# site set-up first: Lmod's module command fails under set -u",
+        *job.setup,
+        *([f"module load {' '.join(q(m) for m in job.modules)}"] if job.modules else []),
+        "set -u",
         "",
         f"PFL_MPI_VENV=${{PFL_MPI_VENV:-{q(str(job.venv))}}}",
         f"RUNS_DIR={q(str(job.runs_dir))}",
@@ -277,9 +268,11 @@ def render(job: Job) -> str:
         "    for ((i = 0; i < ${SLURM_RESTART_COUNT:-0}; i++)); do srun -n 1 -N 1 true; done",
         "fi",
     ]
-    lines += [f"module load {' '.join(q(m) for m in job.modules)}"] if job.modules else []
-    lines += job.setup
-    lines.append(f"export OMP_NUM_THREADS={job.cpus_per_task}")
+    lines += [
+        f"export OMP_NUM_THREADS={job.cpus_per_task}",
+        "# srun (Slurm >= 22.05) does not take --cpus-per-task from the allocation: say it again",
+        f"export SRUN_CPUS_PER_TASK={job.cpus_per_task}",
+    ]
     if job.gpus_per_node:
         lines += [
             "# one rank per GPU of every node, plus the server (rank 0); cyclic placement puts the server and",
@@ -306,7 +299,6 @@ def _submit(script: Path, job: Job) -> int:
     if sbatch is None:
         print("pfl-mpi: sbatch not found: submit from a SLURM login node (the script is written)", file=sys.stderr)
         return 1
-    job.logs_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the log directory
     done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
     if done.returncode:
         print(f"pfl-mpi: sbatch failed: {done.stderr.strip() or done.stdout.strip()}", file=sys.stderr)
@@ -323,6 +315,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         job = build_job(args, argv)
     except ConfigError as err:
         print(f"pfl-mpi: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:  # SLURM does not create the log directory: a job whose log cannot be opened fails without a word
+        job.logs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"pfl-mpi: config error: --logs-dir: cannot create {job.logs_dir}: {err.strerror}", file=sys.stderr)
         return EXIT_CONFIG
     text = render(job)
     if args.script == "-":

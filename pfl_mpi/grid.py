@@ -1,0 +1,92 @@
+"""The grid of a sweep: configs x ``--set-grid`` values x seeds, one validated task each.
+
+``pfl-mpi slurm`` turns the tasks into a job array, ``pfl-mpi sweep`` runs them on this machine.
+Each task is a config file, its ``--set`` overrides and a name (the run file's stem), unique in the
+grid: ``<config name>[-<grid value>...][-s<seed>]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=-]")
+
+
+@dataclass
+class Task:
+    """One run of a sweep: its config file, the --set overrides, and its name."""
+
+    config: Path
+    overrides: list[str]
+    name: str
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1,2]`` -> ``["a", "b", "[1,2]"]``: commas inside brackets or braces do not split."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    return [*values, current]
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``["algorithm.name=fedavg,ditto", ...]`` -> ``[("algorithm.name", ["fedavg", "ditto"]), ...]``."""
+    grid: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        values = [v.strip() for v in split_values(text)]
+        if not sep or not key or not all(values):
+            raise ConfigError("--set-grid", f"{item!r}: write KEY=VALUE1,VALUE2,... e.g. algorithm.name=fedavg,ditto")
+        if key in (k for k, _ in grid):
+            raise ConfigError("--set-grid", f"{key} is given twice: list all its values in one --set-grid")
+        if len(set(values)) != len(values):
+            raise ConfigError("--set-grid", f"{key}: a value is repeated in {text!r}")
+        grid.append((key, values))
+    return grid
+
+
+def _label(value: str) -> str:
+    return _UNSAFE.sub("_", value)
+
+
+def expand(
+    configs: list[str], overrides: list[str], grid: list[tuple[str, list[str]]], seeds: list[int]
+) -> list[Task]:
+    """Every (config, grid point, seed) task, each validated as ``pfl-mpi run`` would; the data-dependent
+    checks run once per config and grid point. Raises ConfigError naming the key at fault."""
+    from .config import load_config
+    from .data import load_federated
+    from .runtime.build import check_buildable
+
+    keys = [key for key, _ in grid]
+    tasks: list[Task] = []
+    for path in configs:
+        for point in itertools.product(*(values for _, values in grid)):
+            chosen = [f"{key}={value}" for key, value in zip(keys, point, strict=True)]
+            for i, seed in enumerate(seeds or [None]):
+                task_overrides = [*overrides, *chosen, *([f"seed={seed}"] if seed is not None else [])]
+                cfg = load_config(path, task_overrides)
+                if i == 0:
+                    check_buildable(cfg, load_federated(cfg.data, cfg.seed))
+                parts = [cfg.name, *(_label(v) for v in point)]
+                if len(seeds) > 1:
+                    parts.append(f"s{seed}")
+                tasks.append(Task(Path(path).resolve(), task_overrides, "-".join(parts)))
+    seen: dict[str, int] = {}
+    for task in tasks:  # two configs with one name: number the later ones
+        seen[task.name] = seen.get(task.name, 0) + 1
+        if seen[task.name] > 1:
+            task.name = f"{task.name}-{seen[task.name]}"
+    return tasks
