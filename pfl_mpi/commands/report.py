@@ -1,7 +1,9 @@
-"""Plots (PNG) and a markdown report of one or several run files; several runs are overlaid and compared.
+"""Plots and a markdown report of run files, grouped: runs that differ only in seed are one group.
 
-Writes into DIR: accuracy_loss.png, client_accuracy.png, communication.png, ranks.png and
-report.md (comparison table, message totals by label, the figures). See docs/reports.md.
+Writes into DIR: accuracy_loss.png, comparison.png, client_accuracy.png, communication.png, ranks.png,
+report.md (group table with mean ± std and n, configuration differences, per-run table, message totals)
+and groups.csv. Prints the group table, the configuration keys that differ between groups, and a
+warning when more than the compared key differs. See docs/reports.md.
 """
 
 from __future__ import annotations
@@ -9,23 +11,58 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import ConfigError
+
 NAME = "report"
-HELP = "plots and a comparison table (report.md) of run files"
+HELP = "plots and tables of run files, runs differing only in seed grouped (mean ± std)"
+EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", metavar="RUN.h5", help="run files (several: overlaid and compared)")
+    parser.add_argument("files", nargs="+", metavar="RUN.h5", help="run files (several: grouped and compared)")
     parser.add_argument("-o", "--out", required=True, metavar="DIR", help="directory for the PNGs and report.md")
+    parser.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="also average over this config key, as over seed (repeatable), e.g. data.mnist1d.seed",
+    )
+    parser.add_argument(
+        "--by",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="the compared config key, named in the legends (repeatable; default: the one key that differs)",
+    )
+
+
+def print_summary(report) -> None:
+    """The group table, the differing config keys and the fairness warning (stderr)."""
+    from ..report.build import difference_lines
+
+    print(report.tables[0])
+    lines = difference_lines(report.groups, report.differences)
+    if lines:
+        print("config keys that differ between groups:")
+        for line in lines:
+            print(f"  {line}")
+    if report.warning:
+        print(f"pfl-mpi: warning: {report.warning}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..report import make_report
 
     try:
-        written = make_report(args.files, args.out)
+        report = make_report(args.files, args.out, args.group_by, args.by)
+    except ConfigError as err:
+        print(f"pfl-mpi: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except (OSError, ValueError, KeyError) as err:
         print(f"pfl-mpi: cannot report on {' '.join(args.files)}: {err}", file=sys.stderr)
         return 1
-    for path in written:
+    print_summary(report)
+    for path in report.files:
         print(f"wrote {path}")
     return 0

@@ -1,8 +1,9 @@
 """Reports from run files: plots, comparison tables, CSV export, following a running job.
 
-``load.py`` reads a run file once into plain arrays; ``plots.py`` and ``tables.py`` turn runs into
-PNG figures and a markdown table (``make_report``); ``export.py`` writes CSV files; ``watch.py``
-follows a running job's file. Nothing here imports torch or MPI.
+``load.py`` reads a run file once into plain arrays; ``groups.py`` groups runs that differ only in
+seed; ``plots.py`` and ``tables.py`` turn groups into PNG figures and markdown tables
+(``make_report``); ``export.py`` writes CSV files, ``tensorboard.py`` TensorBoard event files;
+``watch.py`` follows a running job's file. Nothing here imports torch or MPI.
 """
 
 from .export import export_csv
@@ -12,8 +13,8 @@ from .watch import watch
 __all__ = ["Run", "export_csv", "load_run", "make_report", "watch"]
 
 
-def make_report(paths, out_dir):
-    """Plots and report.md for the run files ``paths`` in ``out_dir``; returns the files written."""
+def make_report(paths, out_dir, group_by=(), by=()):
+    """Plots, report.md and groups.csv for the run files ``paths`` in ``out_dir`` (``build.Report``)."""
     from .build import make_report as _make
 
-    return _make(paths, out_dir)
+    return _make(paths, out_dir, group_by, by)

@@ -1,4 +1,6 @@
-"""PNG figures of one or several runs (overlaid: one colour per run), matplotlib's Agg backend."""
+"""PNG figures of groups of runs (matplotlib's Agg backend): one colour per group, its mean over the
+group's runs as the line and +- one sample standard deviation as a band. A group of one run is a
+plain line. Legends sit below the axes, colours (groups) apart from line styles (quantities)."""
 
 from __future__ import annotations
 
@@ -9,90 +11,144 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .groups import Group, series  # noqa: E402
 from .load import Run, bytes_by_label, group_labels, server_seconds_by_label  # noqa: E402
+from .tables import group_statistics, protocol_fields  # noqa: E402
 
 DPI = 100
 KIND_STYLE = {"down": "-", "up": "--", "other": ":"}
 RANK_PARTS = ("compute", "aggregate", "communication", "other")
+BAND_ALPHA = 0.2
 
 
-def _colours(runs: list[Run]) -> list:
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return [cycle[i % len(cycle)] for i in range(len(runs))]
+def _colours(groups: list[Group]) -> list:
+    if len(groups) <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(len(groups))]
+    cmap = plt.get_cmap("tab20" if len(groups) <= 20 else "turbo")
+    return [cmap(i / max(len(groups) - 1, 1)) if len(groups) > 20 else cmap(i) for i in range(len(groups))]
 
 
-def _round_axis(ax, runs: list[Run]) -> None:
+def _rounds_of(groups: list[Group]) -> int:
+    return max((run.rounds_completed for g in groups for run in g.runs), default=1)
+
+
+def _round_axis(ax, groups: list[Group]) -> None:
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(0.5, max(max(run.rounds_completed for run in runs), 1) + 0.5)
+    ax.set_xlim(0.5, max(_rounds_of(groups), 1) + 0.5)
     ax.grid(alpha=0.3)
 
 
-def _save(fig, path: Path, layout: bool = True) -> Path:
-    if layout:
-        fig.tight_layout()
+def _legend_below(fig, groups: list[Group], colours: list, styles: list[tuple[str, dict]] = ()) -> None:
+    """One legend under the axes: a colour patch per group, then the line styles; the axes shrink to make room."""
+    handles = [Line2D([], [], color=c, lw=3) for c in colours]
+    labels = [g.legend for g in groups]
+    for text, style in styles:
+        handles.append(Line2D([], [], color="0.3", **style))
+        labels.append(text)
+    ncols = min(4, max(1, len(labels)))
+    rows = -(-len(labels) // ncols)
+    fig.legend(handles, labels, loc="lower center", ncols=ncols, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, min(0.5, (0.3 + 0.22 * rows) / fig.get_figheight()), 1, 1))
+
+
+def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
 
-def accuracy_loss(runs: list[Run], path: Path) -> Path:
-    """Test accuracy (personal, the global model's where the algorithm keeps one beside the personal
-    ones, and after fine-tuning) and train/test loss against rounds."""
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for run, colour in zip(runs, _colours(runs), strict=True):
-        x, r, ev = run.round_numbers, run.rounds, run.evaluated()
-        if len(ev):
-            acc_ax.plot(x[ev], r["test_acc"][ev], "o-", ms=3, color=colour, label=run.label)
-            if "global_test_acc" in r:
-                label = f"{run.label} global model"
-                acc_ax.plot(x[ev], r["global_test_acc"][ev], "s:", ms=3, color=colour, label=label)
-            loss_ax.plot(x[ev], r["test_loss"][ev], "o-", ms=3, color=colour, label=f"{run.label} test")
-        ft = r.get("finetune_test_acc")
-        if ft is not None and np.any(~np.isnan(ft)):
-            done = np.flatnonzero(~np.isnan(ft))
-            acc_ax.plot(x[done], ft[done], "*", ms=12, color=colour, label=f"{run.label} after fine-tuning")
-        if "train_loss" in r and run.rounds_completed:
-            loss_ax.plot(x, r["train_loss"], "--", color=colour, alpha=0.7, label=f"{run.label} train")
-    acc_ax.set(
-        ylabel="test accuracy (fraction, weighted by test samples)",
-        title="Test accuracy (global model: dotted)",
-    )
-    loss_ax.set(ylabel="loss (nats)", title="Loss: test (solid), train of sampled clients (dashed)")
+def _band(ax, x: np.ndarray, values: list[np.ndarray], colour, style: str = "o-", band: bool = True) -> None:
+    """Mean over runs of ``values`` (one [R] array each) where any run has a value, and the std band."""
+    mean, std, count = series(values)
+    keep = count > 0
+    if not keep.any():
+        return
+    xs = x[: len(mean)][keep]
+    ax.plot(xs, mean[keep], style, ms=3, color=colour)
+    if band and np.any(count[keep] > 1):
+        ax.fill_between(xs, (mean - std)[keep], (mean + std)[keep], color=colour, alpha=BAND_ALPHA, lw=0)
+
+
+def _x(groups: list[Group]) -> np.ndarray:
+    return np.arange(1, _rounds_of(groups) + 1)
+
+
+def _metric(run: Run, name: str) -> np.ndarray:
+    return run.rounds.get(name, np.full(run.rounds_completed, np.nan)).astype(np.float64)
+
+
+def accuracy_loss(groups: list[Group], path: Path) -> Path:
+    """Test accuracy (and the global model's, and after fine-tuning) and train/test loss against rounds."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4.6))
+    x, colours = _x(groups), _colours(groups)
+    styles = [("test accuracy / test loss", {"ls": "-", "marker": "o", "ms": 3})]
+    for group, colour in zip(groups, colours, strict=True):
+        runs = group.runs
+        _band(acc_ax, x, [_metric(r, "test_acc") for r in runs], colour)
+        if any("global_test_acc" in r.rounds for r in runs):
+            _band(acc_ax, x, [_metric(r, "global_test_acc") for r in runs], colour, "s:", band=False)
+            styles.append(("global model accuracy", {"ls": ":", "marker": "s", "ms": 3}))
+        _band(loss_ax, x, [_metric(r, "test_loss") for r in runs], colour)
+        _band(loss_ax, x, [_metric(r, "train_loss") for r in runs], colour, "--", band=False)
+        fine = [_metric(r, "finetune_test_acc") for r in runs]
+        mean, std, count = series(fine)
+        if np.any(count > 0):
+            i = int(np.flatnonzero(count > 0)[-1])
+            acc_ax.errorbar(x[i], mean[i], yerr=0 if count[i] < 2 else std[i], fmt="*", ms=12, color=colour)
+            styles.append(("after fine-tuning", {"ls": "", "marker": "*", "ms": 10}))
+    styles.append(("train loss of the sampled clients", {"ls": "--"}))
+    acc_ax.set(ylabel="test accuracy (fraction, weighted by test samples)", title="Test accuracy")
+    loss_ax.set(ylabel="loss (nats)", title="Loss: test (solid), train (dashed)")
     for ax in (acc_ax, loss_ax):
-        _round_axis(ax, runs)
-        ax.legend(fontsize=7)
+        _round_axis(ax, groups)
+    band = any(g.n > 1 for g in groups)
+    if band:
+        acc_ax.set_title("Test accuracy: mean over seeds, band ± 1 std")
+    _legend_below(fig, groups, colours, list(dict(styles).items()))
     return _save(fig, path)
 
 
-def client_accuracy(runs: list[Run], path: Path) -> Path:
-    """Per-client test accuracy: its distribution at the last evaluation, and percentiles over rounds."""
-    fig, (hist_ax, band_ax) = plt.subplots(1, 2, figsize=(10, 4))
+def client_accuracy(groups: list[Group], path: Path) -> Path:
+    """Per-client test accuracy: its distribution at the last evaluation (the group's runs pooled), and
+    the clients' median and 10-90th percentiles over rounds (mean over the group's runs)."""
+    fig, (hist_ax, band_ax) = plt.subplots(1, 2, figsize=(10, 4.6))
     bins = np.linspace(0, 1, 21)
-    for run, colour in zip(runs, _colours(runs), strict=True):
-        acc, ev = run.clients.get("test_acc"), run.evaluated()
-        if acc is None or not len(ev):
+    x, colours = _x(groups), _colours(groups)
+    for group, colour in zip(groups, colours, strict=True):
+        last, quantiles = [], []
+        for run in group.runs:
+            acc, ev = run.clients.get("test_acc"), run.evaluated()
+            if acc is None or not len(ev):
+                continue
+            final = acc[ev[-1]]
+            last.append(final[~np.isnan(final)])
+            q = np.full((3, run.rounds_completed), np.nan)
+            q[:, ev] = np.nanpercentile(acc[ev].astype(np.float64), [10, 50, 90], axis=1)
+            quantiles.append(q)
+        if not last:
             continue
-        last = acc[ev[-1]]
-        last = last[~np.isnan(last)]
-        hist_ax.hist(last, bins=bins, histtype="step", lw=2, color=colour, label=f"{run.label}, round {ev[-1] + 1}")
-        q = np.nanpercentile(acc[ev].astype(np.float64), [10, 50, 90], axis=1)
-        x = run.round_numbers[ev]
-        band_ax.fill_between(x, q[0], q[2], color=colour, alpha=0.2, label=f"{run.label} 10-90th percentile")
-        band_ax.plot(x, q[1], "o-", ms=3, color=colour, label=f"{run.label} median")
+        pooled = np.concatenate(last)
+        weights = np.full(len(pooled), 1 / max(len(pooled), 1))
+        hist_ax.hist(pooled, bins=bins, weights=weights, histtype="step", lw=2, color=colour)
+        low, mid, high = (series([q[i] for q in quantiles])[0] for i in range(3))
+        keep = ~np.isnan(mid)
+        xs = x[: len(mid)][keep]
+        band_ax.fill_between(xs, low[keep], high[keep], color=colour, alpha=BAND_ALPHA, lw=0)
+        band_ax.plot(xs, mid[keep], "o-", ms=3, color=colour)
     hist_ax.set(
         xlabel="client test accuracy (fraction)",
-        ylabel="clients",
+        ylabel="fraction of clients",
         title="Per-client accuracy at the last evaluation",
         xlim=(0, 1),
     )
     hist_ax.grid(alpha=0.3)
-    band_ax.set(ylabel="client test accuracy (fraction)", title="Per-client accuracy over rounds", ylim=(0, 1.02))
-    _round_axis(band_ax, runs)
-    for ax in (hist_ax, band_ax):
-        ax.legend(fontsize=7)
+    band_ax.set(ylabel="client test accuracy (fraction)", title="Clients' median, 10-90th percentile band", ylim=(0, 1.02))
+    _round_axis(band_ax, groups)
+    _legend_below(fig, groups, colours)
     return _save(fig, path)
 
 
@@ -103,27 +159,26 @@ def _byte_unit(peak: float) -> tuple[float, str]:
     return 1.0, "B"
 
 
-def communication(runs: list[Run], path: Path) -> Path:
-    """Bytes and rank 0's seconds in collectives per round, split into down, up and other messages."""
-    fig, (bytes_ax, sec_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    moved = [group_labels(run, bytes_by_label(run)) for run in runs]
-    scale, unit = _byte_unit(max((float(v.max()) for g in moved for v in g.values() if v.size), default=0.0))
-    for run, colour, groups in zip(runs, _colours(runs), moved, strict=True):
-        seconds = group_labels(run, server_seconds_by_label(run))
+def communication(groups: list[Group], path: Path) -> Path:
+    """Bytes and rank 0's seconds in collectives per round, split into down, up and other messages
+    (mean over each group's runs)."""
+    fig, (bytes_ax, sec_ax) = plt.subplots(1, 2, figsize=(10, 4.6))
+    x, colours = _x(groups), _colours(groups)
+    moved = [[group_labels(run, bytes_by_label(run)) for run in g.runs] for g in groups]
+    peak = max((float(v.max()) for runs in moved for g in runs for v in g.values() if v.size), default=0.0)
+    scale, unit = _byte_unit(peak)
+    for group, colour, by_run in zip(groups, colours, moved, strict=True):
+        seconds = [group_labels(run, server_seconds_by_label(run)) for run in group.runs]
         for kind, style in KIND_STYLE.items():
-            label = f"{run.label} {kind}"
-            bytes_ax.plot(run.round_numbers, groups[kind] / scale, style, color=colour, label=label)
-            sec_ax.plot(run.round_numbers, seconds[kind], style, color=colour, label=label)
+            _band(bytes_ax, x, [b[kind] / scale for b in by_run], colour, style, band=False)
+            _band(sec_ax, x, [s[kind] for s in seconds], colour, style, band=False)
     bytes_ax.set(ylabel=f"payload per round ({unit})", title="Bytes per round: down, up (algorithm), other")
     sec_ax.set(ylabel="seconds per round (rank 0)", title="Rank 0's time in collectives, waiting included")
     for ax in (bytes_ax, sec_ax):
-        _round_axis(ax, runs)
+        _round_axis(ax, groups)
         ax.set_ylim(bottom=0)
-    handles, labels = bytes_ax.get_legend_handles_labels()
-    order = [i * len(KIND_STYLE) + k for k in range(len(KIND_STYLE)) for i in range(len(runs))]  # a row per run
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center", ncols=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.03 + 0.045 * len(runs), 1, 1))
-    return _save(fig, path, layout=False)
+    _legend_below(fig, groups, colours, [(f"{k} messages", {"ls": s}) for k, s in KIND_STYLE.items()])
+    return _save(fig, path)
 
 
 def rank_breakdown(run: Run) -> dict[str, np.ndarray]:
@@ -139,25 +194,97 @@ def rank_breakdown(run: Run) -> dict[str, np.ndarray]:
     return parts
 
 
-def ranks(runs: list[Run], path: Path) -> Path:
-    """One horizontal stacked bar per rank and run: where a round's time goes."""
-    runs = [run for run in runs if run.ranks and run.rounds_completed]
-    height = 1.4 + 0.4 * sum(run.ranks["wall_seconds"].shape[1] for run in runs) + 0.6 * len(runs)
-    fig, axes = plt.subplots(len(runs), 1, figsize=(10, height), squeeze=False)
+def _with_ranks(group: Group) -> list[Run]:
+    """The group's runs with rank records, of its most common world size."""
+    runs = [run for run in group.runs if run.ranks and run.rounds_completed]
+    if not runs:
+        return []
+    sizes = [run.ranks["wall_seconds"].shape[1] for run in runs]
+    common = max(set(sizes), key=sizes.count)
+    return [run for run, size in zip(runs, sizes, strict=True) if size == common]
+
+
+def ranks(groups: list[Group], path: Path) -> Path:
+    """Per group, one horizontal stacked bar per rank: where a round's time goes (mean over its runs)."""
+    shown = [(g, _with_ranks(g)) for g in groups]
+    shown = [(g, runs) for g, runs in shown if runs]
+    cols = 1 if len(shown) <= 3 else 2
+    rows = -(-len(shown) // cols)
+    size = max(runs[0].ranks["wall_seconds"].shape[1] for _, runs in shown)
+    height = 1.2 + rows * (0.9 + 0.3 * size)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, height), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, run in zip(axes[:, 0], runs, strict=True):
-        parts = rank_breakdown(run)
-        size = len(parts["compute"])
-        y = np.arange(size)
-        left = np.zeros(size)
+    for ax in axes.flat[len(shown) :]:
+        ax.set_visible(False)
+    for ax, (group, runs) in zip(axes.flat, shown):
+        parts = {name: np.mean([rank_breakdown(run)[name] for run in runs], axis=0) for name in RANK_PARTS}
+        p = len(parts["compute"])
+        y, left = np.arange(p), np.zeros(p)
         for i, name in enumerate(RANK_PARTS):
             ax.barh(y, parts[name], left=left, color=colours[i], label=name)
             left += np.nan_to_num(parts[name])
-        ax.set_yticks(y, ["0 (server)", *[str(r) for r in range(1, size)]])
+        ax.set_yticks(y, ["0 (server)", *[str(r) for r in range(1, p)]])
         ax.invert_yaxis()
-        ax.set(ylabel="rank", title=f"{run.label}: mean time per round on each rank ({run.rounds_completed} rounds)")
+        runs_text = f"{len(runs)} runs" if len(runs) > 1 else f"{runs[0].rounds_completed} rounds"
+        ax.set_title(f"{group.legend}: {runs_text}", fontsize=9)
+        ax.set_ylabel("rank")
         ax.grid(alpha=0.3, axis="x")
-    axes[-1, 0].set_xlabel("seconds per round (mean over the rounds)")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("seconds per round (mean over rounds and runs)")
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncols=len(RANK_PARTS), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
-    return _save(fig, path, layout=False)
+    return _save(fig, path)
+
+
+def comparison(groups: list[Group], path: Path) -> Path:
+    """Left: final test accuracy per group, each run a dot, mean +- sample std as a bar with whiskers.
+    Right: mean bytes per round of every byte field of /rounds (bytes_*, protocol_bytes_* when present)."""
+    stats = group_statistics(groups)
+    colours = _colours(groups)
+    height = 1.6 + 0.45 * len(groups)
+    fig, (acc_ax, bytes_ax) = plt.subplots(1, 2, figsize=(10, max(height, 3.2)), sharey=True)
+    y = np.arange(len(groups))
+    for i, (group, stat, colour) in enumerate(zip(groups, stats, colours, strict=True)):
+        mean, std, n = stat["final_acc"]
+        if n:
+            acc_ax.barh(i, mean, color=colour, alpha=0.35, height=0.6)
+            acc_ax.errorbar(mean, i, xerr=std if n > 1 else None, fmt="none", ecolor="black", capsize=4)
+        finals = []
+        for run in group.runs:
+            ev = run.evaluated()
+            finals.append(run.rounds["test_acc"][ev[-1]] if len(ev) else np.nan)
+        jitter = np.linspace(-0.15, 0.15, len(finals)) if len(finals) > 1 else [0.0]
+        acc_ax.plot(finals, i + np.asarray(jitter), "o", ms=4, color=colour, markeredgecolor="black", mew=0.5)
+    acc_ax.set_yticks(y, [g.legend for g in groups], fontsize=8)
+    acc_ax.invert_yaxis()
+    acc_ax.set(xlabel="final test accuracy (fraction)", title="Final test accuracy: runs (dots), mean ± 1 std")
+    acc_ax.grid(alpha=0.3, axis="x")
+    fields = byte_fields([run for g in groups for run in g.runs])
+    per_group = [
+        {f: np.nanmean([np.nanmean(_metric(run, f)) for run in g.runs if f in run.rounds] or [np.nan]) for f in fields}
+        for g in groups
+    ]
+    peak = max((v for d in per_group for v in d.values() if np.isfinite(v)), default=0.0)
+    scale, unit = _byte_unit(peak)
+    width = 0.8 / max(len(fields), 1)
+    cmap = plt.get_cmap("Set2")
+    for j, name in enumerate(fields):
+        values = [d[name] / scale for d in per_group]
+        bytes_ax.barh(y - 0.4 + width * (j + 0.5), values, height=width, color=cmap(j % 8), label=name)
+    if not peak:
+        bytes_ax.text(0.5, 0.5, "no bytes moved (one process)", ha="center", va="center", transform=bytes_ax.transAxes)
+        bytes_ax.set_xlim(0, 1)
+    bytes_ax.set(xlabel=f"mean per round ({unit})", title="Bytes per round by field of /rounds")
+    bytes_ax.grid(alpha=0.3, axis="x")
+    if fields and peak:
+        bytes_ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def byte_fields(runs: list[Run]) -> list[str]:
+    """Every byte count of /rounds in the runs: bytes_down, bytes_up, bytes_other, then protocol_bytes_*."""
+    names = {name for run in runs for name in run.rounds if name.startswith("bytes_")}
+    first = [n for n in ("bytes_down", "bytes_up", "bytes_other") if n in names]
+    protocol = sorted({name for run in runs for name in protocol_fields(run)})
+    return first + sorted(names - set(first)) + protocol

@@ -1,15 +1,20 @@
-"""The comparison table of report.md: final and best accuracy, bytes and wall time per run."""
+"""The tables of report.md: per group (mean ± sample std over its runs, and n) and per run: final and best
+accuracy, bytes and wall time."""
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import numpy as np
 
+from .groups import Group, mean_std
 from .load import Run, bytes_by_label, server_seconds_by_label
 
 COLUMNS = (
     ("run", "run"),
+    ("seed", "seed"),
     ("algorithm", "algorithm"),
     ("rounds", "rounds"),
     ("status", "status"),
@@ -29,6 +34,7 @@ def summarise(run: Run) -> dict[str, object]:
     r, ev = run.rounds, run.evaluated()
     row: dict[str, object] = {
         "run": run.name,
+        "seed": run.attrs.get("seed"),
         "algorithm": run.algorithm,
         "rounds": run.rounds_completed,
         "status": run.attrs.get("status", "?"),
@@ -54,7 +60,20 @@ def summarise(run: Run) -> dict[str, object]:
     row["bytes_algorithm"] = int(round(algo))
     row["bytes_total"] = int(round(algo + float(r["bytes_other"].sum()))) if "bytes_other" in r else int(round(algo))
     row["wall_seconds"] = float(r["seconds_wall"].sum()) if "seconds_wall" in r else math.nan
+    for name in protocol_fields(run):
+        row[name] = int(round(float(np.nansum(r[name]))))
     return row
+
+
+def protocol_fields(run: Run) -> list[str]:
+    """The ``/rounds/protocol_bytes_*`` fields of a run (per-protocol byte counts), if it has any."""
+    return sorted(name for name in run.rounds if name.startswith("protocol_bytes_"))
+
+
+def _columns(runs: list[Run]) -> list[tuple[str, str]]:
+    """COLUMNS and a column per ``protocol_bytes_*`` field that any of the runs has."""
+    extra = sorted({name for run in runs for name in protocol_fields(run)})
+    return [*COLUMNS, *((name, name.replace("_", " ")) for name in extra)]
 
 
 def _cell(value: object) -> str:
@@ -72,8 +91,80 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def comparison_table(runs: list[Run]) -> str:
+    """One row per run."""
     rows = [summarise(run) for run in runs]
-    return markdown_table([title for _, title in COLUMNS], [[row[key] for key, _ in COLUMNS] for row in rows])
+    columns = _columns(runs)
+    return markdown_table([title for _, title in columns], [[row.get(key) for key, _ in columns] for row in rows])
+
+
+# the group table's statistics: key of ``summarise``, title, format of mean and std
+STATISTICS = (
+    ("final_acc", "final test acc", ".4f"),
+    ("best_acc", "best test acc", ".4f"),
+    ("final_client_mean", "final client mean acc", ".4f"),
+    ("finetune_acc", "fine-tuned test acc", ".4f"),
+    ("bytes_algorithm", "bytes down+up", ".4g"),
+    ("bytes_total", "bytes total", ".4g"),
+    ("wall_seconds", "wall time (s)", ".2f"),
+)
+
+
+def group_statistics(groups: list[Group]) -> list[dict[str, object]]:
+    """Per group: its legend, n, seeds, rounds, and (mean, sample std, count) of every statistic and of
+    every ``protocol_bytes_*`` total, over the group's runs (NaN values, e.g. no fine-tuning, left out)."""
+    extra = sorted({name for g in groups for run in g.runs for name in protocol_fields(run)})
+    out = []
+    for group in groups:
+        rows = [summarise(run) for run in group.runs]
+        rounds = sorted({int(row["rounds"]) for row in rows})
+        stats: dict[str, object] = {
+            "group": group.legend,
+            "n": group.n,
+            "seeds": " ".join(group.seeds),
+            "rounds": str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}",
+        }
+        for key in [k for k, _, _ in STATISTICS] + extra:
+            stats[key] = mean_std([_number(row.get(key)) for row in rows])
+        out.append(stats)
+    return out
+
+
+def _number(value: object) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _mean_std_cell(stat: tuple[float, float, int], fmt: str) -> str:
+    mean, std, n = stat
+    if not n:
+        return "-"
+    return f"{mean:{fmt}}" if n == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def group_table(groups: list[Group]) -> str:
+    """One row per group: mean ± sample std (ddof=1) over its runs, and n."""
+    stats = group_statistics(groups)
+    extra = [k for k in (stats[0] if stats else {}) if k.startswith("protocol_bytes_")]
+    columns = [*STATISTICS, *((k, k.replace("_", " "), ".4g") for k in extra)]
+    header = ["group", "n", "seeds", "rounds", *(title for _, title, _ in columns)]
+    rows = [
+        [s["group"], s["n"], s["seeds"] or "-", s["rounds"], *(_mean_std_cell(s[k], fmt) for k, _, fmt in columns)]
+        for s in stats
+    ]
+    return markdown_table(header, rows)
+
+
+def write_group_csv(groups: list[Group], path: Path) -> Path:
+    """groups.csv: the group table at full precision, ``<statistic>_mean``, ``_std`` and ``_n`` columns."""
+    stats = group_statistics(groups)
+    keys = [k for k in (stats[0] if stats else {}) if k not in ("group", "n", "seeds", "rounds")]
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["group", "n", "seeds", "rounds", *(f"{k}_{part}" for k in keys for part in ("mean", "std", "n"))])
+        for s in stats:
+            values = [repr(s[k][0]) if s[k][2] else "nan" for k in keys]
+            cells = [v for k, mean in zip(keys, values, strict=True) for v in (mean, repr(s[k][1]), str(s[k][2]))]
+            out.writerow([s["group"], s["n"], s["seeds"], s["rounds"], *cells])
+    return path
 
 
 def label_table(run: Run) -> str:

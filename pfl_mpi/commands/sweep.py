@@ -1,0 +1,161 @@
+"""Run a grid of experiments on this machine (configs x --set-grid values x seeds), then the grouped report.
+
+The grid is the one ``pfl-mpi slurm`` turns into a job array (``pfl_mpi.grid``), every task validated
+before any starts (a bad key exits 2 with one line). Each task is ``pfl-mpi run ... --out
+RUNS_DIR/<task>.h5 --resume-if-exists`` in a process of its own (``-n P`` ranks each, ``--jobs J`` at
+once), its output in RUNS_DIR/logs/<task>.log. A file that already holds the task's experiment
+completed (or diverged) is skipped; an interrupted one is continued from its last round; a file holding
+another experiment fails that task. At the end: ``pfl-mpi report`` of the sweep's files into
+RUNS_DIR/report (runs that differ only in seed grouped). Exit 0 when every task ended well, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import ConfigError
+
+NAME = "sweep"
+HELP = "run a grid of configs x --set-grid values x seeds here (-n P ranks, --jobs J at once), then report"
+EXIT_CONFIG = 2
+FINISHED = ("completed", "diverged")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("configs", nargs="+", metavar="CONFIG.yaml", help="experiment(s)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override, for every run"
+    )
+    parser.add_argument(
+        "--set-grid",
+        dest="grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="sweep a key over values (repeatable: every combination), e.g. algorithm.name=fedavg,fedper,ditto",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[], metavar="S", help="seeds of every grid point")
+    parser.add_argument("-n", "--ranks", type=int, default=1, metavar="P", help="MPI ranks of each run (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once (default 1)")
+    parser.add_argument("--runs-dir", default="runs/sweep", help="run files, logs and report (default runs/sweep)")
+    parser.add_argument("-o", "--report", default=None, metavar="DIR", help="report directory (default RUNS_DIR/report)")
+    parser.add_argument("--by", action="append", default=[], metavar="KEY", help="the compared key (report --by)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen, run nothing")
+
+
+def state_of(path: Path, cfg) -> str:
+    """``new`` (no file), ``completed``/``diverged`` (its experiment, ended), ``partial`` (its experiment,
+    to continue) or ``other`` (another experiment or not a run file: ``pfl-mpi run`` will say which)."""
+    import yaml
+
+    from ..report.groups import flat_config
+    from ..store import read_summary
+
+    if not path.exists():
+        return "new"
+    try:
+        summary = read_summary(path)
+        stored = yaml.safe_load(str(summary.attrs["config"]))
+    except (OSError, ValueError, KeyError):
+        return "other"
+    mine = cfg.model_dump(mode="json")
+    if _comparable(stored) != _comparable(mine):
+        return "other"
+    status = str(summary.attrs.get("status"))
+    if status in FINISHED and summary.rounds_completed >= cfg.rounds and stored.get("rounds") == cfg.rounds:
+        return status
+    return "partial"
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("rounds", "output")}
+
+
+def _command(task, out: Path, ranks: int) -> list[str]:
+    sets = [x for o in task.overrides for x in ("--set", o)]
+    command = [sys.executable, "-m", "pfl_mpi", "run", str(task.config), *sets, "--out", str(out)]
+    command += ["--resume-if-exists", "--quiet"]
+    return command + (["-n", str(ranks)] if ranks > 1 else [])
+
+
+def _run_one(command: list[str], log: Path) -> tuple[int, float]:
+    start = time.monotonic()
+    with open(log, "ab") as f:
+        f.write(f"$ {' '.join(command)}\n".encode())
+        f.flush()
+        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return code, time.monotonic() - start
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("ranks", "jobs"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}", f"must be at least 1, not {getattr(args, name)}")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..config import load_config
+    from ..grid import expand, parse_grid
+
+    runs_dir = Path(args.runs_dir)
+    try:
+        _check(args)
+        tasks = expand(args.configs, args.overrides, parse_grid(args.grid), args.seeds)
+        states = [state_of(runs_dir / f"{t.name}.h5", load_config(t.config, t.overrides)) for t in tasks]
+    except ConfigError as err:
+        print(f"pfl-mpi: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs = runs_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    todo = []
+    width = len(str(len(tasks)))
+    for i, (task, state) in enumerate(zip(tasks, states, strict=True), start=1):
+        out = runs_dir / f"{task.name}.h5"
+        if state in FINISHED:
+            print(f"[{i:>{width}}/{len(tasks)}] {task.name}: {state}, skipped ({out})", flush=True)
+            continue
+        verb = {"new": "start", "partial": "continue"}.get(state, "run")  # other: pfl-mpi run says why not
+        todo.append((i, task, out, verb))
+        if args.dry_run:
+            print(f"[{i:>{width}}/{len(tasks)}] {task.name}: would {verb} {out}")
+    if args.dry_run:
+        return 0
+
+    def work(item) -> tuple[str, int]:
+        i, task, out, verb = item
+        log = logs / f"{task.name}.log"
+        code, seconds = _run_one(_command(task, out, args.ranks), log)
+        result = "done" if code == 0 else f"FAILED (exit {code}), log {log}"
+        done = {"start": "started", "continue": "continued"}.get(verb, "ran")
+        print(f"[{i:>{width}}/{len(tasks)}] {task.name}: {done}, {result} in {seconds:.1f} s", flush=True)
+        return task.name, code
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(work, todo))
+    failed = [name for name, code in results if code]
+    files = [runs_dir / f"{t.name}.h5" for t in tasks if t.name not in failed]
+    code = 1 if failed else 0
+    if failed:
+        print(f"pfl-mpi: {len(failed)} of {len(tasks)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    if files:
+        code = max(code, _report(files, Path(args.report) if args.report else runs_dir / "report", args.by))
+    return code
+
+
+def _report(files: list[Path], out: Path, by: list[str]) -> int:
+    from ..report import make_report
+    from .report import print_summary
+
+    try:
+        report = make_report(files, out, by=by)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"pfl-mpi: cannot report on the sweep: {err}", file=sys.stderr)
+        return 1
+    print_summary(report)
+    print(f"report: {out / 'report.md'}")
+    return 0
