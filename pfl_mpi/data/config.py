@@ -8,8 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pfl_mpi.errors import ConfigError
 
-DataName = Literal["digits", "mnist1d", "synthetic", "file"]
+DataName = Literal["digits", "mnist1d", "synthetic", "file", "cifar10", "cifar100", "femnist", "shakespeare", "hf"]
 PartitionName = Literal["natural", "iid", "dirichlet", "shards", "quantity"]
+ROOTED = ("cifar10", "cifar100", "femnist", "shakespeare", "hf")  # data sets read from data.root
+LEAF = ("femnist", "shakespeare")
+_NO_USERS = ("digits", "mnist1d", "synthetic", "cifar10", "cifar100")
 
 
 class SyntheticConfig(BaseModel):
@@ -87,6 +90,39 @@ class PublicConfig(BaseModel):
     )
 
 
+class AugmentConfig(BaseModel):
+    """Image augmentation of every training batch on the device (see ``pfl_mpi/data/augment.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    crop_padding: int = Field(
+        4, ge=0, description="Random crop: pad each side with this many zeros, crop back to H x W; 0: no crop."
+    )
+    flip: bool = Field(True, description="Random horizontal flip with probability 1/2.")
+
+
+class HfConfig(BaseModel):
+    """Columns and splits of a Hugging Face data set read from disk (``name: hf``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: str = Field(
+        "image", description="Column of the inputs: an Image feature (decoded, scaled to [0, 1], channels first) "
+        "or numbers (a scalar, a list or a nested array per row)."
+    )
+    y: str = Field("label", description="Column of the integer labels 0..C-1 (Value or ClassLabel).")
+    client: str | None = Field(
+        None, description="Column of client ids (integers or strings), for the natural partition; None: none."
+    )
+    train_split: str = Field("train", description="Split of a DatasetDict (save_to_disk) read as training data.")
+    test_split: str | None = Field(
+        "test", description="Split read as the official test data (absent from the directory: none)."
+    )
+    val_split: str | None = Field(
+        "validation", description="Split read as validation data (absent from the directory: none)."
+    )
+
+
 class DataConfig(BaseModel):
     """Which data set, how many clients, how the samples are dealt out and split into train and test."""
 
@@ -95,7 +131,9 @@ class DataConfig(BaseModel):
     name: DataName = Field(
         "digits",
         description="digits: scikit-learn's 8x8 digits (1,797 samples); mnist1d: MNIST-1D; synthetic: "
-        "FedProx's Synthetic(alpha, beta); file: your own .npz or .h5 (see path).",
+        "FedProx's Synthetic(alpha, beta); file: your own .npz or .h5 (see path); cifar10 / cifar100: the "
+        "python-pickle batches in data.root; femnist / shakespeare: LEAF's json in data.root (train/, test/); "
+        "hf: a Hugging Face data set saved with save_to_disk, or parquet / arrow files (data.root, data.hf).",
     )
     num_clients: int = Field(100, ge=1, description="Number of simulated clients N.")
     partition: PartitionName | None = Field(
@@ -136,6 +174,45 @@ class DataConfig(BaseModel):
         description="file only: a .npz or .h5/.hdf5 with arrays x (float, [n, ...]), y (int labels 0..C-1) "
         "and optionally client (int client id per sample, for the natural partition).",
     )
+    root: str | None = Field(
+        None,
+        description="cifar10 / cifar100 / femnist / shakespeare / hf only: where the data set sits on disk, as "
+        "distributed: cifar-10-batches-py/ or cifar-100-python/; LEAF's data/<name>/data (train/*.json, "
+        "test/*.json); a save_to_disk directory or a .parquet / .arrow file or a directory of them.",
+    )
+    cifar100_labels: Literal["fine", "coarse"] = Field(
+        "fine", description="cifar100 only: the 100 fine labels or the 20 coarse superclasses."
+    )
+    test_from: Literal["official", "client"] | None = Field(
+        None,
+        description="Where clients' test sets come from. official: the data set's own test split (CIFAR's test "
+        "batch dealt out so that each client's test labels follow its train labels, pFedHN's protocol; LEAF's "
+        "per-user split; a file's or HF set's split), never mixed with training data; client: each client's "
+        "train samples split by test_fraction (the official test set unused; natural partitions pool the "
+        "user's own train and test samples). None: official when the data set has a test split, else client.",
+    )
+    max_clients: int | None = Field(
+        None,
+        ge=1,
+        description="Natural partitions (LEAF, files, HF with client ids): keep this many users, drawn from the "
+        "data seed; num_clients must then equal it (or the number of users if fewer). None: every user.",
+    )
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each client's training samples held out as its validation set (stratified "
+        "like test). 0: none, or the data set's own validation split if it has one.",
+    )
+    eval_split: Literal["test", "val"] = Field(
+        "test",
+        description="Held-out set the run evaluates as its test metrics: test, or val for hyper-parameter "
+        "selection (the test set then stays unseen). val needs a validation split.",
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="Image augmentation of training batches (random crop with padding, flip); None: off."
+    )
+    hf: HfConfig = Field(default_factory=HfConfig, description="name: hf only: columns and splits.")
     seed: int | None = Field(
         None,
         ge=0,
@@ -155,6 +232,22 @@ def check_static(cfg: DataConfig) -> None:
         raise ConfigError("data.path", "required when data.name is 'file'")
     if cfg.name != "file" and cfg.path is not None:
         raise ConfigError("data.path", f"only read when data.name is 'file', but data.name is {cfg.name!r}")
+    if cfg.name in ROOTED and not cfg.root:
+        raise ConfigError("data.root", f"required when data.name is {cfg.name!r}: the directory the data set sits in")
+    if cfg.name not in ROOTED and cfg.root is not None:
+        raise ConfigError("data.root", f"only read for {', '.join(ROOTED)}, but data.name is {cfg.name!r}")
+    if cfg.name in ("cifar10", "cifar100") and cfg.partition == "natural":
+        raise ConfigError("data.partition", f"{cfg.name} has no natural split by client; use iid, dirichlet or shards")
+    if cfg.name in LEAF and cfg.partition not in (None, "natural"):
+        raise ConfigError(
+            "data.partition", f"{cfg.name} is read with LEAF's natural partition (one client per user), not {cfg.partition!r}"
+        )
+    if cfg.name in ("digits", "mnist1d", "synthetic") and cfg.test_from == "official":
+        raise ConfigError("data.test_from", f"{cfg.name} has no official test split; use client")
+    if cfg.max_clients is not None and (cfg.partition not in (None, "natural") or cfg.name in _NO_USERS):
+        raise ConfigError("data.max_clients", "only applies to natural partitions (data sets with client ids)")
+    if cfg.public is not None and cfg.name in ROOTED:
+        raise ConfigError("data.public", f"not available for {cfg.name}; use digits, mnist1d or file")
     if cfg.name == "synthetic" and cfg.partition not in (None, "natural"):
         raise ConfigError(
             "data.partition",

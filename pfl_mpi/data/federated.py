@@ -2,36 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from pfl_mpi.data import pooled, public, synthetic
+from pfl_mpi.data.augment import Augment, make_augmenter
 from pfl_mpi.data.config import DataConfig, SyntheticConfig, check_static
 from pfl_mpi.data.files import FileReader, inspect_file
 from pfl_mpi.data.partition import Partition, dirichlet, iid, natural, quantity, shards
 from pfl_mpi.data.seeding import Stream, rng
-from pfl_mpi.data.split import held_out_counts, split_positions
+from pfl_mpi.data.splits import HeldOut, Official, Source, Splitter
+from pfl_mpi.data.tagged import TRAIN, Tagged, check_every_client_has, held_out, keep_users, resolve_test_from
 from pfl_mpi.errors import ConfigError
 
 
 @dataclass
 class ClientData:
-    """One client's samples on the CPU: x float32 [n, *input_shape], y int64 [n]."""
+    """One client's samples on the CPU: x float32 [n, *input_shape] (int64 token ids for text), y int64 [n].
+
+    ``x_val``/``y_val``: its validation samples (``data.val_fraction`` or the data set's own split), else None.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-
-
-class _Source(Protocol):
-    def labels(self, k: int) -> np.ndarray: ...
-
-    def samples(self, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
 
 class _PooledSource:
@@ -66,6 +66,10 @@ class FederatedData:
 
     Everything is a pure function of (config, seed): ``client(k)`` returns the same tensors in any process,
     whichever clients were loaded before it.
+
+    ``test_sizes`` count what ``client(k).x_test`` holds: the test split, or the validation split with
+    ``data.eval_split: val``. ``client_names`` (natural partitions: LEAF users, a file's or HF set's client ids)
+    name client k; ``augment`` (``data.augment``) is the per-batch image augmentation, or None.
     """
 
     def __init__(
@@ -75,21 +79,26 @@ class FederatedData:
         partition: str,
         num_classes: int,
         input_shape: tuple[int, ...],
-        sizes: np.ndarray,
-        test_fraction: float,
-        stratify: bool,
-        seed: int,
-        source: _Source,
+        splitter: Splitter,
+        x_dtype: type = np.float32,
+        eval_split: str = "test",
+        client_names: Sequence[str] | None = None,
+        augment: Augment | None = None,
     ):
         self.name = name
         self.partition = partition
-        self.num_clients = len(sizes)
+        self.num_clients = len(splitter.train_sizes)
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
-        self.test_sizes = held_out_counts(sizes, test_fraction)
-        self.train_sizes = np.asarray(sizes, dtype=np.int64) - self.test_sizes
-        self._fraction, self._stratify, self._seed, self._source = test_fraction, stratify, seed, source
+        self.train_sizes = np.asarray(splitter.train_sizes, dtype=np.int64)
+        self.val_sizes = np.asarray(splitter.val_sizes, dtype=np.int64)
+        self.test_sizes = np.asarray(self.val_sizes if eval_split == "val" else splitter.test_sizes, dtype=np.int64)
+        self.client_names: list[str] | None = None if client_names is None else list(client_names)
+        self.augment = augment
+        self.x_dtype = np.dtype(x_dtype)
+        self._splitter, self._eval_val = splitter, eval_split == "val"
         self._histograms: np.ndarray | None = None
+        self._release: Callable[[], None] | None = None  # the reader's cache, emptied by clients()
         self.public: public.PublicData | None = None  # data.public, set by load_federated
 
     def __repr__(self) -> str:
@@ -99,24 +108,32 @@ class FederatedData:
             f"classes, input {self.input_shape}, {total} samples)"
         )
 
-    def _split(self, k: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return split_positions(labels, self._fraction, self._stratify, rng(self._seed, Stream.SPLIT, k))
-
     def _check(self, k: int) -> None:
         if not 0 <= k < self.num_clients:
             raise IndexError(f"client {k} out of range 0..{self.num_clients - 1}")
 
-    def client(self, k: int) -> ClientData:
-        """Client k's train and test tensors (CPU)."""
-        self._check(k)
-        x, y = self._source.samples(k)
-        train, test = self._split(k, y)
-        return ClientData(
-            x_train=torch.from_numpy(np.ascontiguousarray(x[train], dtype=np.float32)),
-            y_train=torch.from_numpy(np.ascontiguousarray(y[train], dtype=np.int64)),
-            x_test=torch.from_numpy(np.ascontiguousarray(x[test], dtype=np.float32)),
-            y_test=torch.from_numpy(np.ascontiguousarray(y[test], dtype=np.int64)),
+    def _tensors(self, part: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = part
+        return (
+            torch.from_numpy(np.ascontiguousarray(x, dtype=self.x_dtype)),
+            torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
         )
+
+    def client(self, k: int) -> ClientData:
+        """Client k's train and test (and validation) tensors (CPU)."""
+        self._check(k)
+        train, val, test = self._splitter.parts(k)
+        x_val, y_val = (None, None) if val is None else self._tensors(val)
+        x_test, y_test = (x_val, y_val) if self._eval_val else self._tensors(test)
+        return ClientData(*self._tensors(train), x_test, y_test, x_val, y_val)
+
+    def clients(self, ks: Iterable[int]) -> dict[int, ClientData]:
+        """``client(k)`` for each k of ``ks``, in increasing order (readers that parse whole files, LEAF's json,
+        then parse each file once); the reader's cache is emptied afterwards."""
+        out = {int(k): self.client(int(k)) for k in sorted(int(k) for k in ks)}
+        if self._release is not None:
+            self._release()
+        return out
 
     def label_histograms(self) -> np.ndarray:
         """int64 [N, C]: train samples of each class per client (synthetic: generates every client).
@@ -127,9 +144,7 @@ class FederatedData:
         if self._histograms is None:
             hist = np.zeros((self.num_clients, self.num_classes), dtype=np.int64)
             for k in range(self.num_clients):
-                labels = self._source.labels(k)
-                train, _ = self._split(k, labels)
-                hist[k] = np.bincount(labels[train], minlength=self.num_classes)
+                hist[k] = np.bincount(self._splitter.train_labels(k), minlength=self.num_classes)
             self._histograms = hist
         return self._histograms.copy()
 
@@ -144,12 +159,16 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if data_seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {data_seed}")
     data = _load(cfg, seed, data_seed)
+    if cfg.eval_split == "val" and not (data.val_sizes > 0).all():
+        raise ConfigError(
+            "data.eval_split", "val needs a validation split: set data.val_fraction or give the data one"
+        )
+    data.augment = make_augmenter(cfg.augment, data.input_shape)
     data.public = public.load_public(cfg, seed)
     return data
 
 
 def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
-    common = dict(test_fraction=cfg.test_fraction, stratify=cfg.stratify, seed=data_seed)
     if cfg.name == "synthetic":
         syn = cfg.synthetic
         sizes = synthetic.sizes(syn, cfg.num_clients, data_seed)
@@ -158,35 +177,100 @@ def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
             partition="natural",
             num_classes=syn.num_classes,
             input_shape=(syn.dimension,),
-            sizes=sizes,
-            source=_SyntheticSource(syn, data_seed, sizes),
-            **common,
+            splitter=_held_out(cfg, _SyntheticSource(syn, data_seed, sizes), sizes, data_seed),
+            eval_split=cfg.eval_split,
         )
 
-    client_ids = None
+    client_ids, names = None, None
     if cfg.name == "file":
         info = inspect_file(cfg.path or "")
+        if info.split is not None:
+            if cfg.public is not None:
+                raise ConfigError("data.public", "not available for a file with a split array")
+            reader = FileReader(info)
+            tagged = Tagged(
+                info.y, info.split, info.client, info.client_names, info.num_classes, info.input_shape, reader.read
+            )
+            return _load_tagged(cfg, tagged, data_seed)
         labels, num_classes, input_shape, client_ids = info.y, info.num_classes, info.input_shape, info.client
+        names = info.client_names
         read = FileReader(info).read
-    else:
+    elif cfg.name in ("digits", "mnist1d"):
         pool = pooled.digits() if cfg.name == "digits" else pooled.mnist1d(cfg.mnist1d)
         labels, num_classes, input_shape = pool.y, pool.num_classes, pool.input_shape
 
         def read(idx: np.ndarray, x: np.ndarray = pool.x) -> np.ndarray:
             return x[idx]
+    else:
+        from pfl_mpi.data.readers import read_tagged
 
+        return _load_tagged(cfg, read_tagged(cfg), data_seed)
+
+    if client_ids is not None and cfg.max_clients is not None and (cfg.partition or "natural") == "natural":
+        whole = Tagged(labels, np.zeros(len(labels), np.int8), client_ids, names, num_classes, input_shape, read)
+        kept = keep_users(whole, cfg.max_clients, data_seed)
+        labels, client_ids, names, read = kept.y, kept.client, kept.names, kept.read
     labels, read, client_ids = public.hold_apart(cfg, data_seed, labels, read, client_ids)  # data.public: holdout
     kind = cfg.partition or ("natural" if client_ids is not None else "iid")
-    part = _partition(cfg, kind, labels, num_classes, client_ids, rng(data_seed, Stream.PARTITION))
+    part = _partition(cfg, kind, labels, num_classes, client_ids, rng(data_seed, Stream.PARTITION), names)
     return FederatedData(
         name=cfg.name,
         partition=kind,
         num_classes=num_classes,
         input_shape=input_shape,
-        sizes=part.sizes,
-        source=_PooledSource(part, labels, read),
-        **common,
+        splitter=_held_out(cfg, _PooledSource(part, labels, read), part.sizes, data_seed),
+        eval_split=cfg.eval_split,
+        client_names=names if kind == "natural" else None,
     )
+
+
+def _held_out(cfg: DataConfig, source: Source, sizes: np.ndarray, data_seed: int) -> HeldOut:
+    return HeldOut(source, sizes, cfg.test_fraction, cfg.stratify, data_seed, cfg.val_fraction)
+
+
+def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
+    """A data set with its own splits: official test (and validation) rows dealt out, or held out per client."""
+    natural_ids = t.client is not None and cfg.partition in (None, "natural")
+    if natural_ids and cfg.max_clients is not None:
+        t = keep_users(t, cfg.max_clients, data_seed)
+    test_from = resolve_test_from(cfg, t)
+    kind = cfg.partition or ("natural" if t.client is not None else "iid")
+    g = rng(data_seed, Stream.PARTITION)
+    common = dict(
+        name=cfg.name,
+        partition=kind,
+        num_classes=t.num_classes,
+        input_shape=t.input_shape,
+        x_dtype=t.x_dtype,
+        eval_split=cfg.eval_split,
+        client_names=t.names if kind == "natural" else None,
+    )
+    # pooled: a natural client's samples of every split; otherwise the official training rows only
+    rows = np.arange(len(t.y)) if (test_from == "client" and kind == "natural") else np.flatnonzero(t.split == TRAIN)
+    ids = None if t.client is None else t.client[rows]
+    part = _partition(cfg, kind, t.y[rows], t.num_classes, ids, g, t.names)
+    if test_from == "client":
+
+        def read(idx: np.ndarray) -> np.ndarray:
+            return t.read(rows[idx])
+
+        source = _PooledSource(part, t.y[rows], read)
+        data = FederatedData(splitter=_held_out(cfg, source, part.sizes, data_seed), **common)
+        data._release = t.release
+        return data
+    train = Partition(rows[part.indices], part.offsets)
+    n = len(part.sizes)
+    test = held_out(t, 2, train, kind == "natural", n, data_seed)
+    check_every_client_has(test, "test", t.names if kind == "natural" else None, "data.test_from")
+    val = None
+    if (t.split == 1).any():
+        val = held_out(t, 1, train, kind == "natural", n, data_seed)
+        if cfg.eval_split == "val":
+            check_every_client_has(val, "validation", t.names if kind == "natural" else None, "data.eval_split")
+    splitter = Official(t.y, t.read, train, val, test, cfg.stratify, data_seed, cfg.val_fraction)
+    data = FederatedData(splitter=splitter, **common)
+    data._release = t.release
+    return data
 
 
 def _partition(
@@ -196,12 +280,13 @@ def _partition(
     num_classes: int,
     client_ids: np.ndarray | None,
     g: np.random.Generator,
+    names: Sequence[str] | None = None,
 ) -> Partition:
     n, m = cfg.num_clients, cfg.min_samples
     if kind == "natural":
         if client_ids is None:
-            raise ConfigError("data.partition", f"'natural' needs a 'client' array in {cfg.path}")
-        return natural(client_ids, n, m)
+            raise ConfigError("data.partition", f"'natural' needs client ids in {cfg.path or cfg.root}")
+        return natural(client_ids, n, m, names)
     if kind == "iid":
         return iid(len(labels), n, m, g)
     if kind == "quantity":

@@ -1,4 +1,4 @@
-"""The user's own data: one .npz or .h5/.hdf5 file with arrays x, y and optionally client.
+"""The user's own data: one .npz or .h5/.hdf5 file with arrays x, y and optionally client and split.
 
 ``inspect_file`` validates the file and reads only its small arrays (labels, client ids) and x's shape;
 ``FileReader`` reads rows of x when a client is materialised.
@@ -20,8 +20,11 @@ _NPZ = (".npz",)
 _H5 = (".h5", ".hdf5")
 
 
-# x's shape and dtype, y, and the client ids if any: what a file holds, before validation
-_Raw = tuple[tuple[int, ...], np.dtype, np.ndarray, np.ndarray | None]
+# x's shape and dtype, y, the client ids and the split tags if any: what a file holds, before validation
+_Raw = tuple[tuple[int, ...], np.dtype, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+TRAIN, VAL, TEST = 0, 1, 2  # split codes
+SPLIT_CODES = {"train": TRAIN, "val": VAL, "validation": VAL, "valid": VAL, "test": TEST}
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,10 @@ class FileInfo:
     kind: Literal["npz", "h5"]
     input_shape: tuple[int, ...]
     y: np.ndarray  # int64 [n]
-    client: np.ndarray | None  # int64 [n] or None
+    client: np.ndarray | None  # int64 [n] codes 0..U-1 (ordered like the ids) or None
     num_classes: int
+    client_names: list[str] | None = None  # the id of each code, as text
+    split: np.ndarray | None = None  # int8 [n]: TRAIN, VAL or TEST per sample, or None
 
 
 def inspect_file(path_str: str) -> FileInfo:
@@ -47,15 +52,15 @@ def inspect_file(path_str: str) -> FileInfo:
     try:
         if suffix in _NPZ:
             kind: Literal["npz", "h5"] = "npz"
-            x_shape, x_dtype, y, client = _inspect_npz(path)
+            x_shape, x_dtype, y, client, split = _inspect_npz(path)
         else:
             kind = "h5"
-            x_shape, x_dtype, y, client = _inspect_h5(path)
+            x_shape, x_dtype, y, client, split = _inspect_h5(path)
     except ConfigError:
         raise
     except Exception as exc:  # a corrupt or foreign file: say which and why, in one line
         raise ConfigError(KEY, f"cannot read {path_str}: {type(exc).__name__}: {exc}") from exc
-    return _validated(path, kind, x_shape, x_dtype, y, client)
+    return _validated(path, kind, x_shape, x_dtype, y, client, split)
 
 
 def _missing(path: Path, name: str, found: list[str]) -> ConfigError:
@@ -88,7 +93,8 @@ def _inspect_npz(path: Path) -> _Raw:
     with np.load(path, allow_pickle=False) as npz:
         y = np.asarray(npz["y"])
         client = np.asarray(npz["client"]) if "client" in names else None
-    return x_shape, x_dtype, y, client
+        split = np.asarray(npz["split"]) if "split" in names else None
+    return x_shape, x_dtype, y, client, split
 
 
 def _inspect_h5(path: Path) -> _Raw:
@@ -102,7 +108,12 @@ def _inspect_h5(path: Path) -> _Raw:
         x_shape, x_dtype = tuple(f["x"].shape), f["x"].dtype
         y = f["y"][()]
         client = f["client"][()] if "client" in names else None
-    return x_shape, x_dtype, np.asarray(y), None if client is None else np.asarray(client)
+        split = f["split"][()] if "split" in names else None
+    return x_shape, x_dtype, np.asarray(y), _optional(client), _optional(split)
+
+
+def _optional(a: object) -> np.ndarray | None:
+    return None if a is None else np.asarray(a)
 
 
 def _validated(
@@ -112,6 +123,7 @@ def _validated(
     x_dtype: np.dtype,
     y: np.ndarray,
     client: np.ndarray | None,
+    split: np.ndarray | None = None,
 ) -> FileInfo:
     if len(x_shape) < 2:
         raise ConfigError(KEY, f"x must have shape [n, ...] with at least one feature axis, got {x_shape}")
@@ -123,17 +135,59 @@ def _validated(
     y = _int_vector(y, "y", n)
     if y.min() < 0:
         raise ConfigError(KEY, f"y must hold labels 0..C-1, found {int(y.min())}")
-    if client is not None:
-        client = _int_vector(client, "client", n)
-    return FileInfo(path, kind, tuple(int(s) for s in x_shape[1:]), y, client, int(y.max()) + 1)
+    codes, names = (None, None) if client is None else client_codes(client, n)
+    tags = None if split is None else split_codes(split, n)
+    shape = tuple(int(s) for s in x_shape[1:])
+    return FileInfo(path, kind, shape, y, codes, int(y.max()) + 1, names, tags)
 
 
 def _int_vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
-    if a.ndim != 1 or a.shape[0] != n:
-        raise ConfigError(KEY, f"{name} must have shape [{n}] like x's first axis, got {a.shape}")
+    _check_length(a, name, n)
     if not np.issubdtype(a.dtype, np.integer):
         raise ConfigError(KEY, f"{name} must hold integers, got dtype {a.dtype}")
     return a.astype(np.int64)
+
+
+def _check_length(a: np.ndarray, name: str, n: int) -> None:
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ConfigError(KEY, f"{name} must have shape [{n}] like x's first axis, got {a.shape}")
+
+
+def _texts(a: np.ndarray) -> np.ndarray | None:
+    """``a`` as an array of str when it holds text (unicode, bytes, or objects that are all str/bytes)."""
+    if a.dtype.kind == "U":
+        return a
+    if a.dtype.kind == "S":
+        return np.char.decode(a, "utf-8")
+    if a.dtype.kind == "O" and all(isinstance(v, str | bytes) for v in a):
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in a], dtype=str)
+    return None
+
+
+def client_codes(a: np.ndarray, n: int, key: str = KEY) -> tuple[np.ndarray, list[str]]:
+    """Integer or string client ids -> (codes int64 [n], the id of each code as text); code k is the k-th
+    smallest distinct id (numbers compare as numbers, strings as strings)."""
+    _check_length(a, "client", n)
+    text = _texts(a)
+    if text is None and not np.issubdtype(a.dtype, np.integer):
+        raise ConfigError(key, f"client must hold integers or strings, got dtype {a.dtype}")
+    ids, codes = np.unique(a if text is None else text, return_inverse=True)
+    return codes.reshape(-1).astype(np.int64), [str(i) for i in ids.tolist()]
+
+
+def split_codes(a: np.ndarray, n: int, key: str = KEY) -> np.ndarray:
+    """Split tags (strings train / val / validation / test, or integers 0 / 1 / 2) -> int8 codes."""
+    _check_length(a, "split", n)
+    text = _texts(a)
+    if text is None:
+        if not np.issubdtype(a.dtype, np.integer) or (len(a) and (a.min() < 0 or a.max() > 2)):
+            raise ConfigError(key, "split must hold train / val / test (or 0 / 1 / 2) per sample")
+        return a.astype(np.int8)
+    found, inverse = np.unique(text, return_inverse=True)
+    unknown = sorted(set(found.tolist()) - set(SPLIT_CODES))
+    if unknown:
+        raise ConfigError(key, f"split holds {unknown[0]!r}; expected train, val (or validation) or test")
+    return np.array([SPLIT_CODES[t] for t in found.tolist()], dtype=np.int8)[inverse.reshape(-1)]
 
 
 class FileReader:

@@ -7,6 +7,7 @@ derived from the seed alone, so every rank computes the same partition.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,13 +184,19 @@ def shards(
     return Partition.from_parts(parts)
 
 
-def natural(client_ids: np.ndarray, num_clients: int, min_samples: int) -> Partition:
-    """The file's own split: client k holds the samples of the k-th smallest distinct id, in file order."""
+def natural(
+    client_ids: np.ndarray, num_clients: int, min_samples: int, names: Sequence[str] | None = None
+) -> Partition:
+    """The file's own split: client k holds the samples of the k-th smallest distinct id, in file order.
+
+    ``names``: the name of each id (ids are then codes 0..U-1), for the messages."""
     ids, inverse, counts = np.unique(client_ids, return_inverse=True, return_counts=True)
+    if names is not None:
+        ids = np.asarray([names[int(i)] for i in ids], dtype=object)
     if len(ids) != num_clients:
         raise ConfigError(
             "data.num_clients",
-            f"{num_clients}, but the file's 'client' array has {len(ids)} distinct ids; set "
+            f"{num_clients}, but the data set's client ids have {len(ids)} distinct ids; set "
             f"data.num_clients: {len(ids)} (or choose a partition other than natural)",
         )
     small = np.flatnonzero(counts < min_samples)
@@ -202,3 +209,23 @@ def natural(client_ids: np.ndarray, num_clients: int, min_samples: int) -> Parti
         )
     order = np.argsort(inverse, kind="stable")
     return _cut(order, counts.astype(np.int64))
+
+
+def follow(train_counts: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Partition:
+    """Deal a held-out pool (an official test or validation split, ``labels``) out to the clients so that each
+    client's share of class c is proportional to its training samples of class c (``train_counts`` [N, C]),
+    pFedHN's protocol: every client's held-out labels follow its training labels. The pool's samples of a
+    class are shuffled and cut in those proportions (largest remainder), so the clients' sets are disjoint;
+    samples of a class that no client trains on are left out."""
+    num_clients, num_classes = train_counts.shape
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(num_classes):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        holders = train_counts[:, c].astype(np.float64)
+        if not len(rows) or holders.sum() == 0:
+            continue
+        counts = _apportion(len(rows), holders)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        for k in np.flatnonzero(counts):
+            parts[k].append(rows[offsets[k] : offsets[k + 1]])
+    return Partition.from_parts([np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts])

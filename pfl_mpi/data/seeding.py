@@ -18,6 +18,9 @@ class Stream(IntEnum):
     SYNTHETIC_SIZES = 3  # synthetic sample counts of all clients
     SYNTHETIC_CLIENT = 4  # client k's synthetic model and samples
     SYNTHETIC_SHARED = 5  # the W, b shared by all clients in Synthetic-IID
+    VAL = 6  # client k's validation samples taken from its training samples (data.val_fraction)
+    USERS = 7  # which users of a natural partition are kept (data.max_clients)
+    OFFICIAL = 8  # dealing an official test (or validation) split out to the clients
 
 
 def rng(seed: int, stream: Stream, client: int = 0) -> np.random.Generator:
