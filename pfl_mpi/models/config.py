@@ -15,10 +15,14 @@ class ArchitectureConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["logreg", "mlp", "cnn1d", "cnn2d"] = Field(
+    name: Literal[
+        "logreg", "mlp", "cnn1d", "cnn2d", "pfedhn_cnn", "resnet8", "resnet18", "femnist_cnn", "shakespeare_lstm"
+    ] = Field(
         "mlp",
-        description="Network: multinomial logistic regression, MLP, MNIST-1D CNN (Greydanus 2020) "
-        "or the LeNet-style CNN of pFedHN (Shamsian et al. 2021).",
+        description="Network: multinomial logistic regression, MLP, MNIST-1D CNN (Greydanus 2020), the "
+        "LeNet-style CNN of pFedHN (Shamsian et al. 2021) for any image size (cnn2d) or exactly as in the paper "
+        "(pfedhn_cnn, 32 x 32 x 3), ResNet-8 / ResNet-18 with GroupNorm, LEAF's FEMNIST CNN, or LEAF's "
+        "Shakespeare LSTM. Sizes and references: pfl_mpi/models/zoo.py.",
     )
     hidden: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64],
@@ -39,8 +43,22 @@ class ArchitectureConfig(BaseModel):
         description="cnn2d only: widths of the hidden fully connected layers after the convolutions.",
     )
 
+    groupnorm_groups: int = Field(
+        2, ge=1, description="resnet8 / resnet18 only: groups of every GroupNorm (2: Hsieh et al. 2020)."
+    )
+    embedding_dim: int = Field(8, ge=1, description="shakespeare_lstm only: size of the character embedding.")
+    lstm_hidden: int = Field(256, ge=1, description="shakespeare_lstm only: units of each LSTM layer.")
+    lstm_layers: int = Field(2, ge=1, description="shakespeare_lstm only: stacked LSTM layers.")
+    vocab_size: int | None = Field(
+        None, ge=1, description="shakespeare_lstm only: token ids 0..vocab_size-1; None: the number of classes."
+    )
+
     def num_layers(self) -> int:
         """Number of layers of the network, i.e. the largest valid ``head_layers``."""
+        from pfl_mpi.models.zoo import LAYERS
+
+        if self.name in LAYERS:
+            return LAYERS[self.name]
         if self.name == "logreg":
             return 1
         if self.name == "mlp":

@@ -23,6 +23,8 @@ Networks:
   unpadded 5 x 5 convolutions, so there the convolutions are 3 x 3 with padding 1 (size-preserving) and only
   the pools shrink the image: 8 x 8 -> 4 x 4 -> 2 x 2, i.e. 32 x 2 x 2 = 128 features. Input ``(C, H, W)``
   or ``(H, W)``, H, W >= 4.
+- ``pfedhn_cnn``, ``resnet8``, ``resnet18``, ``femnist_cnn``, ``shakespeare_lstm``: networks of the literature
+  with their reference sizes, in ``zoo.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from pfl_mpi.errors import ConfigError
+from pfl_mpi.models import zoo
 from pfl_mpi.models.config import ArchitectureConfig, ModelConfig
 
 Named = list[tuple[str, nn.Module]]
@@ -140,7 +143,7 @@ def _cnn2d(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int) -> tuple[
     return pre, layers + _fc_stack(d, list(cfg.cnn2d_fc), num_classes, first=1), len(layers)
 
 
-_BUILDERS = {"logreg": _dense, "mlp": _dense, "cnn1d": _cnn1d, "cnn2d": _cnn2d}
+_BUILDERS = {"logreg": _dense, "mlp": _dense, "cnn1d": _cnn1d, "cnn2d": _cnn2d, **zoo.BUILDERS}
 
 
 def _fc_stack(d: int, widths: Sequence[int], num_classes: int, first: int) -> list[Named]:
