@@ -18,6 +18,7 @@ from pfl_mpi.runtime import Engine
 from tests.helpers import tiny_config
 
 PNGS = [file for file, _, _ in FIGURES]
+FILES = sorted([*PNGS, "report.md", "groups.csv"])
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,8 @@ def runs(tmp_path_factory):
     return personal, shared
 
 
-def _table(report: str) -> list[dict[str, str]]:
-    lines = report.split("## Comparison", 1)[1].strip().splitlines()
+def _table(report: str, section: str = "## Runs") -> list[dict[str, str]]:
+    lines = report.split(section, 1)[1].strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = []
     for line in lines[2:]:
@@ -55,10 +56,11 @@ def _expected(path: Path) -> dict[str, float]:
     with h5py.File(path, "r", locking=False) as f:
         done = int(f.attrs["rounds_completed"])
         r = {k: v[:done] for k, v in f["rounds"].items()}
-        name, algorithm, status = (f.attrs[k] for k in ("name", "algorithm", "status"))
+        name, algorithm, status, seed = (f.attrs[k] for k in ("name", "algorithm", "status", "seed"))
     evaluated = np.flatnonzero(~np.isnan(r["test_acc"]))
     out = {
         "run": name,
+        "seed": str(seed),
         "algorithm": algorithm,
         "status": status,
         "rounds": done,
@@ -78,8 +80,14 @@ def _expected(path: Path) -> dict[str, float]:
 def test_report_of_two_runs_writes_every_file_and_the_files_numbers(runs, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", *map(str, runs), "-o", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([*PNGS, "report.md"])
-    assert capsys.readouterr().out.count("wrote ") == len(PNGS) + 1
+    assert sorted(p.name for p in out.iterdir()) == FILES
+    captured = capsys.readouterr()
+    assert captured.out.count("wrote ") == len(FILES)
+    # fedper with fine-tuning against fedavg: more than one key differs, and the report says which
+    (warning,) = captured.err.strip().splitlines()
+    assert warning.startswith("pfl-mpi: warning: the groups differ in 4 config keys: ")
+    for key in ("algorithm.name", "eval_every", "finetune_epochs", "rounds"):
+        assert key in warning and f"{key}: " in captured.out
     for png in PNGS:
         image = matplotlib.image.imread(out / png)
         assert image.shape[0] >= 300 and image.shape[1] >= 800, png
@@ -123,7 +131,7 @@ def test_messages_by_label(runs):
 def test_report_of_one_run_and_a_bad_file(runs, tmp_path, capsys):
     out = tmp_path / "one"
     assert main(["report", str(runs[0]), "-o", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([*PNGS, "report.md"])
+    assert sorted(p.name for p in out.iterdir()) == FILES
     assert len(_table((out / "report.md").read_text())) == 1
     bad = tmp_path / "bad.h5"
     with h5py.File(bad, "w") as f:
@@ -138,3 +146,133 @@ def test_same_names_get_the_file_name_in_the_legend(runs, tmp_path):
     twice = [load_run(runs[0]), load_run(runs[0])]
     _name_runs(twice)
     assert twice[0].label == "personal: personal (fedper)"
+
+
+# -- groups of seeds --------------------------------------------------------------------------------
+
+
+def _variant(src: Path, dst: Path, seed: int, shift: float, **config) -> Path:
+    """A copy of run ``src`` as if run with another seed (and config keys): its accuracies shifted."""
+    import shutil
+
+    import yaml
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        cfg = yaml.safe_load(f.attrs["config"])
+        cfg["seed"] = seed
+        for key, value in config.items():
+            section, _, name = key.partition(".")
+            cfg[section][name] = value
+        f.attrs["config"] = yaml.safe_dump(cfg)
+        f.attrs["seed"] = seed
+        for name in ("test_acc", "test_acc_mean"):
+            f["rounds"][name][...] = np.minimum(f["rounds"][name][()] + shift, 1.0)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """FedAvg with seeds 0, 1, 2 and FedPer with seeds 0, 1 (real runs), and a FedPer run with another lr."""
+    tmp = tmp_path_factory.mktemp("seeds")
+    files = {}
+    for algorithm, seeds_ in (("fedavg", (0, 1, 2)), ("fedper", (0, 1))):
+        for seed in seeds_:
+            path = tmp / f"{algorithm}-{seed}.h5"
+            cfg = tiny_config(path, algorithm, name="cmp", rounds=3, seed=seed, device="cpu")
+            assert Engine(cfg, SerialWorld(), show_progress=False).run() == 0
+            files[algorithm, seed] = path
+    cfg = tiny_config(tmp / "lr.h5", "fedper", name="cmp", rounds=3, seed=2, device="cpu", **{"train.lr": 0.05})
+    assert Engine(cfg, SerialWorld(), show_progress=False).run() == 0
+    files["fedper", "lr"] = tmp / "lr.h5"
+    return files
+
+
+def _final(path: Path) -> float:
+    with h5py.File(path, "r", locking=False) as f:
+        acc = f["rounds/test_acc"][: int(f.attrs["rounds_completed"])]
+    return float(acc[~np.isnan(acc)][-1])
+
+
+def _group_rows(text: str) -> dict[str, dict[str, str]]:
+    return {row["group"]: row for row in _table(text, "## Groups")}
+
+
+def test_seeds_form_groups_with_mean_and_sample_std(seeds, tmp_path, capsys):
+    paths = [seeds[k] for k in (("fedavg", 0), ("fedper", 0), ("fedavg", 1), ("fedper", 1), ("fedavg", 2))]
+    out = tmp_path / "r"
+    assert main(["report", *map(str, paths), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # only algorithm.name differs: a fair comparison, no warning
+    assert "algorithm.name: fedavg (n=3): fedavg, fedper (n=2): fedper" in captured.out
+    rows = _group_rows((out / "report.md").read_text())
+    assert list(rows) == ["fedavg (n=3)", "fedper (n=2)"]
+    with open(out / "groups.csv", newline="") as f:
+        exact = {row["group"]: row for row in __import__("csv").DictReader(f)}
+    for algorithm, group_seeds in (("fedavg", (0, 1, 2)), ("fedper", (0, 1))):
+        finals = np.array([_final(seeds[algorithm, s]) for s in group_seeds])
+        n = len(finals)
+        std = np.sqrt(((finals - finals.mean()) ** 2).sum() / (n - 1))
+        row = rows[f"{algorithm} (n={n})"]
+        assert (row["n"], row["seeds"]) == (str(n), " ".join(map(str, group_seeds)))
+        mean_text, std_text = row["final test acc"].split(" ± ")
+        assert float(mean_text) == pytest.approx(finals.mean(), abs=5.1e-5)
+        assert float(std_text) == pytest.approx(std, abs=5.1e-5)
+        assert float(exact[row["group"]]["final_acc_mean"]) == pytest.approx(finals.mean(), rel=1e-12)
+        assert float(exact[row["group"]]["final_acc_std"]) == pytest.approx(std, rel=1e-12)
+    assert len(_table((out / "report.md").read_text())) == 5  # and every run in the per-run table
+
+
+def test_a_comparison_that_changes_more_than_the_compared_key_warns(seeds, tmp_path, capsys):
+    paths = [seeds["fedavg", 0], seeds["fedavg", 1], seeds["fedper", "lr"]]
+    assert main(["report", *map(str, paths), "-o", str(tmp_path / "r"), "--by", "algorithm.name"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "pfl-mpi: warning: the groups differ in more than algorithm.name: also train.lr; compare like with like "
+        "(one config, one key changed: pfl-mpi sweep --set-grid)"
+    )
+    assert "train.lr: fedavg (n=2): 0.1, fedper: 0.05" in captured.out
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "**Warning:** the groups differ in more than algorithm.name" in report
+
+
+def test_group_by_averages_over_another_key(seeds, tmp_path, capsys):
+    paths = [seeds["fedper", 0], seeds["fedper", 1], seeds["fedper", "lr"]]
+    assert main(["report", *map(str, paths), "-o", str(tmp_path / "r"), "--group-by", "train.lr"]) == 0
+    capsys.readouterr()
+    (row,) = _group_rows((tmp_path / "r" / "report.md").read_text()).values()
+    finals = np.array([_final(p) for p in paths])
+    assert row["n"] == "3" and row["seeds"] == "0 1 2"
+    assert float(row["final test acc"].split(" ± ")[0]) == pytest.approx(finals.mean(), abs=5.1e-5)
+
+
+def test_unknown_key_exits_2_with_one_line(seeds, tmp_path, capsys):
+    assert main(["report", str(seeds["fedavg", 0]), "-o", str(tmp_path / "r"), "--by", "algo.nme"]) == 2
+    assert capsys.readouterr().err.strip() == "pfl-mpi: --by: no run has a config key 'algo.nme'"
+    assert not (tmp_path / "r").exists()
+
+
+def test_ten_groups_of_five_seeds_stay_readable(seeds, tmp_path, capsys):
+    """50 runs: 10 learning rates x 5 seeds. One table row and one legend entry per group, figures of
+    bounded size, and the band of each group spans its seeds."""
+    paths = []
+    for g in range(10):
+        for s in range(5):
+            shift = 0.01 * g + 0.002 * s
+            paths.append(_variant(seeds["fedavg", 0], tmp_path / f"g{g}s{s}.h5", s, shift, **{"train.lr": 0.01 * (g + 1)}))
+    out = tmp_path / "r"
+    assert main(["report", *map(str, paths), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    rows = _group_rows((out / "report.md").read_text())
+    assert len(rows) == 10 and {row["n"] for row in rows.values()} == {"5"}
+    assert list(rows)[0] == "train.lr=0.01 (n=5)"  # the one differing key's value names the group
+    base = _final(seeds["fedavg", 0])
+    first = np.minimum(base + 0.002 * np.arange(5), 1.0)
+    mean_text, std_text = rows["train.lr=0.01 (n=5)"]["final test acc"].split(" ± ")
+    assert float(mean_text) == pytest.approx(first.mean(), abs=5.1e-5)
+    assert float(std_text) == pytest.approx(first.std(ddof=1), abs=5.1e-5)
+    for png in PNGS:
+        height, width = matplotlib.image.imread(out / png).shape[:2]
+        assert width == 1000 and height <= 1200, png
+    assert (out / "report.md").read_text().count("### ") <= len(PNGS) + 10  # message tables: one per group

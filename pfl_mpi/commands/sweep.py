@@ -111,7 +111,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"pfl-mpi: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     logs = runs_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     todo = []
     width = len(str(len(tasks)))
     for i, (task, state) in enumerate(zip(tasks, states, strict=True), start=1):
@@ -125,6 +124,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"[{i:>{width}}/{len(tasks)}] {task.name}: would {verb} {out}")
     if args.dry_run:
         return 0
+    logs.mkdir(parents=True, exist_ok=True)
 
     def work(item) -> tuple[str, int]:
         i, task, out, verb = item

@@ -125,13 +125,15 @@ def _matches(key: str, prefixes: list[str]) -> bool:
 
 
 def name_groups(groups: list[Group], by: list[str], diffs: dict[str, list[str]]) -> None:
-    """Legend entries: the ``by`` keys' values (the one differing key without ``by``), else the runs'
-    name and algorithm; ``(n=...)`` for groups of several runs; unique."""
+    """Legend entries: ``key=value`` of the ``by`` keys (the one differing key without ``by``; the
+    algorithm by its name alone), else the runs' name and algorithm; ``(n=...)`` for groups of several
+    runs; unique."""
     keys = ([k for k in diffs if _matches(k, by)] or list(by)) if by else fairness(diffs, [])[0]
     for group in groups:
         if keys:
             values = [shown(group.config.get(k, MISSING)) for k in keys]
-            label = values[0] if len(keys) == 1 else ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+            pairs = [v if k == "algorithm.name" else f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+            label = ", ".join(pairs)
         else:
             label = group.runs[0].label
         group.legend = label
