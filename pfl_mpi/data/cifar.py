@@ -44,10 +44,9 @@ def locate(name: str, root: str) -> Path:
     for candidate in (base, base / folder):
         if (candidate / train[0]).is_file():
             return candidate
+    tried = base / train[0] if base.name == folder else f"{base / train[0]} nor {base / folder / train[0]}"
     raise ConfigError(
-        KEY,
-        f"no {base / train[0]} (nor {base / folder / train[0]}): expected {name}'s python batches, the {folder}/ "
-        f"directory of {URL[name]}",
+        KEY, f"no {tried}: expected {name}'s python batches, the {folder}/ directory of {URL[name]}"
     )
 
 

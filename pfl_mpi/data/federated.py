@@ -135,6 +135,16 @@ class FederatedData:
             self._release()
         return out
 
+    def partition_columns(self) -> dict[str, np.ndarray]:
+        """What the run file's ``/partition`` records beside the sizes: ``client_names`` (UTF-8 bytes, when the
+        clients are named users) and ``val_sizes`` (when clients have validation samples); nothing otherwise."""
+        columns: dict[str, np.ndarray] = {}
+        if self.client_names:
+            columns["client_names"] = np.char.encode(np.asarray(self.client_names, dtype=str), "utf-8")
+        if self.val_sizes.any():
+            columns["val_sizes"] = self.val_sizes
+        return columns
+
     def label_histograms(self) -> np.ndarray:
         """int64 [N, C]: train samples of each class per client (synthetic: generates every client).
 
