@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         "mpi": ["mpich>=4.1"],
-        "test": ["pytest>=8", "pytest-mpi>=0.6", "ruff>=0.5"],
+        "tensorboard": ["tensorboard>=2.12"],  # pfl-mpi export --tensorboard
+        "test": ["pytest>=8", "pytest-mpi>=0.6", "ruff>=0.5", "tensorboard>=2.12"],
     },
     entry_points={"console_scripts": ["pfl-mpi=pfl_mpi.cli:main"]},
 )

@@ -108,7 +108,7 @@ def test_only_committed_rounds_are_exported(run_file, tmp_path):
         f.attrs["rounds_completed"] = 2  # as if killed during round 3: its rows are not final
         f.attrs["status"] = "running"
     tables = _export(partial, tmp_path / "csv")
-    assert [row[0] for row in tables["rounds.csv"][1]] == ["0.0", "1.0"]
+    assert [row[0] for row in tables["rounds.csv"][1]] == ["0", "1"]
     assert {row[0] for row in tables["clients.csv"][1]} == {"0", "1"}
     assert {row[0] for row in tables["comm.csv"][1]} == {"0", "1"}
 
@@ -118,3 +118,24 @@ def test_not_a_run_file_exits_1(tmp_path, capsys):
     bad.write_bytes(b"not hdf5")
     assert main(["export", str(bad), "--csv", str(tmp_path / "out")]) == 1
     assert "cannot export" in capsys.readouterr().err
+
+
+def test_counting_columns_are_integers(run_file, tmp_path):
+    """Columns that count (rounds, ranks, clients, calls, bytes, labels) read back as int(); the others keep
+    their float text."""
+    tables = _export(run_file, tmp_path / "csv")
+    expected = {
+        "rounds.csv": ["round", "num_sampled", "world_size", "bytes_down", "bytes_up", "bytes_other"],
+        "clients.csv": ["round", "client", "participated"],
+        "comm.csv": ["round", "rank", "calls", "bytes_sent", "bytes_received"],
+        "ranks.csv": ["round", "rank"],
+        "partition.csv": ["client", "train_size", "label_0"],
+    }
+    for name, columns in expected.items():
+        header, rows = tables[name]
+        assert rows, name
+        for column in columns:
+            j = header.index(column)
+            assert all(str(int(row[j])) == row[j] for row in rows), (name, column)
+    header, rows = tables["rounds.csv"]
+    assert "." in rows[0][header.index("train_loss")] and "." in rows[1][header.index("test_acc")]

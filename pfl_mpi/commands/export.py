@@ -1,7 +1,9 @@
-"""Export a run file's committed rounds as CSV files (no pandas needed to read them back).
+"""Export a run file's committed rounds as CSV files and/or TensorBoard event files.
 
-Writes into DIR: rounds.csv, clients.csv (long format: round, client, one column per metric),
-comm.csv (round, rank, label, counters), ranks.csv and partition.csv. See docs/reports.md.
+--csv DIR writes rounds.csv, clients.csv (long format: round, client, one column per metric),
+comm.csv (round, rank, label, counters), ranks.csv and partition.csv. --tensorboard DIR writes
+DIR/<run>/events.out.tfevents.*: a scalar per /rounds metric and message label per round, and a
+histogram of every per-client metric per round (``tensorboard --logdir DIR``). See docs/reports.md.
 """
 
 from __future__ import annotations
@@ -10,19 +12,36 @@ import argparse
 import sys
 
 NAME = "export"
-HELP = "write a run file's metrics as CSV files"
+HELP = "write a run file's metrics as CSV files or TensorBoard event files"
+EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="RUN.h5", help="HDF5 run file")
-    parser.add_argument("--csv", required=True, metavar="DIR", help="directory for the CSV files")
+    parser.add_argument("--csv", default=None, metavar="DIR", help="directory for the CSV files")
+    parser.add_argument(
+        "--tensorboard", default=None, metavar="DIR", help="TensorBoard log directory (event files in DIR/<run>)"
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..report import export_csv
-
+    if not (args.csv or args.tensorboard):
+        print("pfl-mpi: export: give --csv DIR, --tensorboard DIR or both", file=sys.stderr)
+        return EXIT_USAGE
+    written = []
     try:
-        written = export_csv(args.file, args.csv)
+        if args.csv:
+            from ..report import export_csv
+
+            written += export_csv(args.file, args.csv)
+        if args.tensorboard:
+            try:
+                from ..report.tensorboard import export_tensorboard
+            except ImportError as err:
+                print(f"pfl-mpi: --tensorboard needs the tensorboard package ({err}): pip install tensorboard",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            written.append(export_tensorboard(args.file, args.tensorboard))
     except (OSError, ValueError, KeyError) as err:
         print(f"pfl-mpi: cannot export {args.file}: {err}", file=sys.stderr)
         return 1

@@ -3,8 +3,9 @@
 Files: rounds.csv (one row per round, one column per /rounds metric), clients.csv (long format:
 one row per round and client, one column per /clients metric), comm.csv (one row per round, rank
 and label), ranks.csv (one row per round and rank), partition.csv (one row per client).
-``round`` is the 0-based index stored in the file (progress lines show round + 1). Floats are
-written with ``repr`` (they read back exactly); NaN is written ``nan``.
+``round`` is the 0-based index stored in the file (progress lines show round + 1). Columns that count
+(round, rank, client, num_sampled, world_size, calls, participated, bytes_*, protocol_bytes_*, label_*)
+are written as integers; other floats with ``repr`` (they read back exactly); NaN is written ``nan``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ import numpy as np
 from .load import Run, load_run
 
 
+# columns that count things (stored as float64 in the file, like every /rounds metric): written as integers
+INTEGER_NAMES = ("round", "rank", "client", "num_sampled", "world_size", "calls", "participated")
+INTEGER_PREFIXES = ("bytes_", "protocol_bytes_", "label_")
+
+
+def is_integer_column(name: str) -> bool:
+    return name in INTEGER_NAMES or name.startswith(INTEGER_PREFIXES)
+
+
 def _value(v) -> str:
     if isinstance(v, (np.floating, float)):
         return repr(float(v))
@@ -25,12 +35,19 @@ def _value(v) -> str:
     return str(v)
 
 
+def _integer(v) -> str:
+    """An integer column's value: integral numbers as integers, anything else (NaN) as a float."""
+    x = float(v)
+    return str(int(x)) if np.isfinite(x) and x == int(x) else repr(x)
+
+
 def _write(path: Path, header: list[str], rows) -> Path:
+    formats = [_integer if is_integer_column(name) else _value for name in header]
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(header)
         for row in rows:
-            out.writerow([_value(v) for v in row])
+            out.writerow([fmt(v) for fmt, v in zip(formats, row, strict=True)])
     return path
 
 
