@@ -30,6 +30,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     hosts = a["hosts"]
     print(f"  {a['world_size']} rank(s) on {len(set(hosts))} host(s): {', '.join(sorted(set(hosts)))}")
+    for line in segment_lines(a, summary.rounds_completed):
+        print(line)
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
     if summary.rounds_completed:
         evaluated = [i for i, v in enumerate(r.get("test_acc", [])) if not math.isnan(v)]
@@ -51,6 +53,38 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         )
         print(comm_summary(args.file))
     return 0
+
+
+def _job(entry: dict) -> str:
+    if "slurm_job_id" not in entry:
+        return ""
+    return f", SLURM job {entry['slurm_job_id']} restart {entry.get('slurm_restart_count', 0)}"
+
+
+def segment_lines(attrs: dict, done: int) -> list[str]:
+    """After a resume: one line per segment of the run (started, then each continuation) with its rounds
+    (1-based), ranks and hosts; nothing for a run that was never continued."""
+    resumes = attrs.get("resumes") or []
+    if not resumes:
+        return []
+    first = {
+        "time": attrs.get("created", "?"),
+        "world_size": attrs["world_size"],
+        "hosts": sorted(set(attrs["hosts"])),
+        **{k: v for k, v in attrs.items() if k.startswith("slurm_")},
+        "rounds_completed": 0,
+    }
+    segments = [first, *resumes]
+    lines = [f"  {len(segments)} segments (the run was continued {len(resumes)} time(s)):"]
+    for i, seg in enumerate(segments):
+        start = int(seg["rounds_completed"]) + 1
+        end = int(segments[i + 1]["rounds_completed"]) if i + 1 < len(segments) else done
+        rounds = f"rounds {start}-{end}" if end >= start else "no round"
+        verb = "started" if i == 0 else "resumed"
+        lines.append(
+            f"    {rounds}: {seg['world_size']} rank(s) on {', '.join(seg['hosts'])} ({verb} {seg['time']}{_job(seg)})"
+        )
+    return lines
 
 
 def comm_summary(path) -> str:
