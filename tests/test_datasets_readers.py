@@ -1,0 +1,324 @@
+"""Data sets read from disk in their distributed formats: CIFAR-10/100 pickles, LEAF json, HF save_to_disk and
+parquet, files with a split array; official test splits, validation, sub-sampled users, missing files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pfl_mpi.cli import main
+from pfl_mpi.data import DataConfig, load_federated
+from pfl_mpi.errors import ConfigError
+
+from .test_datasets_fixtures import (
+    VOCAB,
+    image_id,
+    write_cifar10,
+    write_cifar100,
+    write_femnist,
+    write_hf,
+    write_shakespeare,
+)
+
+MEAN10 = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)[:, None, None]
+STD10 = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32)[:, None, None]
+REPO = Path(__file__).parents[1]
+
+
+def _raw(x: torch.Tensor, mean: np.ndarray = MEAN10, std: np.ndarray = STD10) -> np.ndarray:
+    """Normalised CIFAR images back to their uint8 pixels."""
+    return np.rint((x.numpy() * std + mean) * 255).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cifar")
+    written = write_cifar10(root)
+    written["root"] = root
+    return written
+
+
+def _cifar_cfg(cifar: dict, **kw) -> DataConfig:
+    base = dict(name="cifar10", root=str(cifar["root"]), num_clients=50, partition="shards", classes_per_client=2)
+    return DataConfig(**{**base, **kw})
+
+
+# -- CIFAR ----------------------------------------------------------------------------------------------
+
+
+def test_cifar10_official_test_follows_each_clients_train_labels(cifar) -> None:
+    """pFedHN's protocol: train from the 5 train batches, test from test_batch, each client's test classes in
+    proportion to its train classes; the clients' sets are disjoint and every image is the file's."""
+    fd = load_federated(_cifar_cfg(cifar), 0)
+    train_ids = set(range(len(cifar["y_train"])))
+    seen_train, seen_test = set(), set()
+    for k in range(fd.num_clients):
+        c = fd.client(k)
+        ids_tr, ids_te = image_id(_raw(c.x_train)), image_id(_raw(c.x_test))
+        assert set(ids_tr.tolist()) <= train_ids and not set(ids_te.tolist()) & train_ids
+        np.testing.assert_array_equal(c.y_train.numpy(), cifar["y_train"][ids_tr])  # labels are the file's
+        np.testing.assert_array_equal(c.y_test.numpy(), cifar["y_test"][ids_te - len(train_ids)])
+        # pixels equal the batch's bytes (an independent decoding of the file)
+        np.testing.assert_array_equal(_raw(c.x_train).reshape(len(ids_tr), -1), cifar["x_train"][ids_tr])
+        train_hist = np.bincount(c.y_train.numpy(), minlength=10)
+        test_hist = np.bincount(c.y_test.numpy(), minlength=10)
+        assert (train_hist > 0).sum() == 2 and set(np.flatnonzero(test_hist)) == set(np.flatnonzero(train_hist))
+        # 10 clients share each class's 10 test images in proportion to their (equal) train shards
+        np.testing.assert_array_equal(test_hist, (train_hist > 0) * 1)
+        assert not seen_train & set(ids_tr.tolist()) and not seen_test & set(ids_te.tolist())
+        seen_train |= set(ids_tr.tolist())
+        seen_test |= set(ids_te.tolist())
+    assert len(seen_train) == 600 and len(seen_test) == 100
+    np.testing.assert_array_equal(fd.train_sizes, 12)
+    np.testing.assert_array_equal(fd.test_sizes, 2)
+
+
+def test_cifar10_test_from_client_splits_the_train_batches_only(cifar) -> None:
+    fd = load_federated(_cifar_cfg(cifar, test_from="client", test_fraction=0.25), 0)
+    for k in (0, 17, 49):
+        c = fd.client(k)
+        ids = image_id(_raw(torch.cat([c.x_train, c.x_test])))
+        assert ids.max() < 600 and len(c.y_test) == 3 and len(c.y_train) == 9
+
+
+def test_cifar100_fine_and_coarse_labels(tmp_path: Path) -> None:
+    written = write_cifar100(tmp_path)
+    mean = np.array([0.5071, 0.4865, 0.4409], dtype=np.float32)[:, None, None]
+    std = np.array([0.2673, 0.2564, 0.2762], dtype=np.float32)[:, None, None]
+    for labels, classes in (("fine", 100), ("coarse", 20)):
+        cfg = DataConfig(name="cifar100", root=str(tmp_path / "cifar-100-python"), num_clients=50,
+                         partition="shards", classes_per_client=10, min_samples=2, cifar100_labels=labels)
+        fd = load_federated(cfg, 1)
+        assert fd.num_classes == classes
+        c = fd.client(4)
+        ids = image_id(_raw(c.x_train, mean, std))
+        fine = written["fine_train"][ids]
+        np.testing.assert_array_equal(c.y_train.numpy(), fine if labels == "fine" else fine // 5)
+
+
+def test_a_rank_reads_only_the_batches_of_its_clients(cifar, monkeypatch) -> None:
+    """Building a client unpickles the batches that hold its images, keeps none of them: two builds read again."""
+    from pfl_mpi.data import cifar as cifar_module
+
+    fd = load_federated(_cifar_cfg(cifar), 0)
+    reads: list[str] = []
+    real = cifar_module._load
+    monkeypatch.setattr(cifar_module, "_load", lambda path: (reads.append(path.name), real(path))[1])
+    c = fd.client(0)
+    assert "test_batch" in reads and len(reads) <= 6
+    ids = image_id(_raw(c.x_train))
+    batches = {f"data_batch_{1 + i // 120}" for i in ids}  # the fixture puts 120 images in each train batch
+    assert set(reads) == batches | {"test_batch"}
+
+
+@pytest.mark.parametrize(("name", "expected"), [("cifar10", "data_batch_1"), ("cifar100", "train")])
+def test_missing_cifar_names_data_root_and_the_file(tmp_path: Path, name: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name=name, root=str(tmp_path / "nowhere"), partition="iid"), 0)
+    assert info.value.key == "data.root" and expected in info.value.message
+
+
+def test_missing_data_set_exits_2_with_one_line_before_mpi(tmp_path: Path, capsys) -> None:
+    config = REPO / "configs" / "papers" / "cifar10-pfedhn.yaml"
+    code = main(["run", str(config), "--set", f"data.root={tmp_path}", "-n", "2", "--out", str(tmp_path / "r.h5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "data.root" in err[0] and "data_batch_1" in err[0]
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_root_required_and_only_for_disk_data_sets() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="cifar10"), 0)
+    assert info.value.key == "data.root"
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="digits", root="/x"), 0)
+    assert info.value.key == "data.root"
+
+
+# -- LEAF -----------------------------------------------------------------------------------------------
+
+
+def test_femnist_natural_partition_keeps_leafs_users_and_split(tmp_path: Path) -> None:
+    written = write_femnist(tmp_path)
+    users = written["users"]
+    fd = load_federated(DataConfig(name="femnist", root=str(tmp_path), num_clients=len(users), min_samples=2), 0)
+    assert fd.client_names == users and fd.partition == "natural" and fd.num_classes == 62
+    assert fd.input_shape == (1, 28, 28)
+    for k, user in enumerate(users):
+        c = fd.client(k)
+        for part, (x, y) in (("train", (c.x_train, c.y_train)), ("test", (c.x_test, c.y_test))):
+            expected = written[part][user]
+            np.testing.assert_allclose(x.reshape(len(x), -1).numpy(), np.array(expected["x"], dtype=np.float32))
+            np.testing.assert_array_equal(y.numpy(), expected["y"])
+    assert fd.partition_columns()["client_names"].tolist() == [u.encode() for u in users]
+
+
+def test_shakespeare_tokens_follow_leafs_vocabulary(tmp_path: Path) -> None:
+    written = write_shakespeare(tmp_path)
+    users = written["users"]
+    fd = load_federated(DataConfig(name="shakespeare", root=str(tmp_path), num_clients=len(users), min_samples=2), 0)
+    assert fd.num_classes == 80 and fd.input_shape == (80,) and fd.client_names == users
+    c = fd.client(2)
+    expected = written["train"][users[2]]
+    assert c.x_train.dtype == torch.int64
+    assert c.x_train.tolist() == [[VOCAB.index(ch) for ch in s] for s in expected["x"]]
+    assert c.y_train.tolist() == [VOCAB.index(ch) for ch in expected["y"]]
+    assert c.y_test.tolist() == [VOCAB.index(ch) for ch in written["test"][users[2]]["y"]]
+
+
+def test_shakespeare_character_outside_the_vocabulary_is_a_config_error(tmp_path: Path) -> None:
+    write_shakespeare(tmp_path)
+    path = next((tmp_path / "train").glob("*.json"))
+    data = json.loads(path.read_text())
+    data["user_data"][data["users"][0]]["y"][0] = "\u00e9"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="shakespeare", root=str(tmp_path), num_clients=6, min_samples=2), 0)
+    assert info.value.key == "data.root" and "vocabulary" in info.value.message
+
+
+def test_max_clients_draws_users_by_seed_in_their_order(tmp_path: Path) -> None:
+    users = write_femnist(tmp_path)["users"]
+
+    def names(seed: int) -> list[str]:
+        cfg = DataConfig(name="femnist", root=str(tmp_path), num_clients=3, max_clients=3, min_samples=2, seed=seed)
+        return load_federated(cfg, 0).client_names
+
+    picked = {tuple(names(s)) for s in range(6)}
+    assert len(picked) > 1 and names(2) == names(2)
+    for chosen in picked:
+        assert list(chosen) == sorted(chosen, key=users.index) and set(chosen) <= set(users)
+    with pytest.raises(ConfigError) as info:  # num_clients must match what is kept
+        load_federated(DataConfig(name="femnist", root=str(tmp_path), num_clients=4, max_clients=3, min_samples=2), 0)
+    assert info.value.key == "data.num_clients" and "3" in info.value.message
+
+
+def test_missing_leaf_folder_names_data_root(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="femnist", root=str(tmp_path), num_clients=2), 0)
+    assert info.value.key == "data.root" and "train" in info.value.message and ".json" in info.value.message
+
+
+# -- Hugging Face ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("hf")
+    return root, write_hf(root)
+
+
+@pytest.mark.parametrize("layout", ["hf", "parquet"])
+def test_hf_from_disk_natural_clients_and_official_test(hf_dirs, layout: str) -> None:
+    root, arrays = hf_dirs
+    cfg = DataConfig(name="hf", root=str(root / layout), num_clients=4, min_samples=2, hf={"x": "img", "client": "who"})
+    fd = load_federated(cfg, 0)
+    assert fd.client_names == ["alice", "bob", "carol", "dave"] and fd.num_classes == 3
+    assert fd.input_shape == (3, 6, 5)
+    for k, name in enumerate(fd.client_names):
+        c = fd.client(k)
+        for split, (x, y) in (("train", (c.x_train, c.y_train)), ("test", (c.x_test, c.y_test))):
+            rows = np.flatnonzero(arrays[split]["who"] == name)
+            expected = arrays[split]["pixels"][rows].transpose(0, 3, 1, 2).astype(np.float32) / 255
+            np.testing.assert_allclose(x.numpy(), expected, rtol=0, atol=1e-7)
+            np.testing.assert_array_equal(y.numpy(), arrays[split]["labels"][rows])
+
+
+def test_hf_offline_and_a_missing_column_names_its_key(hf_dirs) -> None:
+    import os
+
+    root, _ = hf_dirs
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="hf", root=str(root / "hf"), num_clients=4, hf={"x": "pixels"}), 0)
+    assert info.value.key == "data.hf.x" and "img" in info.value.message
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_hf_without_the_datasets_package_says_how_to_install(hf_dirs, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="hf", root=str(hf_dirs[0] / "hf"), num_clients=4), 0)
+    assert "pip install" in info.value.message and "pfl_mpi[hf]" in info.value.message
+
+
+# -- your own splits ------------------------------------------------------------------------------------
+
+
+def _split_file(path: Path, ids: np.ndarray) -> dict:
+    rng = np.random.default_rng(5)
+    n = len(ids)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    x[:, 0] = np.arange(n)  # row number, to trace rows back
+    split = np.array(["train", "val", "test", "train", "train"] * (n // 5))
+    arrays = {"x": x, "y": rng.integers(0, 3, n), "client": ids, "split": split}
+    if path.suffix == ".npz":
+        np.savez(path, **arrays)
+    else:
+        with h5py.File(path, "w") as f:
+            for name, a in arrays.items():
+                f.create_dataset(name, data=np.char.encode(a, "utf-8") if a.dtype.kind == "U" else a)
+    return arrays
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+@pytest.mark.parametrize("kind", ["string", "int"])
+def test_file_split_is_kept_with_string_or_integer_client_ids(tmp_path: Path, suffix: str, kind: str) -> None:
+    """The bug: a given split was silently replaced and string ids refused. Now each client's train, val and test
+    rows are exactly the file's."""
+    names = np.array(["u/zed", "anna", "mo"]) if kind == "string" else np.array([30, 4, 17])
+    ids = names[np.arange(60) % 3]
+    arrays = _split_file(tmp_path / f"d{suffix}", ids)
+    fd = load_federated(DataConfig(name="file", path=str(tmp_path / f"d{suffix}"), num_clients=3, min_samples=2), 0)
+    order = sorted(names.tolist())
+    assert fd.client_names == [str(n) for n in order]
+    for k, name in enumerate(order):
+        c = fd.client(k)
+        mine = ids == name
+        for split, x in (("train", c.x_train), ("val", c.x_val), ("test", c.x_test)):
+            expected = np.flatnonzero(mine & (arrays["split"] == split))
+            assert sorted(x[:, 0].long().tolist()) == expected.tolist()
+    assert (fd.val_sizes == 4).all() and (fd.test_sizes == 4).all() and (fd.train_sizes == 12).all()
+
+
+def test_eval_split_val_evaluates_on_the_validation_rows(tmp_path: Path) -> None:
+    ids = np.array(["a", "b"])[np.arange(40) % 2]
+    _split_file(tmp_path / "d.npz", ids)
+    cfg = DataConfig(name="file", path=str(tmp_path / "d.npz"), num_clients=2, min_samples=2, eval_split="val")
+    fd = load_federated(cfg, 0)
+    c = fd.client(1)
+    assert torch.equal(c.x_test, c.x_val) and fd.test_sizes.tolist() == fd.val_sizes.tolist()
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="digits", num_clients=5, eval_split="val"), 0)
+    assert info.value.key == "data.eval_split"
+
+
+def test_unknown_split_tags_are_refused(tmp_path: Path) -> None:
+    arrays = _split_file(tmp_path / "d.npz", np.array(["a", "b"])[np.arange(20) % 2])
+    arrays["split"][3] = "other"
+    np.savez(tmp_path / "e.npz", **arrays)
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="file", path=str(tmp_path / "e.npz"), num_clients=2), 0)
+    assert info.value.key == "data.path" and "'other'" in info.value.message
+
+
+def test_val_fraction_takes_validation_out_of_training_samples() -> None:
+    plain = load_federated(DataConfig(name="digits", num_clients=20, partition="shards"), 0)
+    fd = load_federated(DataConfig(name="digits", num_clients=20, partition="shards", val_fraction=0.25), 0)
+    np.testing.assert_array_equal(fd.test_sizes, plain.test_sizes)
+    np.testing.assert_array_equal(fd.train_sizes + fd.val_sizes, plain.train_sizes)
+    for k in (0, 7):
+        a, b = plain.client(k), fd.client(k)
+        assert torch.equal(a.x_test, b.x_test)  # the test set is untouched
+        rows = lambda t: {tuple(r) for r in t.reshape(len(t), -1).tolist()}  # noqa: E731
+        assert rows(b.x_train) | rows(b.x_val) == rows(a.x_train) and not rows(b.x_train) & rows(b.x_val)
+        assert len(b.y_val) == fd.val_sizes[k] == round(plain.train_sizes[k] * 0.25)
+    assert plain.client(0).x_val is None
+    assert "val_sizes" in fd.partition_columns() and plain.partition_columns() == {}
