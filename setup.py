@@ -30,7 +30,8 @@ setup(
     extras_require={
         "mpi": ["mpich>=4.1"],
         "tensorboard": ["tensorboard>=2.12"],  # pfl-mpi export --tensorboard
-        "test": ["pytest>=8", "pytest-mpi>=0.6", "ruff>=0.5", "tensorboard>=2.12"],
+        "hf": ["datasets>=2.14"],  # data.name: hf (Hugging Face data sets from local disk)
+        "test": ["pytest>=8", "pytest-mpi>=0.6", "ruff>=0.5", "tensorboard>=2.12", "datasets>=2.14"],
     },
     entry_points={"console_scripts": ["pfl-mpi=pfl_mpi.cli:main"]},
 )
