@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-ORDER = ("run", "slurm", "info", "watch", "report", "export")  # listed first in --help; the others follow by name
+ORDER = ("run", "config", "sweep", "slurm", "info", "watch", "report", "export")  # listed first in --help; the others follow by name
 
 
 def _rank(name: str) -> tuple[int, str]:
