@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import math
+import os
+import pty
 import re
+import select
+import struct
+import subprocess
+import sys
+import termios
 
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
-from pfl_mpi.runtime.progress import Progress, round_line
+from pfl_mpi.runtime.progress import Progress, launcher_terminal, round_line
 from tests.helpers import tiny_config
 
 LINE = re.compile(
@@ -85,3 +93,55 @@ def test_a_run_prints_one_line_per_round_when_stdout_is_captured(tmp_path, capsy
     assert all(rounds), out
     assert [(int(m.group(1)), int(m.group(2))) for m in rounds] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert [m.group(4) is not None for m in rounds] == [False, True, False, True]
+
+
+# -- under mpiexec (-n P): rank 0's stdout is a pipe to the launcher ---------------------------------
+
+RUN = [
+    sys.executable, "-m", "pfl_mpi", "run", "-n", "2", "--set", "rounds=3", "--set", "clients_per_round=5",
+    "--set", "data.num_clients=10", "--set", "model.hidden=[16]",
+]  # fmt: skip
+
+
+def _in_a_terminal(command: list[str], columns: int) -> str:
+    """Everything ``command`` writes to a pseudo-terminal of ``columns`` columns."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its stdin, stdout and stderr are the terminal
+        os.execv(command[0], command)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, columns, 0, 0))
+    out = b""
+    while select.select([fd], [], [], 300)[0]:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the terminal closed: every process that held it has exited
+            break
+        if not data:
+            break
+        out += data
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out.decode()
+
+
+def test_two_ranks_on_a_terminal_draw_one_bar_of_its_width(tmp_path):
+    text = _in_a_terminal([*RUN, "--out", str(tmp_path / "t.h5")], columns=100)
+    frames = [frame for line in text.split("\r\n") for frame in line.split("\r") if frame]
+    bars = [frame for frame in frames if "round/s" in frame or "?round/s" in frame]
+    assert bars and bars[-1].startswith("100%|") and "| 3/3 [" in bars[-1]
+    assert all(len(bar) <= 100 for bar in bars), bars  # sized to the launcher's terminal
+    assert "train_loss" in bars[-1] and "test_acc" in bars[-1]
+    assert not any(LINE.match(frame) for frame in frames)  # no plain round lines beside the bar
+    assert "round 3/3" not in text  # the round is the bar's own count, not repeated in its text
+    assert text.count("done: 3 rounds") == 1
+
+
+def test_two_ranks_into_a_pipe_print_plain_lines(tmp_path):
+    done = subprocess.run([*RUN, "--out", str(tmp_path / "p.h5")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stdout and "\x1b" not in done.stdout
+    rounds = [LINE.match(line) for line in done.stdout.splitlines() if line.startswith("round")]
+    assert [int(m.group(1)) for m in rounds] == [1, 2, 3]
+
+
+def test_no_launcher_above_this_process():
+    assert launcher_terminal() is None

@@ -4,16 +4,62 @@ The line (``round_line``) is also what ``pfl-mpi watch`` prints for a running jo
 the round (1-based), the training loss, the test accuracy on evaluation rounds (and after local
 fine-tuning on the last round, when on), the algorithm's bytes down and up, and the round's wall
 time. The bar is drawn on the stream it checked (stdout), so a redirected stdout never receives
-bar control characters.
+bar control characters. Under an MPI launcher (``-n P``, mpiexec) rank 0's stdout is a pipe to the
+launcher, which copies it to its own stdout: when that is a terminal, rank 0 draws the bar too,
+sized to that terminal (read from /proc on Linux); either a bar or lines, never both.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from tqdm import tqdm
+
+# processes that start MPI ranks and forward their output to their own stdout
+LAUNCHERS = frozenset(
+    {"mpiexec", "mpiexec.hydra", "mpirun", "hydra_pmi_proxy", "orterun", "prterun", "prted", "orted", "srun"}
+)
+_TERMINALS = ("/dev/pts/", "/dev/tty")
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def launcher_terminal(pid: int | None = None, depth: int = 6) -> str | None:
+    """The terminal that the outermost MPI launcher above this process writes its stdout to, or None
+    (no launcher above, its stdout is a file or a pipe, or no /proc)."""
+    try:
+        pid = _parent(os.getpid() if pid is None else pid)
+        outermost = None
+        for _ in range(depth):
+            if pid <= 1 or Path(f"/proc/{pid}/comm").read_text().strip() not in LAUNCHERS:
+                break
+            outermost, pid = pid, _parent(pid)
+        if outermost is None:
+            return None
+        target = os.readlink(f"/proc/{outermost}/fd/1")
+    except (OSError, ValueError, IndexError):
+        return None
+    return target if target.startswith(_TERMINALS) else None
+
+
+def _terminal_columns(device: str) -> int | None:
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        return os.get_terminal_size(fd).columns
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -50,8 +96,22 @@ class Progress:
         self.total = total
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stdout
-        tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True, file=self.stream) if tty else None
+        self.bar = None
+        if not enabled:
+            return
+        if hasattr(self.stream, "isatty") and self.stream.isatty():
+            self.bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True, file=self.stream)
+        elif self._is_stdout():
+            device = launcher_terminal()
+            columns = _terminal_columns(device) if device else None
+            if columns:  # rank 0 under mpiexec, whose stdout is that terminal: a bar of its width
+                self.bar = tqdm(total=total, initial=start, unit="round", ncols=columns, file=self.stream)
+
+    def _is_stdout(self) -> bool:
+        try:
+            return self.stream.fileno() == 1
+        except (AttributeError, OSError, ValueError):
+            return False
 
     def update(self, metrics: dict[str, float]) -> None:
         if not self.enabled:
