@@ -23,8 +23,12 @@ CASES = [
     ("cnn1d", SYNTHETIC),
     ("cnn2d", DIGITS),
     ("cnn2d", CIFAR),
+    ("pfedhn_cnn", CIFAR),
+    ("resnet8", CIFAR),
+    ("resnet8", DIGITS),
 ]
-LAYERS = {"logreg": 1, "mlp": 2, "cnn1d": 4, "cnn2d": 5}
+BIG = [("resnet18", CIFAR), ("femnist_cnn", (1, 28, 28))]  # shape and split tests only: SGD on them is slow here
+LAYERS = {"logreg": 1, "mlp": 2, "cnn1d": 4, "cnn2d": 5, "pfedhn_cnn": 5, "resnet8": 5, "resnet18": 10, "femnist_cnn": 4}
 
 
 def _build(name: str, shape: tuple[int, ...], seed: int = 0, **kw) -> torch.nn.Module:
@@ -32,7 +36,7 @@ def _build(name: str, shape: tuple[int, ...], seed: int = 0, **kw) -> torch.nn.M
     return build_model(ModelConfig(name=name, **kw), shape, 10)
 
 
-@pytest.mark.parametrize("name,shape", CASES)
+@pytest.mark.parametrize("name,shape", CASES + BIG)
 def test_output_shape_and_split(name, shape):
     model = _build(name, shape)
     assert [n for n, _ in model.named_children()] == ["base", "head"]
@@ -46,7 +50,7 @@ def test_output_shape_and_split(name, shape):
     assert names and all(n.startswith(("base.", "head.")) for n in names)
 
 
-@pytest.mark.parametrize("name,shape", CASES)
+@pytest.mark.parametrize("name,shape", CASES + BIG)
 def test_every_head_size(name, shape):
     """Any head_layers up to the number of layers works; base output stays flat; init ignores the split."""
     ref = dict(_build(name, shape, seed=3).named_parameters())
@@ -189,3 +193,76 @@ def test_sgd_learns_a_fixed_batch(name, shape):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.95 * losses[0]  # seeded, so deterministic
+
+
+# -- networks of the literature (pfl_mpi/models/zoo.py) ------------------------------------------------------
+
+
+def _conv(c_in: int, c_out: int, k: int, bias: bool = True) -> int:
+    return c_in * c_out * k * k + (c_out if bias else 0)
+
+
+def _block(c_in: int, c_out: int) -> int:
+    """A GroupNorm BasicBlock: two 3x3 convolutions, two norms, and a 1x1 projection when the shape changes."""
+    body = _conv(c_in, c_out, 3, False) + _conv(c_out, c_out, 3, False) + 4 * c_out
+    return body + (_conv(c_in, c_out, 1, False) + 2 * c_out if c_in != c_out else 0)
+
+
+def _lstm(n_in: int, hidden: int) -> int:
+    return 4 * hidden * (n_in + hidden) + 2 * 4 * hidden  # torch keeps two bias vectors
+
+
+PARAMETERS = [  # (name, input, classes, count from the reference layer sizes)
+    ("pfedhn_cnn", CIFAR, 10, _conv(3, 16, 5) + _conv(16, 32, 5) + 800 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10),
+    ("femnist_cnn", (1, 28, 28), 62, _conv(1, 32, 5) + _conv(32, 64, 5) + 3136 * 2048 + 2048 + 2048 * 62 + 62),
+    ("shakespeare_lstm", (80,), 80, 80 * 8 + _lstm(8, 256) + _lstm(256, 256) + 256 * 80 + 80),
+    ("resnet8", CIFAR, 10, _conv(3, 16, 3, False) + 32 + _block(16, 16) + _block(16, 32) + _block(32, 64) + 650),
+    ("resnet18", CIFAR, 10, 11_173_962),  # the CIFAR ResNet-18's usual count (GroupNorm has BatchNorm's 2 per channel)
+]
+
+
+@pytest.mark.parametrize("name,shape,classes,expected", PARAMETERS, ids=[p[0] for p in PARAMETERS])
+def test_reference_sizes(name, shape, classes, expected):
+    model = build_model(ModelConfig(name=name), shape, classes)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    shared, personal = split_names(model, lambda n: n.startswith("head."))  # FedPer's split: the last layer
+    assert personal == [n for n, _ in model.named_parameters() if n.startswith("head.")] and len(personal) == 2
+    assert list(model.buffers()) == []  # GroupNorm, no running statistics to average by accident
+
+
+def test_shakespeare_lstm_predicts_the_next_character_from_token_ids():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="shakespeare_lstm", head_layers=2), (80,), 80)
+    x = torch.randint(0, 80, (4, 80))
+    out = model(x)
+    assert out.shape == (4, 80)
+    torch.manual_seed(0)
+    one = build_model(ModelConfig(name="shakespeare_lstm"), (80,), 80)
+    assert one.feature_dim == 256 and [n for n, _ in one.head.named_parameters()] == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(one(x), out, rtol=0, atol=0)  # the split does not change the function
+    opt = torch.optim.SGD(one.parameters(), lr=0.5)
+    y = torch.randint(0, 80, (4,), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(one(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]  # seeded, so deterministic
+
+
+def test_literature_networks_reject_what_does_not_fit():
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelConfig(name="pfedhn_cnn"), DIGITS, 10)
+    assert err.value.key == "model.name" and "16 x 16" in err.value.message
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelConfig(name="resnet8", groupnorm_groups=3), CIFAR, 10)
+    assert err.value.key == "model.groupnorm_groups"
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelConfig(name="shakespeare_lstm"), CIFAR, 10)
+    assert err.value.key == "model.name"
+    with pytest.raises(ValidationError):
+        ModelConfig(name="shakespeare_lstm", lstm_units=128)
+    with pytest.raises(ValidationError):
+        ModelConfig(name="resnet34")
