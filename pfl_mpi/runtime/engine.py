@@ -220,6 +220,7 @@ class Engine:
             "test_sizes": data.test_sizes,
             "label_histograms": histograms,
             "host_rank": self.host,
+            **data.partition_columns(),  # client_names (LEAF users, ...), val_sizes
             **self.layout.partition(),
         }
 
