@@ -8,6 +8,8 @@ composes them. :func:`load_config` returns a validated :class:`RunConfig` or rai
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,8 @@ from .comm.world import POLL_MAX_MS
 from .data import DataConfig
 from .errors import ConfigError
 from .models import ModelConfig
+
+NAME_MAX = 100  # characters of a run name
 
 
 class CommConfig(BaseModel):
@@ -41,8 +45,13 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("run", min_length=1, description="run name; the default output is runs/<name>.h5")
-    seed: int = Field(0, ge=0, description="root of every random choice (data, sampling, init, client RNG)")
+    name: str = Field(
+        "run",
+        min_length=1,
+        max_length=NAME_MAX,
+        description="run name (not a path); the default output is runs/<name>.h5",
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="root of every random choice (data, sampling, init, client RNG)")
     rounds: int = Field(20, ge=1, description="communication rounds")
     clients_per_round: int | None = Field(10, ge=1, description="clients sampled per round; null = all")
     eval_every: int = Field(1, ge=1, description="evaluate every k rounds (and after the last round)")
@@ -53,12 +62,26 @@ class RunConfig(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads per rank")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU by node-local rank if any")
     output: str | None = Field(None, description="HDF5 run file; default runs/<name>.h5")
-    plugins: list[str] = Field(default_factory=list, description="modules imported on every rank (own algorithms)")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="imported on every rank (own algorithms): module names, or paths to .py files "
+        "(relative to the config file's directory; to the working directory for --set)",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
     comm: CommConfig = Field(default_factory=CommConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        """A name names the run (and its default file runs/<name>.h5); it is never a path."""
+        if any(not c.isprintable() for c in name):
+            raise ValueError("only printable characters (no NUL, tab or newline)")
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"{name!r} is a path, not a name (no / or \\, no leading '.'); use --out for the file")
+        return name
 
     @field_validator("algorithm", mode="before")
     @classmethod
@@ -83,7 +106,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(text, "an override is written key=value, e.g. --set train.lr=0.1")
-    return key.strip().split("."), yaml.safe_load(value)
+    key = key.strip()
+    if "!!python" in value or "!python" in value:
+        raise ConfigError(key, f"python tags are not allowed in values ({value.strip()!r})")
+    try:
+        return key.split("."), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"the value {value!r} is not valid YAML ({_yaml_reason(err)})") from None
+
+
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    """What a YAML parser disliked, in one short phrase."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem:
+        return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark else str(problem)
+    return " ".join(str(err).split())
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -107,8 +145,59 @@ def _first_error(err: ValidationError) -> ConfigError:
     return ConfigError(key, message)
 
 
-def validate(raw: dict[str, Any]) -> RunConfig:
-    """Validate a nested dict: the schema, then the plugins and the algorithm's own parameters."""
+def _is_path(entry: str) -> bool:
+    return entry.endswith(".py") or "/" in entry or "\\" in entry
+
+
+def import_plugin(entry: str, base: Path | None = None) -> str:
+    """Import one ``plugins`` entry and return how the configuration keeps it.
+
+    A path to a .py file (relative to ``base``, the config file's directory, or absolute) is imported
+    from that file and kept as an absolute path. A module name is imported from sys.path; failing that,
+    from ``base``, and then kept as the file's absolute path, so that a resume finds it from anywhere.
+    The working directory is not searched (``python -m pfl_mpi`` removes it from sys.path)."""
+    if _is_path(entry):
+        path = (base or Path.cwd()) / Path(entry).expanduser()
+        if not path.is_file():
+            raise ConfigError("plugins", f"no such plugin file: {path}")
+        _import_file(path.resolve())
+        return str(path.resolve())
+    try:
+        importlib.import_module(entry)
+        return entry
+    except ImportError as err:
+        beside = base / f"{entry}.py" if base else None
+        if beside is None or not beside.is_file() or err.name != entry:
+            raise ConfigError("plugins", f"cannot import {entry!r}: {err}") from None
+        _import_file(beside.resolve())
+        return str(beside.resolve())
+    except Exception as err:  # noqa: BLE001 - a plugin that fails at import: one line, not a traceback
+        raise ConfigError("plugins", f"importing {entry!r} failed: {type(err).__name__}: {err}") from None
+
+
+def _import_file(path: Path) -> None:
+    """Import the module in ``path`` under its file name (once)."""
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError("plugins", f"cannot import {path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback
+        del sys.modules[name]
+        raise ConfigError("plugins", f"importing {path} failed: {type(err).__name__}: {err}") from None
+
+
+def validate(raw: dict[str, Any], base: Path | None = None) -> RunConfig:
+    """Validate a nested dict: the schema, then the plugins and the algorithm's own parameters.
+
+    ``base``: the config file's directory, where relative plugin paths (and plugin modules not on sys.path)
+    are looked for."""
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "the configuration must be a mapping of keys to values")
     try:
@@ -120,11 +209,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
             "clients_per_round",
             f"{cfg.clients_per_round} exceeds the {cfg.data.num_clients} clients (data.num_clients)",
         )
-    for module in cfg.plugins:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise ConfigError("plugins", f"cannot import {module!r}: {err}") from None
+    cfg.plugins = [import_plugin(entry, base) for entry in cfg.plugins]
     cls, params = resolve(cfg.algorithm)
     cfg.algorithm = {"name": cls.name, **params.model_dump(mode="json")}
     _check_architectures(cfg, cls)
@@ -152,10 +237,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError("config", f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError("config", f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError("config", f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError("config", f"{path} is not valid YAML: {_yaml_reason(err)}") from None
     return {} if raw is None else raw
 
 
@@ -164,4 +251,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = read_yaml(path) if path else {}
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path} must hold a mapping of keys to values")
-    return validate(apply_overrides(raw, overrides or []))
+    base = Path(path).resolve().parent if path else None
+    if base is not None and isinstance(raw.get("plugins"), list):  # the file's own entries: relative to it
+        raw["plugins"] = [
+            str(base / p) if isinstance(p, str) and _is_path(p) and not Path(p).expanduser().is_absolute() else p
+            for p in raw["plugins"]
+        ]
+    return validate(apply_overrides(raw, overrides or []), base)

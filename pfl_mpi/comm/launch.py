@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .world import POLL_MAX_MS
@@ -47,3 +51,101 @@ def make_world(poll_max: float = POLL_MAX_MS / 1000, wait: str = "polled"):
     from .serial import SerialWorld
 
     return SerialWorld()
+
+
+# -- supervising mpiexec ------------------------------------------------------------------------
+STOP_GRACE = 12.0  # seconds the job gets to stop after a forwarded signal before everything left is killed
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def _prctl(option: int, value: int) -> None:
+    """Linux prctl(2), best effort (elsewhere, or without libc, nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _term_with_parent() -> None:  # runs in the child between fork and exec
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _descendants(root: int) -> list[int]:
+    """Living (not zombie) processes below ``root``, from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent[int(entry)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, ppid in parent.items() if ppid == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def _reap() -> None:
+    """Collect exited children (adopted ones included: this process is their subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _end_leftovers(grace: float) -> None:
+    """SIGTERM every process still below this one (ranks orphaned by a killed mpiexec), SIGKILL after ``grace``."""
+    me = os.getpid()
+    deadline = time.monotonic() + grace
+    sent = False
+    while True:
+        _reap()
+        left = _descendants(me)
+        if not left:
+            return
+        late = time.monotonic() >= deadline
+        if late or not sent:
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+            sent = True
+        time.sleep(0.05)
+
+
+def supervise(command: list[str], grace: float = STOP_GRACE) -> int:
+    """Run ``command`` (mpiexec) so that no process outlives this one, and return its exit code.
+
+    SIGTERM, SIGINT and SIGHUP here are passed on to mpiexec as SIGTERM (it forwards them to the ranks,
+    which commit and stop); a second one kills it. mpiexec gets SIGTERM if this process dies (SIGKILL
+    included), and runs in its own session so that a terminal's Ctrl-C reaches only this process. This
+    process adopts the ranks when mpiexec dies (child subreaper): whatever is left when mpiexec has
+    ended gets SIGTERM, then SIGKILL after ``grace`` seconds. The exit code of a killed mpiexec is 128 + signal."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_term_with_parent)  # noqa: PLW1509
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        code = proc.wait()
+        _end_leftovers(grace if len(received) < 2 else 0.0)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code

@@ -34,18 +34,25 @@ class MPIWorld(World):
         """``wait``: "polled" (spin, then sleep up to ``poll_max`` seconds between polls) or
         "blocking" (MPI's own wait, which busy-polls: the lowest latency, a full core per waiting rank)."""
         super().__init__()
-        if wait not in WAIT_MODES:
-            raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
-        self.blocking = wait == "blocking"
+        self.configure(poll_max, wait)
         self.comm = MPI.COMM_WORLD.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = node.Get_rank()
         node.Free()
         self.hosts = self.comm.allgather(MPI.Get_processor_name())  # small metadata, once
-        self.poll_max = poll_max
         self.clock_offset, self.clock_error = self.sync_clocks()
         self.ledger.resolve_entries = self._allgather_entries
+
+    def configure(self, poll_max: float, wait: str) -> None:
+        if wait not in WAIT_MODES:
+            raise ValueError(f"wait must be one of {WAIT_MODES}, not {wait!r}")
+        self.blocking, self.poll_max = wait == "blocking", poll_max
+
+    def agree(self, failure: str | None) -> tuple[int, str] | None:
+        self.barrier()  # polled: a rank still validating does not make the others spin
+        every = self.comm.allgather(failure)  # pickled, once per run
+        return next(((rank, text) for rank, text in enumerate(every) if text is not None), None)
 
     # -- a common clock -------------------------------------------------------------------
     def now(self) -> float:

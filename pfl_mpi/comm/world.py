@@ -73,3 +73,12 @@ class World(abc.ABC):
 
     def barrier(self) -> None:  # noqa: B027 - optional for single-process worlds
         """Wait until every rank gets here."""
+
+    def agree(self, failure: str | None) -> tuple[int, str] | None:
+        """Every rank says whether it failed (a message) or not (None); every rank gets the lowest failing
+        rank and its message, or None when none failed. One collective: a failure on one rank never
+        leaves the others waiting in the next one."""
+        return None if failure is None else (self.rank, failure)
+
+    def configure(self, poll_max: float, wait: str) -> None:  # noqa: B027 - nothing to wait on alone
+        """Set how this rank completes a collective, once the configuration is known."""

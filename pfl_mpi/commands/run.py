@@ -5,25 +5,28 @@ The configuration is validated first, including the data-dependent checks, so ba
 (srun without a PMI plugin starts singletons) exits 2 with one line before doing anything.
 
 ``--resume-if-exists`` continues the output file when it holds the same experiment; a requeued
-SLURM job (``SLURM_RESTART_COUNT`` > 0) does so without being asked (docs/slurm.md).
+SLURM job (``SLURM_RESTART_COUNT`` > 0) does so without being asked (docs/slurm.md). An existing output
+file is replaced only with ``--overwrite``. Rank 0 holds the file's lock (``store/lock.py``) for the run.
+
+Under MPI every rank validates, then all agree (one collective) before the run starts: a failure on any
+rank (a plugin missing on one node) ends every rank with one line instead of a hang. SIGTERM or Ctrl-C
+stops the run after the round in flight, committed, with status ``interrupted`` (``runtime/cluster.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..runtime.cluster import launch_mismatch, launcher_rank, requeued
+from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, ConfigError, Interrupted
+from ..runtime.cluster import Stopper, launch_mismatch, launcher_rank, requeued
 
 NAME = "run"
 HELP = "run an experiment (under mpiexec, with -n P, or as one process)"
-EXIT_CONFIG = 2
 EXIT_LAUNCH = 2
 # seconds the other tasks of a misstarted job wait before failing: srun --kill-on-bad-exit ends the step
 # as soon as one task fails, and task 0 must have said why by then
@@ -67,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the output file if it holds this experiment (only rounds may differ), else start it; "
         "automatic in a requeued SLURM job",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse it)")
     parser.add_argument("--quiet", action="store_true", help="no per-round progress")
 
 
@@ -121,8 +125,19 @@ def _resolve_run_config(args: argparse.Namespace):
 
         if args.config:
             raise ConfigError("config", "give either a config file or --resume RUN.h5, not both")
+        if args.out:
+            raise ConfigError(
+                "out", f"--resume continues {args.resume} in place: drop --out (copy the file to continue a copy)"
+            )
+        if args.overwrite or args.resume_if_exists:
+            raise ConfigError(
+                "resume", "--resume continues its file: it takes neither --overwrite nor --resume-if-exists"
+            )
+        if Path(args.resume).is_dir():
+            raise ConfigError("resume", f"{args.resume} is a directory, not a run file")
         try:
             stored = yaml.safe_load(read_config_text(args.resume))
+            done = int(read_summary(args.resume).rounds_completed)
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError("resume", f"cannot read a run configuration from {args.resume}: {err}") from None
         changed = apply_overrides(yaml.safe_load(yaml.safe_dump(stored)), args.overrides)
@@ -130,19 +145,73 @@ def _resolve_run_config(args: argparse.Namespace):
             raise ConfigError("resume", "only rounds may change when resuming (--set rounds=N)")
         changed["output"] = args.resume
         cfg = validate(changed)
-        done = int(read_summary(args.resume).rounds_completed)
     else:
+        if args.overwrite and (args.resume_if_exists or requeued()):
+            raise ConfigError(
+                "overwrite", "--overwrite starts afresh, --resume-if-exists (or a requeued job) continues"
+            )
         cfg = load_config(args.config, args.overrides)
         if args.out:
             cfg.output = args.out
         done = _existing_rounds(cfg) if args.resume_if_exists or requeued() else None
+    if done is not None and cfg.rounds < done:
+        raise ConfigError(
+            "rounds",
+            f"{cfg.rounds} is fewer than the {done} rounds {cfg.output_path} has completed: rounds can only grow",
+        )
     check_buildable(cfg, load_federated(cfg.data, cfg.seed))
     return cfg, done
 
 
+def _check_start(cfg, done: int | None, args: argparse.Namespace, server: bool, worker: bool) -> None:
+    """What can be known before the run starts: the output path (server), the device (workers), the data."""
+    from ..store.run_file import check_output, check_reopenable
+
+    if worker and cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device", "cuda was asked for but no GPU is visible here (device: auto falls back to the CPU)"
+            )
+    if server:
+        check_output(cfg.output_path, continuing=done is not None, overwrite=args.overwrite)
+        if done is not None:
+            check_reopenable(cfg.output_path)
+        _check_finite_data(cfg)
+
+
+def _check_finite_data(cfg) -> None:
+    """A data file's x must be finite: NaN or inf would only show as a NaN loss rounds later."""
+    if cfg.data.name != "file" or not cfg.data.path:
+        return
+    import numpy as np
+
+    path = Path(cfg.data.path).expanduser()
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            blocks = [np.asarray(npz["x"])]
+        starts = [0]
+    else:
+        import h5py
+
+        f = h5py.File(path, "r", locking=False)
+        x = f["x"]
+        step = max(1, (64 << 20) // max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * x.dtype.itemsize))
+        starts = list(range(0, x.shape[0], step))
+        blocks = (x[i : i + step] for i in starts)
+    for start, block in zip(starts, blocks, strict=False):
+        bad = ~np.isfinite(np.asarray(block, dtype=np.float64)).reshape(len(block), -1).all(axis=1)
+        if bad.any():
+            raise ConfigError(
+                "data.path", f"{path}: x has NaN or infinite values (first in sample {start + int(np.argmax(bad))})"
+            )
+
+
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Start ``run`` again on ``args.ranks`` ranks; return mpiexec's exit code."""
+    """Start ``run`` again on ``args.ranks`` ranks under the venv's mpiexec; return its exit code."""
     from ..comm import relaunch_command
+    from ..comm.launch import supervise
 
     forwarded, skip = [], False
     for i, token in enumerate(argv):
@@ -156,7 +225,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
             continue
         forwarded.append(token)
     try:
-        return subprocess.call(relaunch_command(args.ranks, forwarded))
+        return supervise(relaunch_command(args.ranks, forwarded))
     except FileNotFoundError as err:
         print(f"pfl-mpi: {err}", file=sys.stderr)
         return 1
@@ -178,11 +247,8 @@ def _summary(metrics: dict[str, float], totals: tuple[float, float], path: Path)
 
 def _note_resume(path: Path, done: int, world) -> None:
     """Say that the run continues, and append when, where and from which round to the file's ``resumes``."""
-    import json
-
-    import h5py
-
     from ..runtime.cluster import slurm_attributes
+    from ..store.run_file import note_resume
 
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -191,9 +257,7 @@ def _note_resume(path: Path, done: int, world) -> None:
         "hosts": sorted(set(world.hosts)),
         **slurm_attributes(),
     }
-    with h5py.File(path, "r+") as f:
-        resumes = json.loads(f.attrs.get("resumes", "[]"))
-        f.attrs["resumes"] = json.dumps([*resumes, entry])
+    note_resume(path, entry)
     job = (
         f" (SLURM job {entry['slurm_job_id']}, restart {entry['slurm_restart_count']})"
         if "slurm_job_id" in entry
@@ -205,14 +269,19 @@ def _note_resume(path: Path, done: int, world) -> None:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..comm import make_world, under_mpi
 
-    try:
-        cfg, done = _resolve_run_config(args)
-    except ConfigError as err:
-        return _fail_config(err)
-    if not under_mpi() and args.ranks and args.ranks > 1:
-        return _launch(args, argv)
+    if args.ranks is not None and args.ranks < 1:
+        return _fail_config(ConfigError("-n", f"the number of ranks must be at least 1, not {args.ranks}"))
+    prepared = None
+    if not under_mpi():  # validate once here, before any rank starts
+        try:
+            prepared = _resolve_run_config(args)
+            _check_start(*prepared, args, server=True, worker=True)
+        except ConfigError as err:
+            return _fail_config(err)
+        if args.ranks and args.ranks > 1:
+            return _launch(args, argv)
 
-    world = make_world(poll_max=cfg.comm.poll_max_ms / 1000.0, wait=cfg.comm.wait)
+    world = make_world()
     mismatch = launch_mismatch(world.size)
     if mismatch:
         if launcher_rank() == 0:
@@ -220,31 +289,111 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         else:
             time.sleep(LAUNCH_ERROR_GRACE)
         return EXIT_LAUNCH
-    if done is not None and world.is_server:  # every rank has read the file: making the world synchronised them
-        _note_resume(cfg.output_path, done, world)
+    return _run_ranks(args, world, prepared)
+
+
+def _prepare(args: argparse.Namespace, world, prepared):
+    """Every rank: the configuration and its checks; rank 0: the file's lock. Then all agree, so that a
+    failure on any one rank ends every rank with one line. Returns (cfg, done, lock) or an exit code."""
+    from ..store.lock import RunFileBusy, RunLock
+    from ..store.run_file import check_output
+
+    lock, failure = None, None
     try:
+        cfg, done = prepared or _resolve_run_config(args)
+        if prepared is None:
+            _check_start(cfg, done, args, server=world.is_server, worker=world.is_worker)
+        world.configure(cfg.comm.poll_max_ms / 1000.0, cfg.comm.wait)
+        if world.is_server:
+            lock = RunLock(cfg.output_path).acquire()
+            check_output(cfg.output_path, continuing=done is not None, overwrite=args.overwrite, probe_lock=False)
+    except ConfigError as err:
+        failure = f"config error: {err}"
+    except RunFileBusy as err:
+        failure = f"config error: output: {err}"
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it, or the others would wait for ever
+        failure = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+    agreed = world.agree(failure)
+    if agreed is None:
+        return cfg, done, lock
+    if lock is not None:
+        lock.release()
+    rank, text = agreed
+    if world.is_server:
+        where = f" (rank {rank} of {world.size}, host {world.hosts[rank]})" if rank else ""
+        first, _, rest = text.partition("\n")
+        print(f"pfl-mpi: {first}{where}" + (f"\n{rest.rstrip()}" if rest.strip() else ""), file=sys.stderr, flush=True)
+    return EXIT_CONFIG if text.startswith("config error:") else 1
+
+
+def _run_ranks(args: argparse.Namespace, world, prepared) -> int:
+    """Run the experiment on this rank: prepare and agree, then the engine, under the stopper's signals."""
+    ready = _prepare(args, world, prepared)
+    if isinstance(ready, int):
+        return ready
+    cfg, done, lock = ready
+    stopper = Stopper(world)
+    stopper.install()
+    engine = None
+    try:
+        if done is not None and world.is_server:  # every rank has read the file: agreeing synchronised them
+            _note_resume(cfg.output_path, done, world)
         from ..runtime import Engine
 
         engine = Engine(cfg, world, resume=done is not None, show_progress=not args.quiet)
+        stopper.watch(engine)
         code = engine.run()
+    except Interrupted as err:
+        if world.is_server:
+            print(f"pfl-mpi: {err}; {_kept(cfg.output_path)}", file=sys.stderr, flush=True)
+        _release(lock)
+        world.abort(err.code)
+        return err.code
     except Exception:
         sys.stdout.flush()
         print(
             f"pfl-mpi: rank {world.rank} of {world.size} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True
         )
+        _release(lock)
         world.abort(1)
         return 1
-    if world.is_server:
-        if code:
-            print(f"pfl-mpi: {engine.divergence}", file=sys.stderr, flush=True)
-        elif done is not None and done >= cfg.rounds:
-            print(f"done: {cfg.output_path} already had its {cfg.rounds} rounds", flush=True)
-        elif hasattr(engine, "last_metrics"):
-            from ..store import read_summary
+    finally:
+        stopper.uninstall()
+    _release(lock)
+    if not world.is_server:
+        return code
+    if stopper.failure is not None:
+        print(f"pfl-mpi: {stopper.failure}", file=sys.stderr, flush=True)
+        return EXIT_WRITE
+    if code in INTERRUPT_CODES:
+        print(
+            f"pfl-mpi: stopped by {stopper.signal_name}: {cfg.output_path} keeps {engine.writer.committed} "
+            f"committed round(s), status interrupted; continue with: pfl-mpi run --resume {cfg.output_path}",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif code:
+        print(f"pfl-mpi: {engine.divergence}", file=sys.stderr, flush=True)
+    elif done is not None and done >= cfg.rounds:
+        print(f"done: {cfg.output_path} already had its {cfg.rounds} rounds", flush=True)
+    elif hasattr(engine, "last_metrics"):
+        from ..store import read_summary
 
-            rounds = read_summary(cfg.output_path).rounds
-            print(
-                _summary(engine.last_metrics, (rounds["bytes_down"].sum(), rounds["bytes_up"].sum()), cfg.output_path),
-                flush=True,
-            )
+        rounds = read_summary(cfg.output_path).rounds
+        print(
+            _summary(engine.last_metrics, (rounds["bytes_down"].sum(), rounds["bytes_up"].sum()), cfg.output_path),
+            flush=True,
+        )
     return code
+
+
+def _release(lock) -> None:
+    if lock is not None:
+        lock.release()
+
+
+def _kept(path: Path) -> str:
+    """What an interrupted start leaves: nothing, or a file to continue."""
+    if path.exists():
+        return f"{path} keeps its committed rounds; continue with: pfl-mpi run --resume {path}"
+    return "no run file was written"

@@ -113,3 +113,90 @@ def job_attributes(env: Mapping[str, str] | None = None) -> dict[str, object]:
     """Root attributes of a new run file (on rank 0): the SLURM job, and the GPUs visible to rank 0
     (under ``--gpus-per-node`` every task of a node sees that node's GPUs)."""
     return {**slurm_attributes(env), "gpus": gpu_names()}
+
+
+# -- SIGTERM (SLURM's time limit, scancel) and SIGINT (Ctrl-C) on a rank ----------------------------
+STOP_GRACE_SERVER = 8.0  # seconds rank 0 gets to finish the round in flight and commit, after a signal
+STOP_GRACE_WORKER = 6.0  # seconds a worker waits for rank 0's stop before it ends the job itself
+
+
+class Stopper:
+    """Turns SIGTERM/SIGINT into a clean stop: rank 0 asks the engine to stop after the round in flight
+    (``stop_code`` = 128 + signal, sent to every rank in the next control word; the engine commits and the
+    file's status becomes ``interrupted``). A worker waits for that stop. Whoever is still running after its
+    grace period (a long round, or a signal that reached a worker only) ends the whole job (MPI Abort): the
+    file keeps its committed rounds. A second signal ends the job at once; a signal before the engine
+    exists raises ``Interrupted``. A failed write of the run file (``on_failure``) stops the run the same way."""
+
+    def __init__(self, world) -> None:
+        self.world = world
+        self.engine = None
+        self.signum: int | None = None
+        self.failure: Exception | None = None
+        self._timer = None
+        self._previous: dict = {}
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum else "-"
+
+    def install(self) -> None:
+        import signal
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self._timer is not None:
+            self._timer.cancel()
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def watch(self, engine) -> None:
+        """The engine is built: signals now stop it cleanly, and so does a failed write of its file."""
+        self.engine = engine
+        if getattr(engine, "writer", None) is not None:
+            engine.writer.on_failure = self._write_failed
+
+    def _handle(self, signum: int, frame) -> None:
+        from ..errors import Interrupted
+
+        if self.signum is not None:  # a second signal: now
+            self.world.abort(128 + signum)
+        self.signum = signum
+        if self.engine is None:
+            raise Interrupted(signum)
+        self._stop(128 + signum)
+
+    def _stop(self, code: int) -> None:
+        import threading
+
+        if self.world.is_server and self.engine.stop_code == 0:
+            self.engine.stop_code = code
+        grace = STOP_GRACE_SERVER if self.world.is_server else STOP_GRACE_WORKER
+        self._timer = threading.Timer(grace, self._late, args=(code,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _late(self, code: int) -> None:
+        import sys
+
+        print(
+            f"pfl-mpi: rank {self.world.rank} did not stop within its grace period after {self.signal_name}: "
+            "ending the job; the file keeps its committed rounds",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.world.abort(code)
+
+    def _write_failed(self, err: Exception) -> None:
+        from ..errors import EXIT_WRITE
+
+        self.failure = err
+        if self.engine is not None and self.engine.stop_code == 0:
+            self.engine.stop_code = EXIT_WRITE

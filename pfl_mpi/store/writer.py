@@ -8,11 +8,19 @@ uncommitted row more; readers slice and resume truncates.
 The checkpoint has two slots and round t writes slot t % 2, so a crash in the middle of round
 t leaves the slot of round t-1 untouched. A slot is made current by writing the client rows
 that changed in the previous round as well as those of this round.
+
+A new file is written under a temporary name (``<name>.partial``) and renamed into place once its
+header, partition and initial states are flushed, so the run file's name never points at a half-made
+file. ``commit`` flushes the round's data before it writes ``rounds_completed`` and flushes again:
+a write error (a full disk) can never mark a round committed. Once a write failed, the writer stops
+writing: with an ``on_failure`` callback it tells the caller (which stops the run) instead of raising.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -41,6 +49,48 @@ _CHUNK_BYTES = 64 << 10
 ROUND_BLOCK = 64  # per-round datasets grow by this many rows at a time (trimmed on close)
 _ROUND_GROUPS = (ROUNDS, CLIENTS, COMM, RANKS)
 _COMPRESS_FROM = 4096  # bytes per row; smaller rows are stored uncompressed
+
+
+class RunFileWriteError(OSError):
+    """Writing the run file failed (e.g. a full disk); the file keeps its committed rounds."""
+
+    def __init__(self, path: str | Path, t: int | None, done: int, cause: BaseException):
+        where = f" (round {t + 1})" if t is not None else ""
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        super().__init__(
+            f"cannot write {path}{where}: {reason}; the file keeps its {done} committed round(s): "
+            f"make room, then continue it with pfl-mpi run --resume {path}"
+        )
+        self.path, self.round, self.done = Path(path), t, done
+
+
+class RunFileDamaged(ValueError):
+    """A run file's committed part cannot be read back as written."""
+
+
+def partial_path(path: Path) -> Path:
+    """Where a new run file is made before it is renamed into place."""
+    return path.with_name(path.name + ".partial")
+
+
+def _guarded(method):
+    """A per-round write: does nothing once a write has failed; turns an error into ``RunFileWriteError``,
+    passed to ``on_failure`` when the caller set one (raised otherwise)."""
+
+    @functools.wraps(method)
+    def wrapper(self: RunWriter, t: int, *args, **kwargs):
+        if self.failed is not None:
+            return None
+        try:
+            return method(self, t, *args, **kwargs)
+        except (OSError, RuntimeError) as err:
+            self.failed = RunFileWriteError(self.path, t, self.committed, err)
+            if self.on_failure is None:
+                raise self.failed from err
+            self.on_failure(self.failed)
+            return None
+
+    return wrapper
 
 
 def block_rows(numel: int) -> int:
@@ -73,8 +123,12 @@ def tables_under(group: h5py.Group) -> dict[str, h5py.Dataset]:
 class RunWriter:
     """Writes one run file. Open it with :meth:`create` or :meth:`reopen`."""
 
-    def __init__(self, file: h5py.File):
+    def __init__(self, file: h5py.File, path: Path | None = None):
         self.f = file
+        self.path = Path(path or file.filename)
+        self.committed = int(file.attrs.get("rounds_completed", 0))
+        self.failed: RunFileWriteError | None = None
+        self.on_failure: Callable[[RunFileWriteError], None] | None = None
         self.pending: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # rows changed last round
         self._handles: dict[str, h5py.Dataset] = {}  # open datasets, looked up once (the write is per round)
         self._round_names = set(file[ROUNDS]) if ROUNDS in file else set()
@@ -139,7 +193,9 @@ class RunWriter:
         is ``init_state(k)[name]``, name being the key's last part.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(path, "w")
+        partial = partial_path(path)
+        partial.unlink(missing_ok=True)  # left by an attempt killed while creating (the caller holds the lock)
+        f = h5py.File(partial, "w")
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "rounds_completed": 0})
         f.attrs.update({k: (json.dumps(v) if isinstance(v, list | dict) else v) for k, v in attrs.items()})
         f.attrs["status"] = "running"
@@ -148,7 +204,7 @@ class RunWriter:
             part.create_dataset(name, data=values)
         for group in (ROUNDS, CLIENTS, CLIENT_STATE, GLOBAL_STATE, COMM, RANKS):
             f.require_group(group)
-        writer = cls(f)
+        writer = cls(f, path)
         spec = {
             key: (value, np.arange(num_clients)) if isinstance(value, int | np.integer) else value
             for key, value in state_spec.items()
@@ -177,6 +233,7 @@ class RunWriter:
                     for clients in tables:
                         clients[key][start : start + len(states)] = values
         f.flush()
+        os.replace(partial, path)  # the open file follows its inode
         return writer
 
     @classmethod
@@ -184,9 +241,14 @@ class RunWriter:
         """Reopen a run file to continue it: drop uncommitted rows, update ``attrs`` (the new plan);
         return the writer and the rounds completed."""
         f = h5py.File(path, "r+")
+        try:
+            done = int(f.attrs["rounds_completed"])
+            _verify(f, done)
+        except BaseException:
+            f.close()
+            raise
         f.attrs.update(attrs or {})
-        done = int(f.attrs["rounds_completed"])
-        writer = cls(f)
+        writer = cls(f, path)
         writer._trim(done)
         for group in (CLIENT_STATE, GLOBAL_STATE):
             g = f[group]
@@ -198,6 +260,7 @@ class RunWriter:
         return writer, done
 
     # -- per round ------------------------------------------------------------------------
+    @_guarded
     def append_round(
         self,
         t: int,
@@ -210,18 +273,20 @@ class RunWriter:
         self._round_names |= set(scalars)
         for name in self._round_names:
             self._append(ROUNDS, name, t, scalars.get(name, np.nan), np.float64)
-        for name, values in clients.items():
-            dtype = np.uint8 if values.dtype == bool else np.float32
-            self._append(CLIENTS, name, t, values, dtype, fill=0 if dtype == np.uint8 else np.nan)
+        for name, values in clients.items():  # flags as uint8, counts (e.g. protocol bytes) as int64, else float32
+            dtype = np.uint8 if values.dtype == bool else np.int64 if values.dtype.kind in "iu" else np.float32
+            self._append(CLIENTS, name, t, values, dtype, fill=np.nan if dtype == np.float32 else 0)
         for name, values in comm.items():
             self._append(COMM, name, t, values, np.float64, fill=0, ragged=True)
         for name, values in ranks.items():
             self._append(RANKS, name, t, values, np.float64, ragged=True)
 
+    @_guarded
     def set_round_value(self, t: int, name: str, value: float) -> None:
         """Overwrite one per-round scalar (e.g. the seconds spent writing the round itself)."""
         self._append(ROUNDS, name, t, value, np.float64)
 
+    @_guarded
     def checkpoint(
         self,
         t: int,
@@ -270,6 +335,7 @@ class RunWriter:
                 target[key][start : start + rows] = table[start : start + rows]
         self.pending = None
 
+    @_guarded
     def snapshot(self, t: int, global_state: Mapping[str, np.ndarray]) -> None:
         """Copy the server's model and every client's current state (slot of round t) into the snapshots."""
         g = self.f[GLOBAL_STATE]
@@ -296,17 +362,36 @@ class RunWriter:
             for start in range(0, n, rows):
                 c[name][s, start : start + rows] = table[start : start + rows]
 
+    @_guarded
     def commit(self, t: int) -> None:
-        """Mark round t complete and flush: from here on the file holds it for good."""
+        """Mark round t complete: flush its data first, then write ``rounds_completed`` and flush again.
+        From here on the file holds the round for good; a failed first flush leaves it uncommitted."""
+        self.f.flush()
         self.f.attrs["rounds_completed"] = t + 1
         self.f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.f.flush()
+        self.committed = t + 1
 
     def close(self, status: str) -> None:
-        """Record the final status, cut spare rows, close."""
-        self._trim(int(self.f.attrs["rounds_completed"]))
-        self.f.attrs["status"] = status
-        self.f.close()
+        """Record the final status, cut spare rows, close. After a failed write only close (quietly): the
+        file keeps its committed rounds and its ``running`` status, as a killed run's does."""
+        if self.failed is not None:
+            try:
+                self.f.close()
+            except Exception:  # noqa: BLE001 - the failure was reported already
+                pass
+            return
+        try:
+            self._trim(self.committed)
+            self.f.attrs["status"] = status
+            self.f.close()
+        except (OSError, RuntimeError) as err:
+            self.failed = RunFileWriteError(self.path, None, self.committed, err)
+            try:
+                self.f.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise self.failed from err
 
     # -- resume ---------------------------------------------------------------------------
     def read_checkpoint(self, done: int) -> tuple[dict[str, np.ndarray], dict[str, h5py.Dataset]]:
@@ -319,4 +404,34 @@ class RunWriter:
         return server, tables_under(slot["clients"])
 
 
-__all__ = ["RunWriter", "CHECKPOINT", "block_rows", "tables_under"]
+def _verify(f: h5py.File, done: int) -> None:
+    """Read back what ``done`` committed rounds need: every per-round row and the latest checkpoint slot.
+    Raises ``RunFileDamaged`` naming what is missing (a row never written reads as its fill value)."""
+    try:
+        if ROUNDS in f and "round" in f[ROUNDS]:
+            rounds = f[ROUNDS]["round"]
+            if rounds.shape[0] < done or not np.array_equal(rounds[:done], np.arange(done)):
+                raise RunFileDamaged(f"{f.filename}: the rows of its {done} committed round(s) are incomplete")
+        for group in _ROUND_GROUPS:
+            for name, ds in f[group].items() if group in f else ():
+                if isinstance(ds, h5py.Dataset) and ds.shape[0] < done:
+                    raise RunFileDamaged(f"{f.filename}: {group}/{name} has {ds.shape[0]} rows, {done} are committed")
+                if isinstance(ds, h5py.Dataset):
+                    ds[:done]
+        if done:
+            slot = f[slot_of(done - 1)]
+            if int(slot.attrs.get("round", -1)) != done - 1:
+                raise RunFileDamaged(f"{f.filename}: its checkpoint does not hold round {done}")
+    except (OSError, KeyError) as err:
+        raise RunFileDamaged(f"{f.filename}: cannot read its committed rounds back ({err})") from None
+
+
+__all__ = [
+    "CHECKPOINT",
+    "RunFileDamaged",
+    "RunFileWriteError",
+    "RunWriter",
+    "block_rows",
+    "partial_path",
+    "tables_under",
+]
