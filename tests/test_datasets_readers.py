@@ -322,3 +322,20 @@ def test_val_fraction_takes_validation_out_of_training_samples() -> None:
         assert len(b.y_val) == fd.val_sizes[k] == round(plain.train_sizes[k] * 0.25)
     assert plain.client(0).x_val is None
     assert "val_sizes" in fd.partition_columns() and plain.partition_columns() == {}
+
+
+def test_leaf_clients_in_increasing_order_parse_each_file_once(tmp_path: Path, monkeypatch) -> None:
+    """Building clients as the engine does (increasing ids) parses each json file once, then the cache is emptied."""
+    from pfl_mpi.data import leaf
+
+    users = write_femnist(tmp_path, num_users=10)["users"]
+    fd = load_federated(DataConfig(name="femnist", root=str(tmp_path), num_clients=10, min_samples=2), 0)
+    parsed: list[str] = []
+    real = leaf._parse
+    monkeypatch.setattr(leaf, "_parse", lambda path: (parsed.append(path.name), real(path))[1])
+    built = fd.clients(range(10))
+    assert sorted(built) == list(range(10)) and len(parsed) == 4 == len(set(parsed))  # 2 train + 2 test files
+    assert [len(built[k].y_train) for k in range(10)] == fd.train_sizes.tolist()
+    parsed.clear()
+    fd.client(0)  # the cache was emptied by clients()
+    assert len(parsed) == 2 and users[0] == fd.client_names[0]

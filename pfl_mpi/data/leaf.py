@@ -10,14 +10,15 @@ per-user train/test split; the user ids are kept as ``FederatedData.client_names
   vocabulary (``VOCAB``), so x is int64 [80] token ids and y one of 80 classes.
 
 json cannot be read in part: start-up parses every file once for its labels and keeps only them; building a
-client parses its user's files again and keeps the user's samples. The parsed samples of the last file are kept
-until another file is needed (``release`` drops them), so building clients in increasing order parses each file
-once per rank.
+client parses its user's files again and keeps the user's samples. The parsed samples of the last two files (a
+train and a test file) are kept until other files are needed (``release`` drops them), so building clients in
+increasing order parses each file once per rank.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,21 +81,27 @@ def _parse(path: Path) -> dict:
 class LeafReader:
     """Reads the x of rows (users' samples in train files then test files), one parsed file cached."""
 
+    CACHED_FILES = 2  # a client reads one train and one test file
+
     def __init__(self, name: str, rows: _Rows):
         self.name, self.rows = name, rows
-        self._cached: tuple[int, dict[str, np.ndarray]] | None = None
+        self._cached: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.parsed = 0  # files parsed to build clients (for tests)
 
     def release(self) -> None:
-        self._cached = None
+        self._cached.clear()
 
     def _user_x(self, block: int) -> np.ndarray:
         file = self.rows.block_file[block]
-        if self._cached is None or self._cached[0] != file:
-            self._cached = None  # drop the previous file before parsing the next one
+        if file not in self._cached:
+            while len(self._cached) >= self.CACHED_FILES:  # drop the oldest file before parsing another
+                self._cached.popitem(last=False)
             path = self.rows.files[file]
             parsed = _parse(path)["user_data"]
-            self._cached = (file, {u: self._x(v["x"], path) for u, v in parsed.items()})
-        return self._cached[1][self.rows.block_user[block]]
+            self._cached[file] = {u: self._x(v["x"], path) for u, v in parsed.items()}
+            self.parsed += 1
+        self._cached.move_to_end(file)
+        return self._cached[file][self.rows.block_user[block]]
 
     def _x(self, x: list, path: Path) -> np.ndarray:
         if self.name == "shakespeare":
