@@ -212,7 +212,7 @@ def ranks(groups: list[Group], path: Path) -> Path:
     rows = -(-len(shown) // cols)
     size = max(runs[0].ranks["wall_seconds"].shape[1] for _, runs in shown)
     height = 1.2 + rows * (0.9 + 0.3 * size)
-    fig, axes = plt.subplots(rows, cols, figsize=(10, height), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, height), squeeze=False, sharex=True)  # one time scale
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
