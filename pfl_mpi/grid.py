@@ -61,9 +61,7 @@ def _label(value: str) -> str:
     return _UNSAFE.sub("_", value)
 
 
-def expand(
-    configs: list[str], overrides: list[str], grid: list[tuple[str, list[str]]], seeds: list[int]
-) -> list[Task]:
+def expand(configs: list[str], overrides: list[str], grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[Task]:
     """Every (config, grid point, seed) task, each validated as ``pfl-mpi run`` would; the data-dependent
     checks run once per config and grid point. Raises ConfigError naming the key at fault."""
     from .config import load_config

@@ -259,7 +259,9 @@ def test_ten_groups_of_five_seeds_stay_readable(seeds, tmp_path, capsys):
     for g in range(10):
         for s in range(5):
             shift = 0.01 * g + 0.002 * s
-            paths.append(_variant(seeds["fedavg", 0], tmp_path / f"g{g}s{s}.h5", s, shift, **{"train.lr": 0.01 * (g + 1)}))
+            paths.append(
+                _variant(seeds["fedavg", 0], tmp_path / f"g{g}s{s}.h5", s, shift, **{"train.lr": 0.01 * (g + 1)})
+            )
     out = tmp_path / "r"
     assert main(["report", *map(str, paths), "-o", str(out)]) == 0
     captured = capsys.readouterr()

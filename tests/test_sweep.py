@@ -98,7 +98,9 @@ def test_a_second_sweep_skips_every_complete_file(sweep, capsys):
 
 
 def test_dry_run_says_what_would_happen(sweep, tmp_path, capsys):
-    assert main(["sweep", CONFIG, *SETS, "--set-grid", "train.lr=0.05,0.2", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    assert (
+        main(["sweep", CONFIG, *SETS, "--set-grid", "train.lr=0.05,0.2", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert out == [
         f"[1/2] default-0.05: would start {tmp_path}/default-0.05.h5",

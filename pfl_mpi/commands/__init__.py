@@ -10,7 +10,16 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-ORDER = ("run", "config", "sweep", "slurm", "info", "watch", "report", "export")  # listed first in --help; the others follow by name
+ORDER = (
+    "run",
+    "config",
+    "sweep",
+    "slurm",
+    "info",
+    "watch",
+    "report",
+    "export",
+)  # listed first in --help; the others follow by name
 
 
 def _rank(name: str) -> tuple[int, str]:

@@ -38,8 +38,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             try:
                 from ..report.tensorboard import export_tensorboard
             except ImportError as err:
-                print(f"pfl-mpi: --tensorboard needs the tensorboard package ({err}): pip install tensorboard",
-                      file=sys.stderr)
+                print(
+                    f"pfl-mpi: --tensorboard needs the tensorboard package ({err}): pip install tensorboard",
+                    file=sys.stderr,
+                )
                 return EXIT_USAGE
             written.append(export_tensorboard(args.file, args.tensorboard))
     except (OSError, ValueError, KeyError) as err:

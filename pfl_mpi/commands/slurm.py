@@ -1,13 +1,14 @@
 """Write a ready SLURM batch script for an experiment, or a job array sweeping configs and seeds; --submit sends it.
 
 One config and at most one seed make a plain job; several configs, --set-grid values or seeds make a job
-array, one task per (config, grid point, seed) (``pfl_mpi.grid``, shared with ``pfl-mpi sweep``), chosen by
-SLURM_ARRAY_TASK_ID. Every configuration is validated first (exit 2, one line). Without GPUs the job has --ntasks-per-node ranks on each node; with --gpus-per-node G it has one
-rank per GPU plus the server rank (G+1 task slots per node, srun --distribution=cyclic, so every node
-hosts G workers). Logs are named %x-%j.out (%x-%A_%a.out for arrays), run files <name>-<job id>.h5
-(<name>-s<seed>-<array job id>_<task id>.h5); a requeued job continues its run file. The log directory is
-created with the script; site set-up and modules come before ``set -u`` (Lmod fails under it), and srun gets
-the allocation's --cpus-per-task through SRUN_CPUS_PER_TASK. See docs/slurm.md.
+array, one task per (config, grid point, seed) (``pfl_mpi.grid``, shared with ``pfl-mpi sweep``), chosen
+by SLURM_ARRAY_TASK_ID. Every configuration is validated first (exit 2, one line). Without GPUs the job
+has --ntasks-per-node ranks on each node; with --gpus-per-node G it has one rank per GPU plus the server
+rank (G+1 task slots per node, srun --distribution=cyclic, so every node hosts G workers). Logs are named
+%x-%j.out (%x-%A_%a.out for arrays), run files <name>-<job id>.h5 (<name>-s<seed>-<array job id>_<task
+id>.h5); a requeued job continues its run file. The log directory is created with the script; site
+set-up and modules come before ``set -u`` (Lmod fails under it), and srun gets the allocation's
+--cpus-per-task through SRUN_CPUS_PER_TASK. See docs/slurm.md.
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--ranks", type=int, default=1, metavar="P", help="MPI ranks of each run (default 1)")
     parser.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once (default 1)")
     parser.add_argument("--runs-dir", default="runs/sweep", help="run files, logs and report (default runs/sweep)")
-    parser.add_argument("-o", "--report", default=None, metavar="DIR", help="report directory (default RUNS_DIR/report)")
+    parser.add_argument(
+        "-o", "--report", default=None, metavar="DIR", help="report directory (default RUNS_DIR/report)"
+    )
     parser.add_argument("--by", action="append", default=[], metavar="KEY", help="the compared key (report --by)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen, run nothing")
 
@@ -53,7 +55,6 @@ def state_of(path: Path, cfg) -> str:
     to continue) or ``other`` (another experiment or not a run file: ``pfl-mpi run`` will say which)."""
     import yaml
 
-    from ..report.groups import flat_config
     from ..store import read_summary
 
     if not path.exists():

@@ -54,8 +54,10 @@ def check_keys(runs: list[Run], group_by: list[str], by: list[str]) -> None:
 
 def difference_lines(groups: list[Group], diffs: dict[str, list[str]]) -> list[str]:
     """One line per config key that differs between groups: its value in each group."""
-    return [f"{key}: " + ", ".join(f"{g.legend}: {shown(v)}" for g, v in zip(groups, values, strict=True))
-            for key, values in diffs.items()]
+    return [
+        f"{key}: " + ", ".join(f"{g.legend}: {shown(v)}" for g, v in zip(groups, values, strict=True))
+        for key, values in diffs.items()
+    ]
 
 
 def fairness_warning(diffs: dict[str, list[str]], by: list[str]) -> str | None:
@@ -75,9 +77,7 @@ def fairness_warning(diffs: dict[str, list[str]], by: list[str]) -> str | None:
     )
 
 
-def make_report(
-    paths: list[str | Path], out_dir: str | Path, group_by: list[str] = (), by: list[str] = ()
-) -> Report:
+def make_report(paths: list[str | Path], out_dir: str | Path, group_by: list[str] = (), by: list[str] = ()) -> Report:
     """Write the figures, report.md and groups.csv for ``paths`` into ``out_dir``."""
     runs = [load_run(p) for p in paths]
     check_keys(runs, list(group_by), list(by))

@@ -17,7 +17,6 @@ import numpy as np
 
 from .load import Run, load_run
 
-
 # columns that count things (stored as float64 in the file, like every /rounds metric): written as integers
 INTEGER_NAMES = ("round", "rank", "client", "num_sampled", "world_size", "calls", "participated")
 INTEGER_PREFIXES = ("bytes_", "protocol_bytes_", "label_")

@@ -146,7 +146,9 @@ def client_accuracy(groups: list[Group], path: Path) -> Path:
         xlim=(0, 1),
     )
     hist_ax.grid(alpha=0.3)
-    band_ax.set(ylabel="client test accuracy (fraction)", title="Clients' median, 10-90th percentile band", ylim=(0, 1.02))
+    band_ax.set(
+        ylabel="client test accuracy (fraction)", title="Clients' median, 10-90th percentile band", ylim=(0, 1.02)
+    )
     _round_axis(band_ax, groups)
     _legend_below(fig, groups, colours)
     return _save(fig, path)
@@ -216,7 +218,7 @@ def ranks(groups: list[Group], path: Path) -> Path:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
-    for ax, (group, runs) in zip(axes.flat, shown):
+    for ax, (group, runs) in zip(axes.flat, shown, strict=False):  # the grid may have a spare cell
         parts = {name: np.mean([rank_breakdown(run)[name] for run in runs], axis=0) for name in RANK_PARTS}
         p = len(parts["compute"])
         y, left = np.arange(p), np.zeros(p)
