@@ -281,7 +281,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.ranks and args.ranks > 1:
             return _launch(args, argv)
 
-    world = make_world()
+    stopper = Stopper()  # from here a signal is noted, and stops the run once it has started
+    stopper.install()
+    try:
+        world = make_world()
+        stopper.world = world
+        return _start(args, world, prepared, stopper)
+    finally:
+        stopper.uninstall()
+
+
+def _start(args: argparse.Namespace, world, prepared, stopper: Stopper) -> int:
     mismatch = launch_mismatch(world.size)
     if mismatch:
         if launcher_rank() == 0:
@@ -289,10 +299,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         else:
             time.sleep(LAUNCH_ERROR_GRACE)
         return EXIT_LAUNCH
-    return _run_ranks(args, world, prepared)
+    return _run_ranks(args, world, prepared, stopper)
 
 
-def _prepare(args: argparse.Namespace, world, prepared):
+def _prepare(args: argparse.Namespace, world, prepared, stopper: Stopper):
     """Every rank: the configuration and its checks; rank 0: the file's lock. Then all agree, so that a
     failure on any one rank ends every rank with one line. Returns (cfg, done, lock) or an exit code."""
     from ..store.lock import RunFileBusy, RunLock
@@ -307,6 +317,10 @@ def _prepare(args: argparse.Namespace, world, prepared):
         if world.is_server:
             lock = RunLock(cfg.output_path).acquire()
             check_output(cfg.output_path, continuing=done is not None, overwrite=args.overwrite, probe_lock=False)
+        if stopper.signum is not None:
+            raise Interrupted(stopper.signum)
+    except Interrupted as err:
+        failure = f"interrupted: {err}"
     except ConfigError as err:
         failure = f"config error: {err}"
     except RunFileBusy as err:
@@ -323,19 +337,20 @@ def _prepare(args: argparse.Namespace, world, prepared):
         where = f" (rank {rank} of {world.size}, host {world.hosts[rank]})" if rank else ""
         first, _, rest = text.partition("\n")
         print(f"pfl-mpi: {first}{where}" + (f"\n{rest.rstrip()}" if rest.strip() else ""), file=sys.stderr, flush=True)
+    if text.startswith("interrupted:"):
+        return 128 + (stopper.signum or 15)
     return EXIT_CONFIG if text.startswith("config error:") else 1
 
 
-def _run_ranks(args: argparse.Namespace, world, prepared) -> int:
+def _run_ranks(args: argparse.Namespace, world, prepared, stopper: Stopper) -> int:
     """Run the experiment on this rank: prepare and agree, then the engine, under the stopper's signals."""
-    ready = _prepare(args, world, prepared)
+    ready = _prepare(args, world, prepared, stopper)
     if isinstance(ready, int):
         return ready
     cfg, done, lock = ready
-    stopper = Stopper(world)
-    stopper.install()
     engine = None
     try:
+        stopper.check()
         if done is not None and world.is_server:  # every rank has read the file: agreeing synchronised them
             _note_resume(cfg.output_path, done, world)
         from ..runtime import Engine
@@ -358,7 +373,7 @@ def _run_ranks(args: argparse.Namespace, world, prepared) -> int:
         world.abort(1)
         return 1
     finally:
-        stopper.uninstall()
+        stopper.uninstall()  # and its grace timer
     _release(lock)
     if not world.is_server:
         return code

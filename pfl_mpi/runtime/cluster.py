@@ -125,12 +125,14 @@ class Stopper:
     (``stop_code`` = 128 + signal, sent to every rank in the next control word; the engine commits and the
     file's status becomes ``interrupted``). A worker waits for that stop. Whoever is still running after its
     grace period (a long round, or a signal that reached a worker only) ends the whole job (MPI Abort): the
-    file keeps its committed rounds. A second signal ends the job at once; a signal before the engine
-    exists raises ``Interrupted``. A failed write of the run file (``on_failure``) stops the run the same way."""
+    file keeps its committed rounds. A second signal ends the job at once. Before the ranks agreed to start,
+    a signal is only noted; ``check`` raises ``Interrupted`` for it, and so does any signal while the engine
+    is being built. A failed write of the run file (``on_failure``) stops the run the same way."""
 
-    def __init__(self, world) -> None:
+    def __init__(self, world=None) -> None:
         self.world = world
         self.engine = None
+        self.armed = False  # raise Interrupted on a signal (while the engine is built)
         self.signum: int | None = None
         self.failure: Exception | None = None
         self._timer = None
@@ -167,11 +169,23 @@ class Stopper:
         from ..errors import Interrupted
 
         if self.signum is not None:  # a second signal: now
+            if self.world is None:
+                os._exit(128 + signum)
             self.world.abort(128 + signum)
         self.signum = signum
         if self.engine is None:
-            raise Interrupted(signum)
+            if self.armed:  # building the engine: nothing to commit yet
+                raise Interrupted(signum)
+            return  # before the ranks agreed to start: ``check`` reports it there
         self._stop(128 + signum)
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a signal came while it could only be noted; from here on, raise at once."""
+        from ..errors import Interrupted
+
+        self.armed = True
+        if self.signum is not None and self.engine is None:
+            raise Interrupted(self.signum)
 
     def _stop(self, code: int) -> None:
         import threading

@@ -1,0 +1,143 @@
+"""Killing a running job (3 ranks through ``pfl-mpi run -n 3``) at each of its processes, with SIGTERM and
+SIGKILL: no process outlives the launcher, and the file continues (``--resume``) to the planned rounds.
+
+SIGTERM to the launcher, mpiexec or rank 0 stops the run cleanly: exit 143, one line, status
+``interrupted``. SIGTERM to a worker alone ends the job (MPI Abort after the worker's grace period);
+SIGKILL anywhere ends it too. Zombies do not count as survivors (PID 1 here does not reap them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+TINY = ["--set", "data.num_clients=8", "--set", "clients_per_round=4", "--set", "model.name=logreg"]
+TINY += ["--set", "train.batch_size=32", "--set", "device=cpu", "--set", "eval_every=5", "--quiet"]
+_MPI = ("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA", "PFL_MPI_")
+DEADLINE = 60.0  # seconds to wait for an event before the test fails (never asserted as a duration)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_MPI)}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and every living process below it."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    found, frontier = [root], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parent.items() if p == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return None
+    rank = env.get(b"PMI_RANK")
+    return int(rank) if rank is not None else None
+
+
+def _committed(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs["rounds_completed"])
+    except (OSError, KeyError):
+        return -1
+
+
+def _wait(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting: {what}")
+        time.sleep(0.1)
+
+
+def _target(launcher: subprocess.Popen, kind: str) -> int:
+    tree = _tree(launcher.pid)
+    if kind == "launcher":
+        return launcher.pid
+    if kind == "mpiexec":
+        return next(p for p in tree if "mpiexec" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"))
+    want = 0 if kind == "rank0" else 1
+    return next(p for p in tree if _rank_of(p) == want)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+@pytest.mark.parametrize("kind", ["launcher", "mpiexec", "rank0", "worker"])
+def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path, kind, signum):
+    out = tmp_path / "x.h5"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pfl_mpi", "run", "-n", "3", "--out", str(out), "--set", "rounds=100000", *TINY],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait(lambda: _committed(out) >= 2 or launcher.poll() is not None, "two committed rounds")
+        assert launcher.poll() is None, launcher.communicate()
+        _wait(lambda: len(_tree(launcher.pid)) >= 5, "launcher, mpiexec, proxy and 3 ranks")
+        processes = _tree(launcher.pid)
+        os.kill(_target(launcher, kind), signum)
+        if kind != "launcher" or signum != signal.SIGKILL:
+            _, err = launcher.communicate(timeout=DEADLINE)
+            assert launcher.returncode != 0
+        _wait(lambda: not any(_alive(p) for p in processes), "every process of the job to end")
+    finally:
+        for pid in _tree(launcher.pid) if launcher.poll() is None else ():
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+
+    with h5py.File(out, "r", locking=False) as f:
+        done, status = int(f.attrs["rounds_completed"]), f.attrs["status"]
+    assert done >= 2
+    if signum == signal.SIGTERM and kind != "worker":  # a clean stop: committed, said so in one line
+        assert status == "interrupted"
+        assert launcher.returncode == 143 if kind != "launcher" or signum != signal.SIGKILL else True
+        if kind != "launcher" or signum != signal.SIGKILL:
+            assert "Traceback" not in err
+            assert f"keeps {done} committed round(s), status interrupted" in err
+    else:
+        assert status in ("running", "interrupted")
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pfl_mpi", "run", "--resume", str(out), "--set", f"rounds={done + 1}", "--quiet"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    with h5py.File(out, "r", locking=False) as f:
+        assert int(f.attrs["rounds_completed"]) == done + 1 and f.attrs["status"] == "completed"
