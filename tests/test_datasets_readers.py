@@ -339,3 +339,12 @@ def test_leaf_clients_in_increasing_order_parse_each_file_once(tmp_path: Path, m
     parsed.clear()
     fd.client(0)  # the cache was emptied by clients()
     assert len(parsed) == 2 and users[0] == fd.client_names[0]
+
+
+def test_max_clients_needs_client_ids(cifar) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="hf", root=str(cifar["root"]), max_clients=3, partition="iid"), 0)
+    assert info.value.key in ("data.max_clients", "data.root")
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="cifar10", root=str(cifar["root"]), max_clients=3), 0)
+    assert info.value.key == "data.max_clients"

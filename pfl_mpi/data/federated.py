@@ -216,6 +216,8 @@ def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
 
         return _load_tagged(cfg, read_tagged(cfg), data_seed)
 
+    if cfg.max_clients is not None and client_ids is None:
+        raise ConfigError("data.max_clients", f"{cfg.path or cfg.name} has no client ids to sub-sample")
     if client_ids is not None and cfg.max_clients is not None and (cfg.partition or "natural") == "natural":
         whole = Tagged(labels, np.zeros(len(labels), np.int8), client_ids, names, num_classes, input_shape, read)
         kept = keep_users(whole, cfg.max_clients, data_seed)
@@ -240,6 +242,8 @@ def _held_out(cfg: DataConfig, source: Source, sizes: np.ndarray, data_seed: int
 
 def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
     """A data set with its own splits: official test (and validation) rows dealt out, or held out per client."""
+    if cfg.max_clients is not None and t.client is None:
+        raise ConfigError("data.max_clients", f"{cfg.root or cfg.path} has no client ids to sub-sample")
     natural_ids = t.client is not None and cfg.partition in (None, "natural")
     if natural_ids and cfg.max_clients is not None:
         t = keep_users(t, cfg.max_clients, data_seed)
