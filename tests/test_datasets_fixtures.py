@@ -70,8 +70,13 @@ def write_cifar100(root: Path, train_per_class: int = 10, test_per_class: int = 
         first += len(fine)
         _dump(
             folder / split,
-            {b"filenames": [b"f.png"] * len(fine), b"batch_label": split.encode(), b"fine_labels": fine.tolist(),
-             b"coarse_labels": (fine // 5).tolist(), b"data": x},
+            {
+                b"filenames": [b"f.png"] * len(fine),
+                b"batch_label": split.encode(),
+                b"fine_labels": fine.tolist(),
+                b"coarse_labels": (fine // 5).tolist(),
+                b"data": x,
+            },
         )
         out[f"x_{split}"], out[f"fine_{split}"] = x, fine
     _dump(folder / "meta", {b"fine_label_names": [b"c"] * 100, b"coarse_label_names": [b"s"] * 20})
@@ -143,7 +148,9 @@ def write_hf(root: Path, clients: list[str] | None = None, per_client: int = 8, 
         labels = rng.integers(0, 3, len(who))
         pixels = rng.integers(0, 256, (len(who), 6, 5, 3), dtype=np.uint8)
         images = [Image.fromarray(p) for p in pixels]
-        splits[split] = datasets.Dataset.from_dict({"img": images, "label": labels.tolist(), "who": who}, features=features)
+        splits[split] = datasets.Dataset.from_dict(
+            {"img": images, "label": labels.tolist(), "who": who}, features=features
+        )
         arrays[split] = {"pixels": pixels, "labels": labels, "who": np.array(who)}
     datasets.DatasetDict(splits).save_to_disk(str(root / "hf"))
     (root / "parquet").mkdir(parents=True, exist_ok=True)

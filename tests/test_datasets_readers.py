@@ -92,8 +92,15 @@ def test_cifar100_fine_and_coarse_labels(tmp_path: Path) -> None:
     mean = np.array([0.5071, 0.4865, 0.4409], dtype=np.float32)[:, None, None]
     std = np.array([0.2673, 0.2564, 0.2762], dtype=np.float32)[:, None, None]
     for labels, classes in (("fine", 100), ("coarse", 20)):
-        cfg = DataConfig(name="cifar100", root=str(tmp_path / "cifar-100-python"), num_clients=50,
-                         partition="shards", classes_per_client=10, min_samples=2, cifar100_labels=labels)
+        cfg = DataConfig(
+            name="cifar100",
+            root=str(tmp_path / "cifar-100-python"),
+            num_clients=50,
+            partition="shards",
+            classes_per_client=10,
+            min_samples=2,
+            cifar100_labels=labels,
+        )
         fd = load_federated(cfg, 1)
         assert fd.num_classes == classes
         c = fd.client(4)
@@ -344,7 +351,7 @@ def test_leaf_clients_in_increasing_order_parse_each_file_once(tmp_path: Path, m
 def test_max_clients_needs_client_ids(cifar) -> None:
     with pytest.raises(ConfigError) as info:
         load_federated(DataConfig(name="hf", root=str(cifar["root"]), max_clients=3, partition="iid"), 0)
-    assert info.value.key in ("data.max_clients", "data.root")
+    assert info.value.key == "data.max_clients"
     with pytest.raises(ConfigError) as info:
         load_federated(DataConfig(name="cifar10", root=str(cifar["root"]), max_clients=3), 0)
     assert info.value.key == "data.max_clients"

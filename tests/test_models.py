@@ -28,7 +28,16 @@ CASES = [
     ("resnet8", DIGITS),
 ]
 BIG = [("resnet18", CIFAR), ("femnist_cnn", (1, 28, 28))]  # shape and split tests only: SGD on them is slow here
-LAYERS = {"logreg": 1, "mlp": 2, "cnn1d": 4, "cnn2d": 5, "pfedhn_cnn": 5, "resnet8": 5, "resnet18": 10, "femnist_cnn": 4}
+LAYERS = {
+    "logreg": 1,
+    "mlp": 2,
+    "cnn1d": 4,
+    "cnn2d": 5,
+    "pfedhn_cnn": 5,
+    "resnet8": 5,
+    "resnet18": 10,
+    "femnist_cnn": 4,
+}
 
 
 def _build(name: str, shape: tuple[int, ...], seed: int = 0, **kw) -> torch.nn.Module:

@@ -45,9 +45,7 @@ def locate(name: str, root: str) -> Path:
         if (candidate / train[0]).is_file():
             return candidate
     tried = base / train[0] if base.name == folder else f"{base / train[0]} nor {base / folder / train[0]}"
-    raise ConfigError(
-        KEY, f"no {tried}: expected {name}'s python batches, the {folder}/ directory of {URL[name]}"
-    )
+    raise ConfigError(KEY, f"no {tried}: expected {name}'s python batches, the {folder}/ directory of {URL[name]}")
 
 
 def _load(path: Path) -> dict:

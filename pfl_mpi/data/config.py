@@ -107,8 +107,9 @@ class HfConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     x: str = Field(
-        "image", description="Column of the inputs: an Image feature (decoded, scaled to [0, 1], channels first) "
-        "or numbers (a scalar, a list or a nested array per row)."
+        "image",
+        description="Column of the inputs: an Image feature (decoded, scaled to [0, 1], channels first) "
+        "or numbers (a scalar, a list or a nested array per row).",
     )
     y: str = Field("label", description="Column of the integer labels 0..C-1 (Value or ClassLabel).")
     client: str | None = Field(
@@ -240,7 +241,8 @@ def check_static(cfg: DataConfig) -> None:
         raise ConfigError("data.partition", f"{cfg.name} has no natural split by client; use iid, dirichlet or shards")
     if cfg.name in LEAF and cfg.partition not in (None, "natural"):
         raise ConfigError(
-            "data.partition", f"{cfg.name} is read with LEAF's natural partition (one client per user), not {cfg.partition!r}"
+            "data.partition",
+            f"{cfg.name} is read with LEAF's natural partition (one client per user), not {cfg.partition!r}",
         )
     if cfg.name in ("digits", "mnist1d", "synthetic") and cfg.test_from == "official":
         raise ConfigError("data.test_from", f"{cfg.name} has no official test split; use client")

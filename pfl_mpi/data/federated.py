@@ -170,9 +170,7 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
         raise ConfigError("seed", f"must be >= 0, got {data_seed}")
     data = _load(cfg, seed, data_seed)
     if cfg.eval_split == "val" and not (data.val_sizes > 0).all():
-        raise ConfigError(
-            "data.eval_split", "val needs a validation split: set data.val_fraction or give the data one"
-        )
+        raise ConfigError("data.eval_split", "val needs a validation split: set data.val_fraction or give the data one")
     data.augment = make_augmenter(cfg.augment, data.input_shape)
     data.public = public.load_public(cfg, seed)
     return data

@@ -75,9 +75,7 @@ def by_client(rows: np.ndarray, client: np.ndarray, num_clients: int) -> Partiti
     return Partition(rows[order].astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
 
-def held_out(
-    t: Tagged, code: int, train: Partition, natural: bool, num_clients: int, seed: int
-) -> Partition:
+def held_out(t: Tagged, code: int, train: Partition, natural: bool, num_clients: int, seed: int) -> Partition:
     """The rows of split ``code`` given to each client: its own (natural), else dealt to follow its train labels."""
     rows = np.flatnonzero(t.split == code)
     if natural:

@@ -62,8 +62,12 @@ CASES = {
     "hf": ("root", []),
     "cifar10-augmented": (  # augmentation on, FedAvg on pFedHN's CNN: the same metrics on any number of ranks
         "papers:cifar10-pfedhn",
-        ["data.root={root}/cifar", "algorithm={name: fedavg}", "clients_per_round=6",
-         "data.augment={crop_padding: 4, flip: true}"],
+        [
+            "data.root={root}/cifar",
+            "algorithm={name: fedavg}",
+            "clients_per_round=6",
+            "data.augment={crop_padding: 4, flip: true}",
+        ],
     ),
 }
 
