@@ -179,5 +179,10 @@ class MPIWorld(World):
     def abort(self, code: int) -> None:
         MPI.COMM_WORLD.Abort(code)
 
+    def exit(self, code: int) -> None:
+        self.comm.Free()
+        MPI.Finalize()
+        super().exit(code)
+
     def barrier(self) -> None:
         self._wait(self.comm.Ibarrier())

@@ -80,5 +80,15 @@ class World(abc.ABC):
         leaves the others waiting in the next one."""
         return None if failure is None else (self.rank, failure)
 
+    def exit(self, code: int) -> None:
+        """End this process now, skipping the interpreter's clean-up (after a failed write HDF5 crashes when
+        it closes the file); the other ranks must be done with their collectives."""
+        import os
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     def configure(self, poll_max: float, wait: str) -> None:  # noqa: B027 - nothing to wait on alone
         """Set how this rank completes a collective, once the configuration is known."""

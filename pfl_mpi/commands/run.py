@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, ConfigError, Interrupted
 from ..runtime.cluster import Stopper, launch_mismatch, launcher_rank, requeued
+from ..store.writer import RunFileWriteError
 
 NAME = "run"
 HELP = "run an experiment (under mpiexec, with -n P, or as one process)"
@@ -364,6 +365,13 @@ def _run_ranks(args: argparse.Namespace, world, prepared, stopper: Stopper) -> i
         _release(lock)
         world.abort(err.code)
         return err.code
+    except RunFileWriteError as err:  # creating the file, or closing it at the end
+        print(f"pfl-mpi: {err}", file=sys.stderr, flush=True)
+        _release(lock)
+        if engine is None:
+            world.abort(EXIT_WRITE)
+        world.exit(EXIT_WRITE)
+        return EXIT_WRITE
     except Exception:
         sys.stdout.flush()
         print(
@@ -379,7 +387,7 @@ def _run_ranks(args: argparse.Namespace, world, prepared, stopper: Stopper) -> i
         return code
     if stopper.failure is not None:
         print(f"pfl-mpi: {stopper.failure}", file=sys.stderr, flush=True)
-        return EXIT_WRITE
+        world.exit(EXIT_WRITE)  # HDF5 crashes when it closes a file whose flush failed: end before it does
     if code in INTERRUPT_CODES:
         print(
             f"pfl-mpi: stopped by {stopper.signal_name}: {cfg.output_path} keeps {engine.writer.committed} "

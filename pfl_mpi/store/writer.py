@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -56,12 +57,22 @@ class RunFileWriteError(OSError):
 
     def __init__(self, path: str | Path, t: int | None, done: int, cause: BaseException):
         where = f" (round {t + 1})" if t is not None else ""
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        reason = _reason(cause)
         super().__init__(
             f"cannot write {path}{where}: {reason}; the file keeps its {done} committed round(s): "
             f"make room, then continue it with pfl-mpi run --resume {path}"
         )
         self.path, self.round, self.done = Path(path), t, done
+
+
+def _reason(err: BaseException) -> str:
+    """An I/O error in a few words: HDF5's messages span lines and carry the system's errno inside."""
+    if isinstance(err, OSError) and err.strerror and not str(err.strerror).startswith("Unable"):
+        return str(err.strerror)
+    found = re.search(r"errno = (\d+)", str(err))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return " ".join(str(err).split())[:200]
 
 
 class RunFileDamaged(ValueError):
@@ -192,6 +203,13 @@ class RunWriter:
         of its rows) for the per-group tables ``group<g>/<name>``; the value of a table's row for client k
         is ``init_state(k)[name]``, name being the key's last part.
         """
+        try:
+            return cls._create(path, attrs, partition, state_spec, init_state, num_clients)
+        except (OSError, RuntimeError) as err:
+            raise RunFileWriteError(path, None, 0, err) from err
+
+    @classmethod
+    def _create(cls, path, attrs, partition, state_spec, init_state, num_clients) -> RunWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(path)
         partial.unlink(missing_ok=True)  # left by an attempt killed while creating (the caller holds the lock)
@@ -375,22 +393,14 @@ class RunWriter:
     def close(self, status: str) -> None:
         """Record the final status, cut spare rows, close. After a failed write only close (quietly): the
         file keeps its committed rounds and its ``running`` status, as a killed run's does."""
-        if self.failed is not None:
-            try:
-                self.f.close()
-            except Exception:  # noqa: BLE001 - the failure was reported already
-                pass
-            return
+        if self.failed is not None:  # HDF5 cannot close a file whose flush failed (it crashes): leave it,
+            return  # the process ends without closing it (``World.exit``), as a killed one would
         try:
             self._trim(self.committed)
             self.f.attrs["status"] = status
             self.f.close()
         except (OSError, RuntimeError) as err:
             self.failed = RunFileWriteError(self.path, None, self.committed, err)
-            try:
-                self.f.close()
-            except Exception:  # noqa: BLE001
-                pass
             raise self.failed from err
 
     # -- resume ---------------------------------------------------------------------------
