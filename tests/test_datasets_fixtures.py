@@ -159,6 +159,20 @@ def write_hf(root: Path, clients: list[str] | None = None, per_client: int = 8, 
     return arrays
 
 
+def write_split_file(path: Path, users: int = 5, per_user: int = 20, seed: int = 0) -> None:
+    """An .h5 of your own: x [n, 1, 8, 8], y, string client ids and a train/val/test split per sample."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    n = users * per_user
+    split = np.array(["train", "train", "train", "val", "test"])[np.arange(n) % 5]
+    with h5py.File(path, "w") as f:
+        f["x"] = rng.random((n, 1, 8, 8)).astype(np.float32)
+        f["y"] = rng.integers(0, 4, n)
+        f["client"] = np.char.encode(np.array([f"site-{u:02d}" for u in (np.arange(n) // 5) % users]), "utf-8")
+        f["split"] = np.char.encode(split, "utf-8")
+
+
 # -- the fixtures are in the distributed formats ----------------------------------------------------------
 
 

@@ -20,7 +20,14 @@ from pfl_mpi.config import load_config
 from pfl_mpi.runtime import Engine
 
 from ..helpers import committed
-from ..test_datasets_fixtures import write_cifar10, write_cifar100, write_femnist, write_hf, write_shakespeare
+from ..test_datasets_fixtures import (
+    write_cifar10,
+    write_cifar100,
+    write_femnist,
+    write_hf,
+    write_shakespeare,
+    write_split_file,
+)
 
 PAPERS = Path(__file__).parents[2] / "configs" / "papers"
 SHORT = ["rounds=2", "eval_every=1", "state_every=1"]
@@ -38,6 +45,13 @@ def root() -> Iterator[Path]:
         write_femnist(path / "femnist")
         write_shakespeare(path / "shakespeare")
         write_hf(path)
+        write_split_file(path / "own.h5")
+        (path / "own.yaml").write_text(
+            "name: own-split\nseed: 0\nclients_per_round: 3\n"
+            f"data: {{name: file, path: {path / 'own.h5'}, num_clients: 5, min_samples: 2, eval_split: val}}\n"
+            "model: {name: mlp, hidden: [8]}\ntrain: {batch_size: 4}\nalgorithm: {name: fedper}\n",
+            encoding="utf-8",
+        )
         (path / "hf.yaml").write_text(
             "name: hf-fedper\nseed: 0\nclients_per_round: 3\n"
             f"data: {{name: hf, root: {path / 'hf'}, num_clients: 4, min_samples: 2, hf: {{x: img, client: who}}}}\n"
@@ -60,6 +74,7 @@ CASES = {
         ["data.root={root}/shakespeare", "data.num_clients=4", "data.max_clients=4", "clients_per_round=2"],
     ),
     "hf": ("root", []),
+    "own": ("root", []),  # a file with string client ids and its own train/val/test split, evaluated on val
     "cifar10-augmented": (  # augmentation on, FedAvg on pFedHN's CNN: the same metrics on any number of ranks
         "papers:cifar10-pfedhn",
         [
@@ -74,7 +89,7 @@ CASES = {
 
 def _case(name: str, root: Path) -> tuple[Path, list[str]]:
     where, sets = CASES[name]
-    config = root / "hf.yaml" if where == "root" else PAPERS / f"{where.partition(':')[2] or name}.yaml"
+    config = root / f"{name}.yaml" if where == "root" else PAPERS / f"{where.partition(':')[2] or name}.yaml"
     return config, [*SHORT, *(s.replace("{root}", str(root)) for s in sets)]
 
 
@@ -97,7 +112,7 @@ def test_dataset_config_under_mpi_like_one_process(name: str, root: Path) -> Non
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=metric)
         with h5py.File(out) as f, h5py.File(one.output_path) as g:
             assert f.attrs["status"] == "completed" and f.attrs["world_size"] == COMM.Get_size()
-            for column in ("train_sizes", "test_sizes", "label_histograms", "client_names"):
+            for column in ("train_sizes", "test_sizes", "label_histograms", "client_names", "val_sizes"):
                 assert (column in f["partition"]) == (column in g["partition"])
                 if column in f["partition"]:
                     np.testing.assert_array_equal(f["partition"][column][()], g["partition"][column][()])
