@@ -123,3 +123,12 @@ def test_bad_grid_exits_2_with_one_line(tmp_path, capsys, options, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pfl-mpi: config error: {message}"), err
     assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_ends_the_sweep_with_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(command, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pfl_mpi.commands.sweep._run_one", interrupted)
+    assert main(["sweep", CONFIG, *SETS, "--runs-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "pfl-mpi: sweep interrupted: the same command continues it"

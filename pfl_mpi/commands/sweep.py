@@ -23,6 +23,7 @@ from ..errors import ConfigError
 NAME = "sweep"
 HELP = "run a grid of configs x --set-grid values x seeds here (-n P ranks, --jobs J at once), then report"
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 FINISHED = ("completed", "diverged")
 
 
@@ -136,8 +137,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"[{i:>{width}}/{len(tasks)}] {task.name}: {done}, {result} in {seconds:.1f} s", flush=True)
         return task.name, code
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(work, todo))
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(work, todo))
+    except KeyboardInterrupt:  # the runs got the signal too; their files keep every completed round
+        print("pfl-mpi: sweep interrupted: the same command continues it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     failed = [name for name, code in results if code]
     files = [runs_dir / f"{t.name}.h5" for t in tasks if t.name not in failed]
     code = 1 if failed else 0
