@@ -307,7 +307,7 @@ def _prepare(args: argparse.Namespace, world, prepared, stopper: Stopper):
     """Every rank: the configuration and its checks; rank 0: the file's lock. Then all agree, so that a
     failure on any one rank ends every rank with one line. Returns (cfg, done, lock) or an exit code."""
     from ..store.lock import RunFileBusy, RunLock
-    from ..store.run_file import check_output
+    from ..store.run_file import check_output, make_parent
 
     lock, failure = None, None
     try:
@@ -316,6 +316,7 @@ def _prepare(args: argparse.Namespace, world, prepared, stopper: Stopper):
             _check_start(cfg, done, args, server=world.is_server, worker=world.is_worker)
         world.configure(cfg.comm.poll_max_ms / 1000.0, cfg.comm.wait)
         if world.is_server:
+            make_parent(cfg.output_path)
             lock = RunLock(cfg.output_path).acquire()
             check_output(cfg.output_path, continuing=done is not None, overwrite=args.overwrite, probe_lock=False)
         if stopper.signum is not None:

@@ -1,9 +1,9 @@
 """Follow a running job's file (e.g. from a login node while a SLURM job runs): print each committed round.
 
 Prints the run's own progress line for every new round, polling every --interval seconds; exits
-when the file's status is no longer "running": 0 completed, 3 diverged, 1 otherwise; 124 on
---timeout. A file that does not exist yet or cannot be read at a poll is retried at the next.
-A job killed without closing its file stays "running": use --timeout.
+when the file's status is no longer "running": 0 completed, 3 diverged, 1 otherwise (interrupted by
+SIGTERM, or a job that died: its file makes no progress while nobody holds its lock); 124 on --timeout.
+A file that does not exist yet or cannot be read at a poll is retried at the next.
 """
 
 from __future__ import annotations

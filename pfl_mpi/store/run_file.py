@@ -45,17 +45,24 @@ def is_run_file(path: Path) -> bool:
 
 
 def _writable_dir(path: Path) -> None:
-    """Make ``path``'s directory (and parents); refuse one that cannot be written."""
+    """Refuse an output whose directory cannot be made or written (nothing is created here)."""
     parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(KEY, f"{existing} is not a directory (output {path})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(existing) else "permission denied"
+        raise ConfigError(KEY, f"cannot write in {existing} ({why}): choose another --out")
+
+
+def make_parent(path: Path) -> None:
+    """Make the output's directory (and parents)."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(KEY, f"cannot make the directory {parent} for {path}: {err.strerror}") from None
-    if not parent.is_dir():
-        raise ConfigError(KEY, f"{parent} is not a directory (output {path})")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        why = "read-only file system" if _read_only(parent) else "permission denied"
-        raise ConfigError(KEY, f"cannot write in {parent} ({why}): choose another --out")
+        raise ConfigError(KEY, f"cannot make the directory {path.parent} for {path}: {err.strerror}") from None
 
 
 def _read_only(path: Path) -> bool:
