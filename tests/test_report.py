@@ -278,3 +278,18 @@ def test_ten_groups_of_five_seeds_stay_readable(seeds, tmp_path, capsys):
         height, width = matplotlib.image.imread(out / png).shape[:2]
         assert width == 1000 and height <= 1200, png
     assert (out / "report.md").read_text().count("### ") <= len(PNGS) + 10  # message tables: one per group
+
+
+def test_two_differing_keys_name_the_groups_and_warn_without_by(seeds, tmp_path, capsys):
+    """fedavg at lr 0.1 against fedper at lr 0.05: both keys in the legend; named with --by, no warning."""
+    paths = [seeds["fedavg", 0], seeds["fedper", "lr"]]
+    assert main(["report", *map(str, paths), "-o", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("pfl-mpi: warning: the groups differ in 2 config keys: algorithm.name, train.lr;")
+    assert list(_group_rows((tmp_path / "a" / "report.md").read_text())) == [
+        "fedavg, train.lr=0.1",
+        "fedper, train.lr=0.05",
+    ]
+    by = ["--by", "algorithm.name", "--by", "train.lr"]
+    assert main(["report", *map(str, paths), "-o", str(tmp_path / "b"), *by]) == 0
+    assert capsys.readouterr().err == ""

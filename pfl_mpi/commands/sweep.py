@@ -6,7 +6,8 @@ RUNS_DIR/<task>.h5 --resume-if-exists`` in a process of its own (``-n P`` ranks 
 once), its output in RUNS_DIR/logs/<task>.log. A file that already holds the task's experiment
 completed (or diverged) is skipped; an interrupted one is continued from its last round; a file holding
 another experiment fails that task. At the end: ``pfl-mpi report`` of the sweep's files into
-RUNS_DIR/report (runs that differ only in seed grouped). Exit 0 when every task ended well, else 1.
+RUNS_DIR/report (runs that differ only in seed grouped; the grid's keys, or --by, are the compared
+ones). Exit 0 when every task ended well, else 1.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--report", default=None, metavar="DIR", help="report directory (default RUNS_DIR/report)"
     )
-    parser.add_argument("--by", action="append", default=[], metavar="KEY", help="the compared key (report --by)")
+    parser.add_argument(
+        "--by", action="append", default=[], metavar="KEY", help="the compared key (report --by; default: the grid's)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen, run nothing")
 
 
@@ -149,7 +152,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if failed:
         print(f"pfl-mpi: {len(failed)} of {len(tasks)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     if files:
-        code = max(code, _report(files, Path(args.report) if args.report else runs_dir / "report", args.by))
+        by = args.by or [key for key, _ in parse_grid(args.grid)]  # the grid's keys are the compared ones
+        code = max(code, _report(files, Path(args.report) if args.report else runs_dir / "report", by))
     return code
 
 

@@ -21,6 +21,7 @@ from .load import Run
 IGNORED = ("name", "output", "threads", "device", "plugins", "comm.wait", "comm.poll_max_ms")
 AVERAGED = ("seed",)
 MISSING = "-"  # a key one group's configuration does not have (another algorithm's parameter)
+LEGEND_KEYS = 3  # without --by, legends name the groups by the differing keys when there are at most this many
 
 
 def flat_config(run: Run) -> dict[str, str]:
@@ -125,10 +126,14 @@ def _matches(key: str, prefixes: list[str]) -> bool:
 
 
 def name_groups(groups: list[Group], by: list[str], diffs: dict[str, list[str]]) -> None:
-    """Legend entries: ``key=value`` of the ``by`` keys (the one differing key without ``by``; the
-    algorithm by its name alone), else the runs' name and algorithm; ``(n=...)`` for groups of several
-    runs; unique."""
-    keys = ([k for k in diffs if _matches(k, by)] or list(by)) if by else fairness(diffs, [])[0]
+    """Legend entries: ``key=value`` of the ``by`` keys (without ``by``: of the differing keys, when at
+    most ``LEGEND_KEYS``; the algorithm by its name alone), else the runs' name and algorithm;
+    ``(n=...)`` for groups of several runs; unique."""
+    if by:
+        keys = [k for k in diffs if _matches(k, by)] or list(by)
+    else:  # the differing keys, if few enough to read (the fairness warning says when there is more than one)
+        real = [k for k, v in diffs.items() if not _consequence(k, v, diffs)]
+        keys = real if len(real) <= LEGEND_KEYS else []
     for group in groups:
         if keys:
             values = [shown(group.config.get(k, MISSING)) for k in keys]
