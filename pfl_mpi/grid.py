@@ -58,7 +58,8 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def _label(value: str) -> str:
-    return _UNSAFE.sub("_", value)
+    """A grid value as part of a file name: ``0.1`` as it is, ``[32,32]`` as ``32_32``."""
+    return _UNSAFE.sub("_", value.strip("[]{}'\" ").replace(", ", ",").replace(",", "_"))
 
 
 def expand(configs: list[str], overrides: list[str], grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[Task]:

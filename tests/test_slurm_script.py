@@ -121,3 +121,19 @@ def test_real_generated_script_submitted_by_hand(slurm, capsys):
     finally:
         subprocess.run(["scancel", job], capture_output=True, timeout=10) if "job" in locals() else None
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_set_grid_makes_a_job_array_of_the_sweep_grid(tmp_path, capsys):
+    """The same grid as pfl-mpi sweep: config x grid values x seeds, one array task each."""
+    options = ["--set-grid", "algorithm.name=fedavg,ditto", "--seeds", "0", "1", "--venv", "/opt/venv"]
+    script, _ = _generate(tmp_path, capsys, *options)
+    text = script.read_text()
+    assert "#SBATCH --array=0-3" in text
+    cases = re.findall(r"^(\d)\) RUN=\((.*)\) NAME=(\S+) ;;$", text, re.M)
+    assert [(i, name) for i, _, name in cases] == [
+        ("0", "default-fedavg-s0"),
+        ("1", "default-fedavg-s1"),
+        ("2", "default-ditto-s0"),
+        ("3", "default-ditto-s1"),
+    ]
+    assert cases[3][1].endswith("--set algorithm.name=ditto --set seed=1")

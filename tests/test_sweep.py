@@ -134,3 +134,10 @@ def test_ctrl_c_ends_the_sweep_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("pfl_mpi.commands.sweep._run_one", interrupted)
     assert main(["sweep", CONFIG, *SETS, "--runs-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "pfl-mpi: sweep interrupted: the same command continues it"
+
+
+def test_grid_values_with_commas_inside_brackets(tmp_path, capsys):
+    grid = ["--set-grid", "model.hidden=[16],[8, 8]", "--set-grid", "train.lr=0.1,0.2"]
+    assert main(["sweep", CONFIG, *SETS, *grid, "--seeds", "4", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    names = [line.split(": ")[0].split("] ")[1] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["default-16-0.1", "default-16-0.2", "default-8_8-0.1", "default-8_8-0.2"]
