@@ -293,3 +293,26 @@ def test_two_differing_keys_name_the_groups_and_warn_without_by(seeds, tmp_path,
     by = ["--by", "algorithm.name", "--by", "train.lr"]
     assert main(["report", *map(str, paths), "-o", str(tmp_path / "b"), *by]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_protocol_bytes_field_is_picked_up(runs, tmp_path, capsys):
+    """A /rounds/protocol_bytes_* field (a later per-protocol ledger) gets a column in both tables, its
+    total over the rounds, and a bar in comparison.png, without the report knowing its name."""
+    import shutil
+
+    path = tmp_path / "ledger.h5"
+    shutil.copy(runs[1], path)
+    per_round = np.array([1000.0, 2000.0, 4000.0])
+    with h5py.File(path, "r+") as f:
+        f["rounds"].create_dataset("protocol_bytes_tcp", data=per_round)
+    out = tmp_path / "r"
+    assert main(["report", str(path), "-o", str(out)]) == 0
+    capsys.readouterr()
+    report = (out / "report.md").read_text()
+    (run_row,) = _table(report)
+    (group_row,) = _table(report, "## Groups")
+    assert int(run_row["protocol bytes tcp"]) == 7000
+    assert float(group_row["protocol bytes tcp"]) == 7000
+    from pfl_mpi.report.plots import byte_fields
+
+    assert byte_fields([load_run(path)]) == ["bytes_down", "bytes_up", "bytes_other", "protocol_bytes_tcp"]
