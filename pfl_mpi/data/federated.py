@@ -102,7 +102,7 @@ class FederatedData:
         self.public: public.PublicData | None = None  # data.public, set by load_federated
 
     def __repr__(self) -> str:
-        total = int(self.train_sizes.sum() + self.test_sizes.sum())
+        total = int(self.train_sizes.sum() + self.val_sizes.sum() + np.sum(self._splitter.test_sizes))
         return (
             f"FederatedData({self.name}, {self.partition}, {self.num_clients} clients, {self.num_classes} "
             f"classes, input {self.input_shape}, {total} samples)"
