@@ -355,3 +355,13 @@ def test_max_clients_needs_client_ids(cifar) -> None:
     with pytest.raises(ConfigError) as info:
         load_federated(DataConfig(name="cifar10", root=str(cifar["root"]), max_clients=3), 0)
     assert info.value.key == "data.max_clients"
+
+
+def test_a_client_with_held_out_samples_only_is_named(tmp_path: Path) -> None:
+    ids = np.array(["a", "b", "c"])[np.arange(30) % 3]
+    arrays = _split_file(tmp_path / "d.npz", ids)
+    arrays["split"][ids == "b"] = "test"  # user b has no training sample
+    np.savez(tmp_path / "e.npz", **arrays)
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="file", path=str(tmp_path / "e.npz"), num_clients=3, min_samples=2), 0)
+    assert info.value.key == "data.test_from" and "'b'" in info.value.message

@@ -260,6 +260,12 @@ def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
     # pooled: a natural client's samples of every split; otherwise the official training rows only
     rows = np.arange(len(t.y)) if (test_from == "client" and kind == "natural") else np.flatnonzero(t.split == TRAIN)
     ids = None if t.client is None else t.client[rows]
+    if kind == "natural" and ids is not None and t.names is not None:
+        missing = np.setdiff1d(np.arange(len(t.names)), ids)
+        if len(missing):  # client k must be code k for the held-out rows grouped by code below
+            raise ConfigError(
+                "data.test_from", f"client {t.names[int(missing[0])]!r} has no training sample (only held-out ones)"
+            )
     part = _partition(cfg, kind, t.y[rows], t.num_classes, ids, g, t.names)
     if test_from == "client":
 
