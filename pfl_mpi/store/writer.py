@@ -18,6 +18,7 @@ writing: with an ``on_failure`` callback it tells the caller (which stops the ru
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -50,6 +51,11 @@ _CHUNK_BYTES = 64 << 10
 ROUND_BLOCK = 64  # per-round datasets grow by this many rows at a time (trimmed on close)
 _ROUND_GROUPS = (ROUNDS, CLIENTS, COMM, RANKS)
 _COMPRESS_FROM = 4096  # bytes per row; smaller rows are stored uncompressed
+# A round starts writing only with this much free space, plus 4 times the file's largest growth in one round
+# so far, plus one snapshot of every client's state: HDF5 that meets ENOSPC in the middle of a flush can
+# leave its metadata pointing past the end of the file (measured: 2 of 5 files on a full tmpfs).
+RESERVE_BYTES = 256 << 10
+SCALAR_CHUNK = 1024  # rows per chunk of a per-round scalar
 
 
 class RunFileWriteError(OSError):
@@ -59,7 +65,7 @@ class RunFileWriteError(OSError):
         where = f" (round {t + 1})" if t is not None else ""
         reason = _reason(cause)
         super().__init__(
-            f"cannot write {path}{where}: {reason}; the file keeps its {done} committed round(s): "
+            f"cannot write {path}{where}: {reason}; the file keeps at least {done} committed round(s): "
             f"make room, then continue it with pfl-mpi run --resume {path}"
         )
         self.path, self.round, self.done = Path(path), t, done
@@ -140,6 +146,8 @@ class RunWriter:
         self.committed = int(file.attrs.get("rounds_completed", 0))
         self.failed: RunFileWriteError | None = None
         self.on_failure: Callable[[RunFileWriteError], None] | None = None
+        self._size, self._growth = self._file_size(), 0  # bytes, and the largest growth of one round
+        self._rounds_written = 0
         self.pending: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # rows changed last round
         self._handles: dict[str, h5py.Dataset] = {}  # open datasets, looked up once (the write is per round)
         self._round_names = set(file[ROUNDS]) if ROUNDS in file else set()
@@ -163,7 +171,7 @@ class RunWriter:
                     maxshape=(None, *((None,) * value.ndim if ragged else value.shape)),
                     dtype=dtype,
                     # one row per chunk: a round's chunk is compressed once, never again at later flushes
-                    chunks=(1 if value.ndim else 1024, *value.shape),
+                    chunks=(1 if value.ndim else SCALAR_CHUNK, *value.shape),
                     compression="gzip" if value.nbytes >= _COMPRESS_FROM else None,
                     fillvalue=fill,
                 )
@@ -277,6 +285,34 @@ class RunWriter:
         f.attrs["status"] = "running"
         return writer, done
 
+    # -- room on the disk -----------------------------------------------------------------
+    def _file_size(self) -> int:
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
+    def _snapshot_bytes(self) -> int:
+        tables = tables_under(self.f[slot_of(0)]["clients"]) if slot_of(0) in self.f else {}
+        return sum(int(ds.size) * ds.dtype.itemsize for ds in tables.values())
+
+    def _check_room(self, t: int, scalars: int) -> None:
+        """Raise ENOSPC before a round's write when the file system lacks room for it (see RESERVE_BYTES).
+        Every SCALAR_CHUNK rounds the per-round scalars take a new chunk each."""
+        need = RESERVE_BYTES + 4 * self._growth + self._snapshot_bytes()
+        if t % SCALAR_CHUNK == 0:
+            need += scalars * SCALAR_CHUNK * 8
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device: {free >> 10} KiB free, a round is written only with {need >> 10} KiB",
+            )
+
     # -- per round ------------------------------------------------------------------------
     @_guarded
     def append_round(
@@ -287,7 +323,9 @@ class RunWriter:
         comm: Mapping[str, np.ndarray],
         ranks: Mapping[str, np.ndarray],
     ) -> None:
-        """Row ``t`` of every per-round dataset (a metric missing this round is NaN)."""
+        """Row ``t`` of every per-round dataset (a metric missing this round is NaN). The round's first write:
+        it refuses to start without room on the disk for the whole round."""
+        self._check_room(t, len(self._round_names | set(scalars)))
         self._round_names |= set(scalars)
         for name in self._round_names:
             self._append(ROUNDS, name, t, scalars.get(name, np.nan), np.float64)
@@ -389,6 +427,9 @@ class RunWriter:
         self.f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.f.flush()
         self.committed = t + 1
+        size = self._file_size()  # a session's first round allocates the scalars' chunks: not a round's growth
+        self._growth = max(self._growth, size - self._size) if self._rounds_written else 0
+        self._size, self._rounds_written = size, self._rounds_written + 1
 
     def close(self, status: str) -> None:
         """Record the final status, cut spare rows, close. After a failed write only close (quietly): the
@@ -432,7 +473,7 @@ def _verify(f: h5py.File, done: int) -> None:
             slot = f[slot_of(done - 1)]
             if int(slot.attrs.get("round", -1)) != done - 1:
                 raise RunFileDamaged(f"{f.filename}: its checkpoint does not hold round {done}")
-    except (OSError, KeyError) as err:
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise RunFileDamaged(f"{f.filename}: cannot read its committed rounds back ({err})") from None
 
 
