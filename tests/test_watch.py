@@ -16,6 +16,7 @@ import pytest
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.report.watch import EXIT_DIVERGED, EXIT_TIMEOUT, watch
 from pfl_mpi.runtime import Engine
+from pfl_mpi.store.lock import RunLock
 from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,8 @@ def test_rounds_appear_between_polls_and_read_errors_are_retried(finished, tmp_p
                 f.attrs["rounds_completed"], f.attrs["status"] = 3, "completed"
 
     out = io.StringIO()
-    assert watch(path, interval=0.0, timeout=30, out=out, sleep=advance) == 0
+    with RunLock(path):  # a live job holds its file's lock
+        assert watch(path, interval=0.0, timeout=30, out=out, sleep=advance) == 0
     assert _rounds(out.getvalue()) == [(1, 3), (2, 3), (3, 3)]
     assert len(steps) == 3
 
@@ -114,3 +116,54 @@ def test_timeout_and_diverged(finished, tmp_path, capsys):
     out = io.StringIO()
     assert watch(diverged, interval=0.01, timeout=5, out=out) == EXIT_DIVERGED
     assert _rounds(out.getvalue()) == [(1, 3), (2, 3), (3, 3)]
+
+
+def _copy(finished, path, **attrs):
+    shutil.copy(finished, path)
+    with h5py.File(path, "r+") as f:
+        f.attrs.update(attrs)
+    return path
+
+
+def test_an_interrupted_job_ends_the_watch_with_how_to_continue(finished, tmp_path):
+    path = _copy(finished, tmp_path / "stopped.h5", status="interrupted")
+    out = io.StringIO()
+    assert watch(path, interval=0.0, timeout=30, out=out, sleep=lambda s: None) == 1
+    assert out.getvalue().splitlines()[-1] == (
+        f"{path}: interrupted, 3/3 rounds; continue it with: pfl-mpi run --resume {path}"
+    )
+
+
+def test_a_running_file_nobody_writes_ends_the_watch(finished, tmp_path):
+    """Status running (a killed job), no progress and its lock free on two polls: the watch says so."""
+    path = _copy(finished, tmp_path / "killed.h5", status="running")
+    out = io.StringIO()
+    assert watch(path, interval=0.0, timeout=30, out=out, sleep=lambda s: None) == 1
+    assert _rounds(out.getvalue()) == [(1, 3), (2, 3), (3, 3)]
+    assert out.getvalue().splitlines()[-1].startswith(f"{path}: no job is writing it (its lock is free)")
+
+
+def test_a_running_file_whose_lock_is_held_is_waited_for(finished, tmp_path, capsys):
+    path = _copy(finished, tmp_path / "live.h5", status="running")
+    with RunLock(path):
+        assert watch(path, interval=0.01, timeout=0.3, out=io.StringIO()) == EXIT_TIMEOUT
+    assert "timed out" in capsys.readouterr().err
+
+
+def test_a_torn_read_is_retried_not_a_traceback(finished, tmp_path):
+    """Caught between two writes of a flush: rounds_completed says 3 but the rows hold 2. Nothing is printed
+    from the torn state; the next poll reads the finished file."""
+    path = _copy(finished, tmp_path / "torn.h5", status="running")
+    with h5py.File(path, "r+") as f:
+        for ds in f["rounds"].values():
+            ds.resize(2, axis=0)
+    polls = []
+
+    def finish(_seconds: float) -> None:
+        polls.append(1)
+        shutil.copy(finished, path)
+
+    out = io.StringIO()
+    with RunLock(path):
+        assert watch(path, interval=0.0, timeout=30, out=out, sleep=finish) == 0
+    assert _rounds(out.getvalue()) == [(1, 3), (2, 3), (3, 3)] and len(polls) == 1
