@@ -178,10 +178,9 @@ def test_a_plugin_beside_the_config_is_found_by_name_and_by_path(work):
 
 def test_info_into_a_closed_pipe_is_quiet(work, tmp_path):
     """``pfl-mpi info RUN.h5 | head``: the reader goes away; no BrokenPipeError traceback."""
-    from tests.helpers import tiny_config
-
     from pfl_mpi.comm.serial import SerialWorld
     from pfl_mpi.runtime import Engine
+    from tests.helpers import tiny_config
 
     path = tmp_path / "done.h5"
     assert Engine(tiny_config(path, rounds=2, device="cpu"), SerialWorld(), show_progress=False).run() == 0
@@ -198,3 +197,22 @@ def test_info_into_a_closed_pipe_is_quiet(work, tmp_path):
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode == 0
+
+
+def test_a_plugin_that_imports_only_on_rank_0_ends_the_job_with_one_line(work):
+    """Under mpiexec (no launcher validated first): rank 1 cannot import the plugin, rank 0 can. Every rank
+    leaves with exit 2 and rank 0 prints rank 1's line, instead of rank 0 waiting for ever."""
+    (work / "rank0only.py").write_text(
+        'import os\nif os.environ.get("PMI_RANK") != "0":\n    raise ImportError("only on rank 0")\n', encoding="utf-8"
+    )
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    command = [str(mpiexec), "-n", "2", sys.executable, "-m", "pfl_mpi", "run", "tiny.yaml"]
+    run = subprocess.run(
+        [*command, "--set", "plugins=[./rank0only.py]"], cwd=work, env=_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2, run.stderr
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith(f"pfl-mpi: config error: plugins: importing {work / 'rank0only.py'} failed: ")
+    assert "ImportError: only on rank 0 (rank 1 of 2, host " in lines[0]
