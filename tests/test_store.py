@@ -291,3 +291,47 @@ def test_no_client_state(path):
     assert tables == {}
     np.testing.assert_array_equal(server["w"], np.ones(2))
     w.close("completed")
+
+
+def test_a_torn_read_of_a_live_file_is_retried_then_reported(path, monkeypatch):
+    """rounds_completed says 2 but the rows hold 1 (a reader between two writes of a flush): the reader
+    retries and then raises OSError naming the file, never an IndexError."""
+    import pfl_mpi.store.reader as reader
+
+    w = _create(path)
+    for t in range(2):
+        _append(w, t, {"loss": float(t)})
+        w.commit(t)
+    w.close("running")
+    with h5py.File(path, "r+") as f:
+        f["rounds/loss"].resize(1, axis=0)
+    monkeypatch.setattr(reader, "SNAPSHOT_PAUSE", 0.0)
+    with pytest.raises(OSError, match="cannot read a consistent state of the file"):
+        read_summary(path)
+
+
+def test_the_lock_has_one_holder_and_names_it(path):
+    import os
+    import socket
+
+    from pfl_mpi.store.lock import RunFileBusy, RunLock, holder, lock_path
+
+    path.parent.mkdir(parents=True)
+    assert holder(path) is None
+    with RunLock(path):
+        assert holder(path) == {"host": socket.gethostname(), "pid": os.getpid()}
+        with pytest.raises(RunFileBusy, match=f"in use by pid {os.getpid()} on host {socket.gethostname()}"):
+            RunLock(path).acquire(patience=0.0)
+    assert holder(path) is None and not lock_path(path).exists()
+    lock_path(path).write_text('{"host": "gone", "pid": 1}')  # left by a killed holder: taken over
+    with RunLock(path):
+        assert holder(path)["pid"] == os.getpid()
+
+
+def test_a_new_file_is_written_under_a_temporary_name_and_a_stale_one_is_replaced(path):
+    from pfl_mpi.store.writer import partial_path
+
+    path.parent.mkdir(parents=True)
+    partial_path(path).write_bytes(b"left by a killed attempt")
+    _create(path).close("completed")
+    assert read_summary(path).attrs["status"] == "completed" and not partial_path(path).exists()
