@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pfl_mpi.algorithms import resolve
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.config import load_config
 from pfl_mpi.models import build_model
@@ -34,6 +35,8 @@ def tiny_config(out: Path, algorithm: str = "fedavg", **overrides):
         "algorithm.name": algorithm,
         "output": str(out),
     }
+    for key in resolve({"name": algorithm})[0].replaces_train:  # keys the algorithm refuses to be set
+        sets.pop(f"train.{key}", None)
     sets.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
@@ -84,7 +87,7 @@ def build_algorithm(cfg, **params):
     data = load_federated(cfg.data, cfg.seed)
     algo = build(cfg.model_copy(update={"algorithm": {**cfg.algorithm, **params}}), data)
     algo.init_server()
-    return algo, data, algo.downlink(0, []).clone()
+    return algo, data, algo.downlink(0, [], "train").clone()
 
 
 class RecordingWorld(SerialWorld):

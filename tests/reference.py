@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 
 
 def fedavg_reference(cfg, rounds: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 from pfl_mpi.store import read_summary
 
 from .helpers import build_algorithm, committed, tiny_config
@@ -123,7 +123,7 @@ def test_only_w_is_communicated(tmp_path):
     numel = sum(p.numel() for p in algo.setup.model.parameters())
     assert isinstance(algo.down, Broadcast) and isinstance(algo.up, WeightedSum)
     assert algo.down_numel() == algo.up_numel() == numel == w.numel()
-    assert algo.client_state_spec() == {"v": numel}
+    assert algo.client_state_spec(0) == {"v": numel}
     torch.testing.assert_close(w, w_avg, rtol=0, atol=0)
 
     # what goes up is FedAvg's update, whatever v_k holds: v never enters a message

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pfl_mpi.runtime import Engine, engine
+from pfl_mpi.runtime import Engine, evaluation
 
 from .helpers import RecordingWorld, committed, tiny_config
 
@@ -26,7 +26,7 @@ def test_per_client_payloads_are_evaluated_in_blocks_with_the_same_results(tmp_p
     calls_whole = [c for c in _run(whole).calls if c[1] == "eval_down"]
     assert len(calls_whole) == 2  # one per evaluated round
     payload = calls_whole[0][3] // 10  # bytes of one client's theta
-    monkeypatch.setattr(engine, "EVAL_BLOCK_BYTES", 3 * payload)
+    monkeypatch.setattr(evaluation, "EVAL_BLOCK_BYTES", 3 * payload)
     blocks = tiny_config(tmp_path / "blocks.h5", "pfedhn", **sets)
     calls_blocks = [c for c in _run(blocks).calls if c[1] == "eval_down"]
     assert len(calls_blocks) == 2 * math.ceil(10 / 3)

@@ -84,7 +84,7 @@ def test_rows_sum_to_one_and_the_cloud_model_is_the_weighted_sum(kind):
     clients = [4, 0, 3]
     xi = algo.attention(clients)
     np.testing.assert_allclose(xi.sum(dim=1).numpy(), 1.0, rtol=0, atol=1e-12)
-    u = algo.downlink(0, clients)
+    u = algo.downlink(0, clients, "train")
     assert u.shape == (3, algo.down_numel()) and u.dtype == torch.float32
     w = algo.w.double().numpy()
     for r, i in enumerate(clients):
@@ -99,7 +99,7 @@ def test_rows_sum_to_one_and_the_cloud_model_is_the_weighted_sum(kind):
 def test_every_client_starts_from_the_initial_model_and_the_server_tracks_uploads():
     algo = _algo(num_clients=4)
     algo.init_server()
-    np.testing.assert_array_equal(algo.downlink(0, [0, 1, 2, 3]).numpy(), algo.initial.expand(4, -1).numpy())
+    np.testing.assert_array_equal(algo.downlink(0, [0, 1, 2, 3], "train").numpy(), algo.initial.expand(4, -1).numpy())
     new = torch.randn(2, algo.up_numel())
     metrics = algo.aggregate(0, Collected([3, 1], new, torch.ones(2)))
     np.testing.assert_array_equal(algo.w[[3, 1]].numpy(), new.numpy())
@@ -194,7 +194,7 @@ def test_server_state_round_trips_exactly():
     b.init_server()
     b.load_server_state(saved)
     np.testing.assert_array_equal(b.w.numpy(), a.w.numpy())
-    np.testing.assert_array_equal(b.downlink(1, [0, 2, 3]).numpy(), a.downlink(1, [0, 2, 3]).numpy())
+    np.testing.assert_array_equal(b.downlink(1, [0, 2, 3], "train").numpy(), a.downlink(1, [0, 2, 3], "train").numpy())
     np.testing.assert_array_equal(b.global_state()["attention"].numpy(), a.global_state()["attention"].numpy())
 
 
@@ -209,7 +209,7 @@ def test_runs_end_to_end_with_model_sized_messages_and_personal_models(tmp_path)
     numel = sum(p.numel() for p in algo.setup.model.parameters())
     assert isinstance(algo.down, PerClient) and isinstance(algo.up, Gathered)
     assert algo.down_numel() == algo.up_numel() == numel
-    assert algo.client_state_spec() == {"model": numel}
+    assert algo.client_state_spec(0) == {"model": numel}
 
     with h5py.File(cfg.output_path) as f:
         states = f["clients/state/model"][-1]  # [N, numel] after the last round

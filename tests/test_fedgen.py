@@ -26,7 +26,8 @@ from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.runtime import Engine
-from pfl_mpi.runtime.seeding import client_generator, derive_seed
+from pfl_mpi.seeding import client_generator, derive_seed
+from pfl_mpi.store.nested import flatten_state, unflatten_state
 
 from .helpers import RecordingWorld, committed, initial_model, tiny_config
 
@@ -50,7 +51,7 @@ def _client(algo, data, k: int, t: int) -> Client:
 
 def _round(algo, data, clients, t):
     """Train ``clients`` on round t's downlink and aggregate them; return (downlink, Collected)."""
-    down = algo.downlink(t, clients).clone()
+    down = algo.downlink(t, clients, "train").clone()
     updates = [algo.client_update(_client(algo, data, k, t), down.clone()) for k in clients]
     up = Collected(list(clients), torch.stack([u.payload for u in updates]), torch.tensor([u.weight for u in updates]))
     algo.aggregate(t, up)
@@ -78,7 +79,7 @@ def test_the_generator_step_uses_label_count_weights_on_every_clients_head(tmp_p
     p, t = algo.params, 3
     clients = [0, 4, 7]
     before = copy.deepcopy(algo.generator)
-    down = algo.downlink(t, clients)
+    down = algo.downlink(t, clients, "train")
     rows = [algo.client_update(_client(algo, data, k, t), down.clone()).payload for k in clients]
     # the gathered rows in rank order (not sorted): the server's result must not depend on it
     up = Collected([7, 0, 4], torch.stack([rows[2], rows[0], rows[1]]), torch.ones(3))
@@ -136,7 +137,7 @@ def test_the_fitted_generator_goes_down_with_w_and_the_model_is_averaged(tmp_pat
     initial = algo.generator.flat()
     down, up = _round(algo, data, [1, 2, 5], t=0)
     np.testing.assert_array_equal(down[d:].numpy(), initial.numpy())
-    after = algo.downlink(1, [0])
+    after = algo.downlink(1, [0], "train")
     assert not torch.equal(after[d:], initial)  # fitted during aggregate
     np.testing.assert_array_equal(after[d:].numpy(), algo.generator.flat().numpy())  # ... and that is what goes down
     bn = algo.generator.bn  # the running statistics travel too
@@ -203,7 +204,7 @@ def test_a_client_regularises_with_exactly_the_generator_it_received(tmp_path, a
     algo, data = _build(cfg, generative_alpha=alpha, generative_beta=beta, ensemble_epochs=10)
     _round(algo, data, [0, 3, 6], t=0)
     t, k = 2, 3
-    payload = algo.downlink(t, [k]).clone()
+    payload = algo.downlink(t, [k], "train").clone()
     update = algo.client_update(_client(algo, data, k, t), payload.clone())
     expected = _reference_client(cfg, data, algo, payload, k, t)
     np.testing.assert_allclose(update.payload[: algo.shared.numel].numpy(), expected.numpy(), atol=2e-6)
@@ -223,7 +224,7 @@ def test_without_regulariser_weights_a_client_trains_exactly_as_in_fedavg(tmp_pa
     avg, _ = _build(cfg, name="fedavg")
     _round(gen, data, [0, 3, 6], t=0)
     t, k, d = 1, 3, gen.shared.numel
-    payload = gen.downlink(t, [k]).clone()
+    payload = gen.downlink(t, [k], "train").clone()
     mine = gen.client_update(_client(gen, data, k, t), payload.clone())
     fedavg = avg.client_update(_client(avg, data, k, t), payload[:d].clone())
     assert torch.equal(mine.payload[:d] - payload[:d], fedavg.payload)  # FedAvg sends w_k - w, FedGen w_k
@@ -233,14 +234,14 @@ def test_without_regulariser_weights_a_client_trains_exactly_as_in_fedavg(tmp_pa
     # the same client with the regulariser on ends elsewhere
     on, _ = _build(cfg, generative_alpha=1.0, generative_beta=0.0, ensemble_epochs=5)
     _round(on, data, [0, 3, 6], t=0)
-    regularised = on.client_update(_client(on, data, k, t), on.downlink(t, [k]).clone())
+    regularised = on.client_update(_client(on, data, k, t), on.downlink(t, [k], "train").clone())
     assert (regularised.payload[:d] - mine.payload[:d]).abs().max() > 1e-4
 
 
 def test_the_first_round_has_no_regulariser(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "fedgen")
     algo, data = _build(cfg)
-    update = algo.client_update(_client(algo, data, 2, 0), algo.downlink(0, [2]).clone())
+    update = algo.client_update(_client(algo, data, 2, 0), algo.downlink(0, [2], "train").clone())
     assert update.metrics["synthetic_loss"] == update.metrics["latent_loss"] == 0
 
 
@@ -263,17 +264,17 @@ def test_server_state_round_trips_exactly(tmp_path):
     cfg = tiny_config(tmp_path / "x.h5", "fedgen")
     a, data = _build(cfg, ensemble_epochs=5, server_opt={"name": "adam"})
     _round(a, data, [1, 4], t=0)
-    saved = {k: torch.from_numpy(v.detach().numpy().copy()) for k, v in a.server_state().items()}  # as in the file
-    assert float(saved["generator_adam.step"][0]) == 5
+    saved = flatten_state(a.server_state())  # as in the file
+    assert float(saved["generator_adam.0.step"]) == 5
     b, _ = _build(cfg, ensemble_epochs=5, server_opt={"name": "adam"})
-    b.load_server_state(saved)
-    for key, value in a.server_state().items():
-        np.testing.assert_array_equal(b.server_state()[key].numpy(), value.numpy(), err_msg=key)
+    b.load_server_state(unflatten_state(saved))
+    for key, value in flatten_state(a.server_state()).items():
+        np.testing.assert_array_equal(flatten_state(b.server_state())[key], value, err_msg=key)
     _, up_a = _round(a, data, [2, 3], t=1)
     _, up_b = _round(b, data, [2, 3], t=1)
     np.testing.assert_array_equal(up_b.payloads.numpy(), up_a.payloads.numpy())
-    for key, value in a.server_state().items():
-        np.testing.assert_array_equal(b.server_state()[key].numpy(), value.numpy(), err_msg=key)
+    for key, value in flatten_state(a.server_state()).items():
+        np.testing.assert_array_equal(flatten_state(b.server_state())[key], value, err_msg=key)
 
 
 def test_resume_equals_an_unbroken_run(tmp_path):

@@ -22,7 +22,7 @@ from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import ParamLayout, build_models
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.build import build_algorithm, check_buildable
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 from pfl_mpi.store import read_clients
 
 from .helpers import committed, tiny_config
@@ -154,7 +154,7 @@ def test_transfer_learning_start_trains_each_architecture_on_the_public_data_onc
     k = 0
     client = Client(k, 0, data.client(k), algo.init_client_state(k), client_generator(0, k, 0))
     before = client.state["model"].clone()
-    update = algo.client_update(client, algo.downlink(0, [k]))
+    update = algo.client_update(client, algo.downlink(0, [k], "train"))
     assert float(client.state["started"]) == 1.0 and not torch.equal(before, client.state["model"])
     assert update.metrics["train_loss"] > 0 and update.metrics["digest_loss"] == 0.0  # round 0: nothing to digest
 

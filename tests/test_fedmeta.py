@@ -17,6 +17,7 @@ from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import ClientData, load_federated
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
+from pfl_mpi.store.nested import flatten_state, unflatten_state
 
 from .helpers import tiny_config
 
@@ -121,13 +122,13 @@ def test_metasgd_alpha_is_aggregated_and_stepped_by_the_server():
     algo = _algo(variant="metasgd", alpha=alpha0, beta=beta, outer_optimizer="sgd")
     algo.init_server()
     d = algo.numel // 2
-    x0 = algo.downlink(0, [0, 1]).clone()
+    x0 = algo.downlink(0, [0, 1], "train").clone()
     torch.testing.assert_close(x0[:d], _flat(_theta0()))
     assert torch.all(x0[d:] == alpha0)
     updates = [algo.client_update(_client(_data(seed=s), seed=s, k=s), x0) for s in (1, 2)]
     mean = (updates[0].payload + updates[1].payload) / 2  # uniform weights
     algo.aggregate(0, WeightedMean(mean, 2.0, 2))
-    x1 = algo.downlink(1, [0, 1])
+    x1 = algo.downlink(1, [0, 1], "train")
     torch.testing.assert_close(x1[d:], alpha0 - beta * mean[d:])
     torch.testing.assert_close(x1[:d], x0[:d] - beta * mean[:d])
     assert (x1[d:] - alpha0).abs().max() > 1e-4  # the step sizes moved
@@ -154,18 +155,18 @@ def test_metasgd_step_sizes_change_over_rounds_in_a_run(tmp_path):
 def test_adam_steps_against_the_gradient_and_server_state_round_trips():
     algo = _algo(variant="maml", beta=0.01, outer_optimizer="adam")
     algo.init_server()
-    x0 = algo.downlink(0, [0]).clone()
+    x0 = algo.downlink(0, [0], "train").clone()
     sign = torch.arange(algo.numel) % 2 * 2.0 - 1.0
     g = sign * torch.linspace(0.1, 1, algo.numel)  # no zero entries
     algo.aggregate(0, WeightedMean(g, 1.0, 1))
-    moved = algo.downlink(1, [0]) - x0
+    moved = algo.downlink(1, [0], "train") - x0
     assert torch.all(moved[g > 0] < 0) and torch.all(moved[g < 0] > 0)
     other = _algo(variant="maml", beta=0.01, outer_optimizer="adam")
     other.init_server()
-    other.load_server_state({k: v.clone() for k, v in algo.server_state().items()})
+    other.load_server_state(unflatten_state(flatten_state(algo.server_state())))  # as through the file
     for a in (algo, other):
         a.aggregate(1, WeightedMean(g.flip(0), 1.0, 1))
-    torch.testing.assert_close(algo.downlink(2, [0]), other.downlink(2, [0]), rtol=0, atol=0)
+    torch.testing.assert_close(algo.downlink(2, [0], "train"), other.downlink(2, [0], "train"), rtol=0, atol=0)
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_load_for_eval_adapts_on_the_training_split_and_keeps_the_payload():
         w = [(p - alpha * g).detach() for p, g in zip(w, grads, strict=True)]
     torch.testing.assert_close(_flat([p.detach() for p in algo.setup.model.parameters()]), _flat(w))
     assert torch.equal(payload, before)
-    assert algo.client_state_spec() == {}
+    assert algo.client_state_spec(0) == {}
 
 
 def test_personalised_accuracy_in_a_run_is_the_adapted_models_and_differs_from_the_global_models(tmp_path):

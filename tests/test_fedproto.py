@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from pfl_mpi.algorithms import Client, Setup, WeightedMean, resolve
 from pfl_mpi.algorithms.fedproto import prototype_distance
-from pfl_mpi.algorithms.training import sgd_epochs
+from pfl_mpi.algorithms.training import local_training
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import ParamLayout, build_models
 from pfl_mpi.runtime import Engine
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 
 from .helpers import tiny_config
 from .test_e2e import TINY, pfl
@@ -115,7 +115,7 @@ def test_the_distance_term_is_the_reference_mse_with_missing_classes_at_zero():
 
 @pytest.mark.parametrize("lam,present", [(0.0, True), (5.0, False)])
 def test_without_the_prototype_term_a_client_trains_as_local_sgd(lam, present):
-    """lam = 0, or no global prototype yet: the client's model is plain SGD on CE (``training.sgd_epochs``)."""
+    """lam = 0, or no global prototype yet: the client's model is plain SGD on CE (``training.local_training``)."""
     cfg = tiny_config(Path("unused.h5"), "fedproto", **{"model.architectures": TWO, "train.momentum": 0.5})
     algo, data = _algorithm(cfg, lam=lam)
     c, d = algo.classes, algo.dim
@@ -124,7 +124,7 @@ def test_without_the_prototype_term_a_client_trains_as_local_sgd(lam, present):
         client = _client(algo, data, k)
         update = algo.client_update(client, payload)
         model = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)[algo.setup.group_of(k)]
-        sgd_epochs(model, *client.train, cfg.train, client_generator(cfg.seed, k, 0))
+        local_training(model, *client.train, cfg.train, client_generator(cfg.seed, k, 0))
         expected = ParamLayout(model, [n for n, _ in model.named_parameters()]).flatten(model)
         torch.testing.assert_close(client.state["model"], expected, rtol=0, atol=1e-6)
         assert update.weight == 1.0 and update.payload.dtype == torch.float64

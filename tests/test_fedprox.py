@@ -14,7 +14,7 @@ from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 
 from .helpers import build_algorithm, committed, last_global_state, tiny_config
 

@@ -11,7 +11,7 @@ from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 
 from .helpers import flat, hand_sgd, initial_model, names_of, tiny_config
 
@@ -31,7 +31,7 @@ def make_fedrep(cfg, **algorithm):
 def run_client(algo, data, k, t=0):
     state = {name: v.clone() for name, v in algo.init_client_state(k).items()}
     client = Client(k, t, data.client(k), state, client_generator(algo.setup.seed, k, t))
-    update = algo.client_update(client, algo.downlink(t, [k]).clone())
+    update = algo.client_update(client, algo.downlink(t, [k], "train").clone())
     return update, state
 
 
@@ -42,7 +42,7 @@ def test_sizes_and_state_are_the_body_and_the_head(tmp_path):
     body = sum(p.numel() for p in model.base.parameters())
     head = sum(p.numel() for p in model.head.parameters())
     assert algo.down_numel() == algo.up_numel() == body == 64 * 16 + 16
-    assert algo.client_state_spec() == {"personal": head}
+    assert algo.client_state_spec(0) == {"personal": head}
     assert head == 16 * 10 + 10
 
 

@@ -105,7 +105,7 @@ def test_server_step_equals_a_numpy_reference_of_algorithm_1():
 
 def test_clients_send_the_sketch_of_their_update_and_keep_no_state():
     algo = _algo(rows=2, columns=5, k=3)
-    assert algo.client_state_spec() == {}
+    assert algo.client_state_spec(0) == {}
     w = algo.w.clone()
     update = algo.client_update(_client(1), w.clone())
     from pfl_mpi.algorithms.fedavg import FedAvg, FedAvgParams

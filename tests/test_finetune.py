@@ -10,7 +10,7 @@ from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 
 from .helpers import tiny_config
 

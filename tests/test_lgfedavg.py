@@ -10,7 +10,7 @@ from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 
 from .helpers import flat, hand_sgd, initial_model, names_of, tiny_config
 
@@ -25,7 +25,7 @@ def test_down_and_up_are_the_head_only(tmp_path):
     base = sum(p.numel() for p in model.base.parameters())
     assert head == (16 * 12 + 12) + (12 * 10 + 10)  # fc2 and fc3: head_layers = 2
     assert algo.down_numel() == algo.up_numel() == head
-    assert algo.client_state_spec() == {"personal": base}
+    assert algo.client_state_spec(0) == {"personal": base}
     assert algo.shared.names == ("head.fc2.weight", "head.fc2.bias", "head.fc3.weight", "head.fc3.bias")
 
 

@@ -13,7 +13,7 @@ from pfl_mpi.algorithms import Broadcast, Gathered, PerClient, Update, WeightedS
 from pfl_mpi.algorithms.base import pack, packed_size, unpack
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.uplink import UplinkBuffer
+from pfl_mpi.wire.uplink import UplinkBuffer
 
 from .helpers import RecordingWorld, tiny_config
 

@@ -16,7 +16,8 @@ from pfl_mpi.data import ClientData, load_federated
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
+from pfl_mpi.store.nested import flatten_state, unflatten_state
 
 from .helpers import tiny_config
 
@@ -132,7 +133,7 @@ def test_load_for_eval_takes_one_alpha_step_and_changes_no_state():
     expected = _flat([p - alpha * g for p, g in zip(w, _grad(w, data.x_train[d], data.y_train[d]), strict=True)])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(payload, w0)  # the global model is untouched
-    assert algo.client_state_spec() == {}  # clients keep nothing that evaluation could change
+    assert algo.client_state_spec(0) == {}  # clients keep nothing that evaluation could change
 
     full = _algo(batch_size=4, alpha=alpha, eval_full_batch=True, eval_steps=2)
     full.load_for_eval(_client(data, seed=3), payload)
@@ -204,7 +205,7 @@ def test_server_state_round_trips():
     algo.aggregate(0, WeightedMean(torch.ones(algo.up_numel()), 2.0, 2))
     other = _algo(server_opt={"name": "sgd", "lr": 1.0, "momentum": 0.5})
     other.init_server()
-    other.load_server_state({k: v.clone() for k, v in algo.server_state().items()})
+    other.load_server_state(unflatten_state(flatten_state(algo.server_state())))  # as through the file
     for a in (algo, other):
         a.aggregate(1, WeightedMean(torch.full((a.up_numel(),), 0.5), 2.0, 2))
-    torch.testing.assert_close(algo.downlink(2, [0]), other.downlink(2, [0]))
+    torch.testing.assert_close(algo.downlink(2, [0], "train"), other.downlink(2, [0], "train"))

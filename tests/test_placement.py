@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pfl_mpi.runtime.placement import Plan, make_plan, place_clients, sample_clients
-from pfl_mpi.runtime.seeding import client_generator, derive_seed
+from pfl_mpi.runtime.placement import place_clients, sample_clients
+from pfl_mpi.seeding import client_generator, derive_seed
+from pfl_mpi.wire.plan import Plan, make_plan
 
 # -- place_clients ----------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from pfl_mpi.algorithms.byzantine import gaussian_noise
 from pfl_mpi.algorithms.fedavg import FedAvg, FedAvgParams
 from pfl_mpi.algorithms.signsgd import SignSGD, SignSGDParams, vote_dtype
 from pfl_mpi.runtime import Engine
-from pfl_mpi.runtime.uplink import UplinkBuffer
+from pfl_mpi.wire.uplink import UplinkBuffer
 
 from .helpers import RecordingWorld, tiny_config
 from .test_robust import _client, _setup

@@ -65,7 +65,7 @@ def test_client_packs_indices_and_values_and_keeps_the_residual():
     algo = _algo(k=4)
     d = algo.shared.numel
     state = algo.init_client_state(2)
-    assert algo.client_state_spec() == {"residual": d} and torch.equal(state["residual"], torch.zeros(d))
+    assert algo.client_state_spec(0) == {"residual": d} and torch.equal(state["residual"], torch.zeros(d))
     state["residual"] += torch.linspace(-0.5, 0.5, d)
     before = state["residual"].clone()
     client = _client(2)

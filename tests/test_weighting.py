@@ -19,7 +19,7 @@ from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import ModelConfig, build_model
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
-from pfl_mpi.runtime.seeding import client_generator
+from pfl_mpi.seeding import client_generator
 
 from .helpers import flat, hand_sgd, initial_model, names_of, tiny_config
 

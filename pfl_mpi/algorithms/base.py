@@ -84,79 +84,34 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data import ClientData
 from ..data.public import PublicData
-from .training import TrainConfig, evaluate, sgd_epochs
+from ..wire import (
+    Broadcast,
+    Collected,
+    Down,
+    Gathered,
+    PerClient,
+    Phase,
+    Up,
+    WeightedMean,
+    WeightedSum,
+    pack,
+    packed_size,
+    unpack,
+)
+from .training import Augment, Means, TrainConfig, evaluate, local_training, make_optimizer
 
-WIRE_DTYPES: dict[torch.dtype, np.dtype] = {
-    t: np.dtype(n)
-    for t, n in (
-        (torch.float32, "float32"),
-        (torch.float64, "float64"),
-        (torch.float16, "float16"),
-        (torch.int8, "int8"),
-        (torch.int16, "int16"),
-        (torch.int32, "int32"),
-        (torch.int64, "int64"),
-        (torch.uint8, "uint8"),
-    )
-}
-"""The dtypes a payload may have on the wire, with their numpy equivalents."""
-
-SUMMABLE_DTYPES = frozenset(WIRE_DTYPES) - {torch.uint8}
-"""The dtypes a WeightedSum may reduce in (signed: a weighted sum may be negative)."""
-
-
-def _check_dtype(kind: object, dtype: torch.dtype, allowed: frozenset[torch.dtype] | dict) -> None:
-    if dtype not in allowed:
-        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in allowed))
-        raise ValueError(f"{type(kind).__name__}: dtype {dtype} is not supported; use one of {names}")
-
-
-@dataclass(frozen=True)
-class Broadcast:
-    """One payload for all clients (MPI Bcast), ``down_numel`` elements of ``dtype``."""
-
-    dtype: torch.dtype = torch.float32
-
-    def __post_init__(self) -> None:
-        _check_dtype(self, self.dtype, WIRE_DTYPES)
-
-
-@dataclass(frozen=True)
-class PerClient:
-    """One payload per client, sent only to the rank hosting it (MPI Scatterv), ``down_numel`` of ``dtype``."""
-
-    dtype: torch.dtype = torch.float32
-
-    def __post_init__(self) -> None:
-        _check_dtype(self, self.dtype, WIRE_DTYPES)
-
-
-@dataclass(frozen=True)
-class WeightedSum:
-    """Linear aggregation: sum of weight * payload, pre-summed per rank (MPI Reduce in ``dtype``).
-
-    float32: the summed weight is one more float32 of the same buffer. Any other dtype: a second
-    Reduce of two float64 (summed weight, overflow bound); see the module docstring.
-    """
-
-    dtype: torch.dtype = torch.float32
-
-    def __post_init__(self) -> None:
-        _check_dtype(self, self.dtype, SUMMABLE_DTYPES)
-
-
-@dataclass(frozen=True)
-class Gathered:
-    """Every client's payload to the server (MPI Gatherv), ``up_numel`` elements of ``dtype`` each."""
-
-    dtype: torch.dtype = torch.float32
-
-    def __post_init__(self) -> None:
-        _check_dtype(self, self.dtype, WIRE_DTYPES)
-
-
-Down = Broadcast | PerClient
-Up = WeightedSum | Gathered
+__all__ = [  # the message declarations and payload helpers, for algorithm files to import from here
+    "Broadcast",
+    "Collected",
+    "Gathered",
+    "PerClient",
+    "Phase",
+    "WeightedMean",
+    "WeightedSum",
+    "pack",
+    "packed_size",
+    "unpack",
+]
 
 
 @dataclass
@@ -176,6 +131,8 @@ class Setup:
     # training samples of every client, int [num_clients], known on every rank (per-client payload sizes)
     train_sizes: np.ndarray | None = None
     public: PublicData | None = None  # the data set shared by every client (data.public), if any
+    augment: Augment | None = None  # per-batch transform of training inputs (data augmentation), if any
+    rounds: int = 1  # the run's planned rounds (learning-rate schedules over rounds)
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
     # class frequencies over all clients' training data, known on every rank before round 1
     label_distribution: torch.Tensor = field(init=False)
@@ -240,76 +197,6 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)  # must hold every name in client_metrics
 
 
-@dataclass
-class WeightedMean:
-    """What the server gets from a WeightedSum uplink: sum(w_k p_k) / sum(w_k).
-
-    ``sum`` is the reduced sum(w_k p_k) itself, in the WeightedSum's dtype (signSGD votes on it);
-    ``mean`` is always float32 (zeros when the total weight is 0).
-    """
-
-    mean: torch.Tensor
-    total_weight: float
-    count: int
-    sum: torch.Tensor | None = None
-
-
-@dataclass
-class Collected:
-    """What the server gets from a Gathered uplink: every client's payload, in ``clients`` order.
-
-    ``rows[i]`` is client ``clients[i]``'s payload (1-D, ``up_numel_of`` elements, a view), always set.
-    ``payloads`` stacks them, ``[len(clients), up_numel]``, when every client of the round sent the same
-    size; when sizes differ (``ragged``) it is None: use ``rows`` or ``of(client)``. Built from
-    ``payloads`` alone (the uniform case), ``rows`` are its rows.
-    """
-
-    clients: list[int]
-    payloads: torch.Tensor | None  # [len(clients), up_numel] in the Gathered's dtype; None when ragged
-    weights: torch.Tensor  # [len(clients)]
-    rows: list[torch.Tensor] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.payloads is not None and not self.rows:
-            self.rows = list(self.payloads)
-        if len(self.rows) != len(self.clients):
-            raise ValueError(f"Collected: {len(self.rows)} payloads for {len(self.clients)} clients")
-
-    @property
-    def ragged(self) -> bool:
-        """Whether the clients' payloads differ in size (then ``payloads`` is None)."""
-        return self.payloads is None
-
-    def of(self, client: int) -> torch.Tensor:
-        """The payload of ``client``."""
-        return self.rows[self.clients.index(client)]
-
-
-def pack(*tensors: torch.Tensor) -> torch.Tensor:
-    """The bytes of ``tensors`` (each flattened, in order) as one uint8 vector: a packed payload."""
-    return torch.cat([t.detach().contiguous().reshape(-1).cpu().view(torch.uint8) for t in tensors])
-
-
-def unpack(payload: torch.Tensor, *parts: tuple[torch.dtype, int]) -> list[torch.Tensor]:
-    """Split a packed uint8 ``payload`` into tensors of ``(dtype, numel)`` parts, in order (copies).
-
-    ``payload`` may be longer than the parts (trailing bytes are ignored).
-    """
-    if packed_size(*parts) > payload.numel():
-        raise ValueError(f"packed payload has {payload.numel()} bytes, the parts need {packed_size(*parts)}")
-    out, offset = [], 0
-    for dtype, numel in parts:
-        size = numel * torch.empty((), dtype=dtype).element_size()
-        out.append(payload[offset : offset + size].clone().view(dtype))
-        offset += size
-    return out
-
-
-def packed_size(*parts: tuple[torch.dtype, int]) -> int:
-    """Bytes of a payload packed from ``(dtype, numel)`` parts (its ``up_numel`` as a uint8 message)."""
-    return sum(numel * torch.empty((), dtype=dtype).element_size() for dtype, numel in parts)
-
-
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -319,14 +206,21 @@ class Algorithm:
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
-    down: ClassVar[Down | None] = Broadcast()
-    up: ClassVar[Up | None] = WeightedSum()
-    client_metrics: ClassVar[tuple[str, ...]] = ("train_loss",)
+    # What the algorithm is, declared in one way: attributes, read from the instance (a class sets them, an
+    # ``__init__`` may override one that depends on the setup, e.g. signSGD's vote dtype).
+    down: Down | None = Broadcast()  # the training downlink
+    up: Up | None = WeightedSum()  # the uplink
+    # the evaluation downlink (``downlink(..., "eval")``, sizes as ``down``'s), or None: evaluation sends nothing
+    # down, the clients evaluate what their state holds and ``load_for_eval`` gets None
+    eval_down: Down | None = None
+    client_metrics: tuple[str, ...] = ("train_loss",)
     # whether clients may have different architectures (``Setup.models``, ``Setup.model_for``)
-    heterogeneous: ClassVar[bool] = False
-    # whether ``load_for_eval`` reads the downlink payload; False: evaluation sends nothing down
-    # (the clients evaluate what their state holds) and ``load_for_eval`` gets None
-    eval_payload: ClassVar[bool] = True
+    heterogeneous: bool = False
+    # whether a global model beside the personal ones is evaluated too (``load_global_for_eval``)
+    evaluates_global: bool = False
+    # ``train`` keys the algorithm does not use, each with the key that applies instead (a non-default value of
+    # one of them is refused before any rank starts)
+    replaces_train: dict[str, str] = {}
 
     def __init__(self, params: BaseModel, setup: Setup):
         self.params = params
@@ -347,16 +241,12 @@ class Algorithm:
         """Gathered: the size of ``client``'s payload (may differ per client; default ``up_numel()``)."""
         return self.up_numel()
 
-    def client_state_spec(self, group: int = 0) -> dict[str, int]:
-        """Names and sizes of the flat vectors a client of architecture ``group`` keeps between rounds.
-
-        Called without ``group`` when there is one group (an override may omit the argument)."""
+    def client_state_spec(self, group: int) -> dict[str, int]:
+        """Names and sizes of the flat vectors a client of architecture ``group`` keeps between rounds."""
         return {}
 
     def state_specs(self) -> list[dict[str, int]]:
         """``client_state_spec`` of every architecture group, in group order."""
-        if self.setup.num_groups == 1:
-            return [self.client_state_spec()]
         return [self.client_state_spec(g) for g in range(self.setup.num_groups)]
 
     @classmethod
@@ -372,31 +262,40 @@ class Algorithm:
     def init_server(self) -> None:
         """Build the server's state."""
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor | list[torch.Tensor]:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor | list[torch.Tensor]:
         """Broadcast: [down_numel]; PerClient: [len(clients), down_numel], or a list of 1-D payloads of
-        ``down_numel_of(k)`` elements (needed when sizes differ), in ``clients`` order."""
+        ``down_numel_of(k)`` elements (needed when sizes differ), in ``clients`` order. ``phase`` "train": the
+        round's training (after the previous round's ``aggregate``); "eval": every client's evaluation payload
+        after this round's ``aggregate`` (only when ``eval_down`` is declared), in blocks of clients."""
         raise NotImplementedError
 
     def aggregate(self, round: int, up: WeightedMean | Collected | None) -> dict[str, float]:
         """Update the server's state from what came up; return round metrics to record."""
         return {}
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        """Everything the server needs to resume exactly."""
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        """Everything the server needs to resume exactly: tensors (or numbers), possibly in nested dicts such as
+        a torch optimizer's ``state_dict()["state"]``; the store flattens them (``store.nested``)."""
         return {}
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what ``server_state`` returned."""
+    def load_server_state(self, state: dict[str, torch.Tensor | dict]) -> None:
+        """Restore what ``server_state`` returned (the same nesting, tensors as leaves)."""
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """The server's model(s), snapshotted into the run file."""
         return {}
 
     # -- client (a worker) ---------------------------------------------------------------
-    def local_sgd(self, client: Client, **options) -> float:
-        """SGD epochs of the client's model on its training split (see ``training.sgd_epochs``)."""
+    def local_training(self, client: Client, **options) -> Means:
+        """Train the client's model on its training split with the library's loop (``training.local_training``:
+        ``loss``, ``regulariser``, ``params``, ``epochs``/``steps``, ...); the mean of each metric over the batches."""
         options.setdefault("params", self.setup.params_for(client.id))
-        return sgd_epochs(self.setup.model_for(client.id), *client.train, self.setup.train, client.generator, **options)
+        options.setdefault("augment", self.setup.augment)
+        if "optimizer" not in options:  # the train section's, at this round of the schedule
+            train, lr = self.setup.train, options.pop("lr", None)
+            options["optimizer"] = make_optimizer(options["params"], train, client.round, self.setup.rounds, lr)
+        model = self.setup.model_for(client.id)
+        return local_training(model, *client.train, self.setup.train, client.generator, **options)
 
     def client_update(self, client: Client, payload: torch.Tensor | None) -> Update:
         raise NotImplementedError
@@ -413,10 +312,5 @@ class Algorithm:
     def load_global_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
         """Load into ``setup.model_for(client.id)`` the server's global model, for algorithms that keep one beside the
         personal models (Ditto's w, Per-FedAvg's w before personalisation): the runtime then records
-        its test accuracy too (``global_test_acc``). Not overridden: nothing extra is evaluated."""
+        its test accuracy too (``global_test_acc``). Called only when ``evaluates_global`` is declared."""
         raise NotImplementedError
-
-    @classmethod
-    def has_global_model(cls) -> bool:
-        """Whether ``load_global_for_eval`` is implemented."""
-        return cls.load_global_for_eval is not Algorithm.load_global_for_eval

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..runtime.seeding import derive_seed
+from ..seeding import derive_seed
 from .base import Client
 
 _TAG = 0x4259_5A41  # "BYZA": stream tag of the Byzantine draws

@@ -47,6 +47,7 @@ class Ditto(FedAvg):
     name = "ditto"
     Params = DittoParams
     client_metrics = ("train_loss", "personal_train_loss")
+    evaluates_global = True  # w beside the personal v_k
 
     def __init__(self, params: DittoParams, setup: Setup):
         super().__init__(params, setup)
@@ -55,7 +56,7 @@ class Ditto(FedAvg):
         self.shared_params = [setup.model.get_parameter(n) for n in self.shared.names]
         self.initial_v = self.shared.flatten(setup.model)  # v_k^0 = w^0, as in the authors' code
 
-    def client_state_spec(self) -> dict[str, int]:
+    def client_state_spec(self, group: int) -> dict[str, int]:
         return {"v": self.shared.numel}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
@@ -71,7 +72,7 @@ class Ditto(FedAvg):
         regulariser = proximal_term(self.shared_params, payload, lam) if lam > 0 else None
         epochs = self.params.personal_epochs or self.setup.train.local_epochs
         personal = dataclasses.replace(client, generator=personal_generator)
-        loss = self.local_sgd(personal, regulariser=regulariser, epochs=epochs)
+        loss = self.local_training(personal, regulariser=regulariser, epochs=epochs)["train_loss"]
         client.state["v"].copy_(self.shared.flatten(model))
         update.metrics["personal_train_loss"] = loss
         return update

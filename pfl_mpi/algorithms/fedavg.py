@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..models.params import ParamLayout, split_names
-from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
 from .server_opt import ServerOptConfig, ServerOptimizer
 from .weighting import Weighting, client_weight
@@ -35,6 +35,7 @@ class FedAvg(Algorithm):
     Params = FedAvgParams
     down = Broadcast()
     up = WeightedSum()
+    eval_down = Broadcast()  # clients are evaluated with w (and their personal parameters)
 
     def personal(self, param_name: str) -> bool:
         """Whether a parameter stays on its client. FedAvg shares everything."""
@@ -53,7 +54,7 @@ class FedAvg(Algorithm):
     def up_numel(self) -> int:
         return self.shared.numel
 
-    def client_state_spec(self) -> dict[str, int]:
+    def client_state_spec(self, group: int) -> dict[str, int]:
         return {"personal": self.personal_layout.numel} if self.personal_layout.numel else {}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
@@ -62,9 +63,9 @@ class FedAvg(Algorithm):
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
         self.w = self.shared.flatten(self.setup.model)
-        self.optimizer = ServerOptimizer(self.params.server_opt, self.shared.numel)
+        self.optimizer = ServerOptimizer(self.params.server_opt, self.shared.numel, self.setup.rounds)
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return self.w
 
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
@@ -72,11 +73,11 @@ class FedAvg(Algorithm):
         return {"update_norm": float(up.mean.norm())}
 
     def server_state(self) -> dict[str, torch.Tensor]:
-        return {"w": self.w, **{f"opt.{k}": v for k, v in self.optimizer.state_dict().items()}}
+        return {"w": self.w, "opt": self.optimizer.state_dict()}
 
     def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
         self.w.copy_(state["w"])
-        self.optimizer.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt.")})
+        self.optimizer.load_state_dict(state["opt"])
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {"shared": self.w}
@@ -90,7 +91,7 @@ class FedAvg(Algorithm):
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         model = self.setup.model
         self._load(client, payload)
-        loss = self.local_sgd(client)
+        loss = self.local_training(client)["train_loss"]
         if self.personal_layout.numel:
             client.state["personal"].copy_(self.personal_layout.flatten(model))
         delta = self.shared.flatten(model) - payload

@@ -65,7 +65,6 @@ Evaluation uses the global w (FedGen trains one global model).
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +72,13 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
+from ..models.feature_generator import FeatureGenerator, diversity_loss, label_weights
 from ..models.params import ParamLayout
-from ..runtime.seeding import derive_seed
-from .base import Broadcast, Client, Collected, Gathered, Setup, Update
+from ..seeding import derive_seed
+from .base import Broadcast, Client, Collected, Gathered, Phase, Setup, Update
 from .fedavg import FedAvg, FedAvgParams
 from .registry import register
-from .training import sgd_step
+from .training import Batch
 from .weighting import client_weight
 
 _GENERATOR_INIT = 0x4647  # stream tag of the generator's initialisation
@@ -129,63 +129,6 @@ class FedGenParams(FedAvgParams):
     def generator_steps(self) -> int:
         """Adam steps on the generator per round."""
         return (self.ensemble_epochs // self.n_teacher_iters) * self.n_teacher_iters
-
-
-class FeatureGenerator(nn.Module):
-    """G(z, y) = Linear(ReLU(BatchNorm(Linear([z, onehot(y)])))): a point of the model's feature space.
-
-    ``state_tensors`` (parameters, then the BatchNorm running mean and variance) is what travels and what is
-    checkpointed. Initialisation is torch's default, drawn from ``generator``; the global random state is untouched.
-    """
-
-    def __init__(self, num_classes: int, feature_dim: int, noise_dim: int, hidden_dim: int, generator: torch.Generator):
-        super().__init__()
-        self.num_classes, self.noise_dim = num_classes, noise_dim
-        with torch.random.fork_rng(devices=[]):  # torch's own initialisation is overwritten below
-            self.fc = nn.Linear(noise_dim + num_classes, hidden_dim)
-            self.bn = nn.BatchNorm1d(hidden_dim)
-            self.out = nn.Linear(hidden_dim, feature_dim)
-        with torch.no_grad():
-            for layer in (self.fc, self.out):
-                bound = 1.0 / math.sqrt(layer.in_features)
-                layer.weight.uniform_(-bound, bound, generator=generator)
-                layer.bias.uniform_(-bound, bound, generator=generator)
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        onehot = F.one_hot(y, self.num_classes).to(z.dtype)
-        return self.out(F.relu(self.bn(self.fc(torch.cat([z, onehot], dim=1)))))
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        return [*self.parameters(), self.bn.running_mean, self.bn.running_var]
-
-    @property
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.state_tensors())
-
-    def flat(self) -> torch.Tensor:
-        """The state tensors as one float32 CPU vector (a copy)."""
-        return torch.cat([t.detach().reshape(-1) for t in self.state_tensors()]).to("cpu", torch.float32)
-
-    @torch.no_grad()
-    def load_flat(self, flat: torch.Tensor) -> None:
-        tensors = self.state_tensors()
-        flat = flat.to(tensors[0].device)
-        for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
-            t.copy_(chunk.view_as(t))
-
-
-def label_weights(counts: torch.Tensor) -> torch.Tensor:
-    """alpha [K, C]: alpha[k, y] = counts[k, y] / sum_j counts[j, y]; a column no client holds is all zeros."""
-    counts = counts.double()
-    totals = counts.sum(dim=0, keepdim=True)
-    return torch.where(totals > 0, counts / totals.clamp_min(1.0), torch.zeros_like(counts))
-
-
-def diversity_loss(noise: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """exp(-mean over pairs of (mean squared noise distance) * (mean absolute feature distance))."""
-    noise_dist = (noise[:, None] - noise[None]).pow(2).mean(dim=2)
-    feature_dist = (features[:, None] - features[None]).abs().mean(dim=2)
-    return torch.exp(-(noise_dist * feature_dist).mean())
 
 
 def decayed(weight: float, decay: float, round: int) -> float:
@@ -243,7 +186,7 @@ class FedGen(FedAvg):
         )
         self.server_head = copy.deepcopy(self.setup.model.head).cpu().eval()
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return torch.cat([self.w, self.generator.flat()])
 
     def heads(self, models: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -261,8 +204,7 @@ class FedGen(FedAvg):
         return out
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
-        order = sorted(range(len(up.clients)), key=lambda i: up.clients[i])
-        payloads, weights = up.payloads[order].float(), up.weights[order].double()
+        payloads, weights = up.payloads.float(), up.weights.double()  # rows in client-id order
         d = self.shared.numel
         models, counts = payloads[:, :d], payloads[:, d:]
         metrics = self.train_generator(round, models, counts)
@@ -308,37 +250,15 @@ class FedGen(FedAvg):
         teacher, diversity, accuracy = (sums / p.generator_steps).tolist()
         return {"generator_teacher_loss": teacher, "generator_diversity_loss": diversity, "ensemble_acc": accuracy}
 
-    def _adam_tensors(self) -> dict[str, torch.Tensor]:
-        """The generator's Adam state as flat tensors (zeros and step 0 before its first step)."""
-        out = {"generator_adam.step": torch.zeros(1)}
-        for key in ("exp_avg", "exp_avg_sq"):
-            parts = []
-            for q in self.generator.parameters():
-                state = self.gen_optimizer.state.get(q, {})
-                parts.append(state[key].reshape(-1) if key in state else torch.zeros(q.numel()))
-                if "step" in state:
-                    out["generator_adam.step"] = torch.tensor([float(state["step"])])
-            out[f"generator_adam.{key}"] = torch.cat(parts)
-        return out
-
     def server_state(self) -> dict[str, torch.Tensor]:
-        return {**super().server_state(), "generator": self.generator.flat(), **self._adam_tensors()}
+        adam = self.gen_optimizer.state_dict()["state"]  # empty before the generator's first step
+        return {**super().server_state(), "generator": self.generator.flat(), "generator_adam": adam}
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_server_state(self, state: dict) -> None:
         super().load_server_state(state)
         self.generator.load_flat(state["generator"].reshape(-1))
-        params = list(self.generator.parameters())
-        sizes = [q.numel() for q in params]
-        step = float(state["generator_adam.step"].reshape(-1)[0])
-        moments = [state[f"generator_adam.{k}"].reshape(-1).split(sizes) for k in ("exp_avg", "exp_avg_sq")]
-        self.gen_optimizer.state.clear()
-        if step > 0:
-            for q, m, v in zip(params, *moments, strict=True):
-                self.gen_optimizer.state[q] = {
-                    "step": torch.tensor(step, dtype=torch.float32),
-                    "exp_avg": m.view_as(q).clone(),
-                    "exp_avg_sq": v.view_as(q).clone(),
-                }
+        groups = self.gen_optimizer.state_dict()["param_groups"]  # configuration, not state
+        self.gen_optimizer.load_state_dict({"state": state.get("generator_adam", {}), "param_groups": groups})
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {"shared": self.w, "generator": self.generator.flat()}
@@ -353,52 +273,42 @@ class FedGen(FedAvg):
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         self._load(client, payload)
         self.client_gen.load_flat(payload[self.shared.numel :])
-        losses = self.local_training(client)
+        losses = self.train_with_generator(client)
         model = self.setup.model_for(client.id)
         counts = torch.bincount(client.data.y_train.reshape(-1).cpu(), minlength=self.setup.num_classes)
         up = torch.cat([self.shared.flatten(model), counts.to(torch.float32)])
         return Update(up, client_weight(self.params.weighting, client, self.setup), losses)
 
-    def local_training(self, client: Client) -> dict[str, float]:
-        """FedAvg's minibatch SGD with FedGen's two regularisers; the mean losses over the batches."""
-        p, cfg = self.params, self.setup.train
-        model, params = self.setup.model_for(client.id), self.setup.params_for(client.id)
-        x, y = client.train
+    def train_with_generator(self, client: Client) -> dict[str, float]:
+        """The library loop on FedAvg's CE plus FedGen's two regularisers; the mean losses over the batches."""
+        p, batch_size = self.params, self.setup.train.batch_size
         alpha = decayed(p.generative_alpha, p.generative_decay, client.round) if client.round > 0 else 0.0
         beta = decayed(p.generative_beta, p.generative_decay, client.round) if client.round > 0 else 0.0
         noise = noise_generator(client)
         labels = self.setup.label_distribution.to("cpu", torch.float32)
-        if not model.training:
-            model.train()
-        momentum = [torch.zeros_like(q) for q in params] if cfg.momentum else None
-        n, batches = x.shape[0], 0
-        sums = torch.zeros(3, dtype=torch.float64, device=x.device)
-        for epoch in range(cfg.local_epochs):
-            order = torch.randperm(n, generator=client.generator).to(x.device)
-            regularise = epoch < p.early_stop
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                logits = model(x[idx])
-                loss = F.cross_entropy(logits, y[idx])
-                objective = loss
-                synthetic = latent = torch.zeros((), device=x.device)
-                if regularise and beta > 0:
-                    with torch.no_grad():
-                        z = torch.rand(len(idx), p.noise_dim, generator=noise).to(x.device)
-                        target = F.softmax(model.head(self.client_gen(z, y[idx])), dim=1)
-                    latent = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
-                    objective = objective + beta * latent
-                if regularise and alpha > 0:
-                    y_gen = torch.multinomial(labels, p.gen_batch_size, replacement=True, generator=noise)
-                    z = torch.rand(p.gen_batch_size, p.noise_dim, generator=noise)
-                    y_gen, z = y_gen.to(x.device), z.to(x.device)
-                    with torch.no_grad():
-                        features = self.client_gen(z, y_gen)
-                    synthetic = F.cross_entropy(model.head(features), y_gen)
-                    objective = objective + (p.gen_batch_size / cfg.batch_size) * alpha * synthetic
-                sgd_step(params, torch.autograd.grad(objective, params), cfg, momentum)
+
+        def loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            logits = model(batch.x)
+            ce = F.cross_entropy(logits, batch.y)
+            objective, device = ce, batch.x.device
+            synthetic = latent = torch.zeros((), device=device)
+            regularise = batch.epoch < p.early_stop
+            if regularise and beta > 0:
                 with torch.no_grad():
-                    sums += torch.stack([loss.detach(), synthetic.detach(), latent.detach()]).double()
-                batches += 1
-        train, synthetic, latent = (sums / max(batches, 1)).tolist()
-        return {"train_loss": train, "synthetic_loss": synthetic, "latent_loss": latent}
+                    z = torch.rand(len(batch.idx), p.noise_dim, generator=noise).to(device)
+                    target = F.softmax(model.head(self.client_gen(z, batch.y)), dim=1)
+                latent = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+                objective = objective + beta * latent
+            if regularise and alpha > 0:
+                y_gen = torch.multinomial(labels, p.gen_batch_size, replacement=True, generator=noise)
+                z = torch.rand(p.gen_batch_size, p.noise_dim, generator=noise)
+                y_gen, z = y_gen.to(device), z.to(device)
+                with torch.no_grad():
+                    features = self.client_gen(z, y_gen)
+                synthetic = F.cross_entropy(model.head(features), y_gen)
+                objective = objective + (p.gen_batch_size / batch_size) * alpha * synthetic
+            metrics = {"train_loss": ce, "synthetic_loss": synthetic, "latent_loss": latent}
+            return objective, {k: v.double() for k, v in metrics.items()}
+
+        means = self.local_training(client, loss=loss)
+        return {k: means[k] for k in ("train_loss", "synthetic_loss", "latent_loss")}

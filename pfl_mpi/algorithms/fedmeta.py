@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .meta import FunctionalModel, leaves
 from .registry import register
 from .server_opt import ServerOptConfig, ServerOptimizer
@@ -62,6 +62,18 @@ class FedMeta(Algorithm):
     name = "fedmeta"
     Params = FedMetaParams
     down = Broadcast()
+    eval_down = Broadcast()
+    replaces_train = {
+        "lr": "algorithm.alpha (inner) and algorithm.beta (outer)",
+        "batch_size": "algorithm.support_fraction (support and query sets are whole splits)",
+        "local_epochs": "algorithm.inner_steps",
+        "optimizer": "algorithm.outer_optimizer (the inner steps are plain SGD)",
+        "momentum": "FedMeta's own steps (plain SGD inside, algorithm.outer_optimizer outside)",
+        "nesterov": "FedMeta's own steps (plain SGD inside, algorithm.outer_optimizer outside)",
+        "weight_decay": "FedMeta's own steps (no weight decay)",
+        "clip_norm": "FedMeta's own steps (unclipped)",
+        "schedule": "algorithm.alpha and algorithm.beta",
+    }
     up = WeightedSum()
 
     def __init__(self, params: FedMetaParams, setup: Setup):
@@ -86,9 +98,9 @@ class FedMeta(Algorithm):
         parts = [theta, torch.full_like(theta, self.params.alpha)] if self.metasgd else [theta]
         self.x = torch.cat(parts)
         cfg = ServerOptConfig(name=self.params.outer_optimizer, lr=self.params.beta)
-        self.optimizer = ServerOptimizer(cfg, self.numel)
+        self.optimizer = ServerOptimizer(cfg, self.numel, self.setup.rounds)
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return self.x
 
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
@@ -100,11 +112,11 @@ class FedMeta(Algorithm):
         return metrics
 
     def server_state(self) -> dict[str, torch.Tensor]:
-        return {"x": self.x, **{f"opt.{k}": v for k, v in self.optimizer.state_dict().items()}}
+        return {"x": self.x, "opt": self.optimizer.state_dict()}
 
     def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
         self.x.copy_(state["x"])
-        self.optimizer.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt.")})
+        self.optimizer.load_state_dict(state["opt"])
 
     def global_state(self) -> dict[str, torch.Tensor]:
         d = self.fn.numel

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
-from .base import Algorithm, Broadcast, Client, Setup, Update, WeightedMean, WeightedSum
+from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .personal_models import PersonalModels
 from .registry import register
-from .training import evaluate, sgd_step
+from .training import Batch, evaluate
 
 
 class FedProtoParams(BaseModel):
@@ -52,6 +52,7 @@ class FedProto(Algorithm):
     Params = FedProtoParams
     heterogeneous = True
     down = Broadcast()
+    eval_down = Broadcast()  # nearest-prototype inference needs the global prototypes
     up = WeightedSum(torch.float64)
     client_metrics = ("train_loss", "proto_loss")
 
@@ -76,7 +77,7 @@ class FedProto(Algorithm):
     def up_numel(self) -> int:
         return self.classes * self.dim + self.classes
 
-    def client_state_spec(self, group: int = 0) -> dict[str, int]:
+    def client_state_spec(self, group: int) -> dict[str, int]:
         return {"model": self.personal.numel(group)}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
@@ -87,7 +88,7 @@ class FedProto(Algorithm):
         self.prototypes = torch.zeros(self.classes, self.dim)
         self.counts = torch.zeros(self.classes, dtype=torch.float64)  # samples behind each prototype
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return torch.cat([self.prototypes.reshape(-1), self.counts.float()])
 
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
@@ -125,30 +126,19 @@ class FedProto(Algorithm):
     def train_prototypes(
         self, client: Client, model: torch.nn.Module, prototypes: torch.Tensor, present: torch.Tensor
     ) -> tuple[float, float]:
-        """SGD epochs on CE + lam * the distance to the global prototypes; (mean CE, mean distance) per batch.
+        """The library loop on CE + lam * the distance to the global prototypes; (mean CE, mean distance) per
+        batch. lam = 0 trains exactly as ``local`` does."""
+        lam = self.params.lam
+        prototypes, present = prototypes.to(client.train[0].device), present.to(client.train[0].device)
 
-        The batches and the step are those of ``training.sgd_epochs`` (one permutation per epoch from the
-        client's generator; weight decay, then momentum), so lam = 0 trains exactly as ``local`` does.
-        """
-        cfg, lam = self.setup.train, self.params.lam
-        params = self.setup.params_for(client.id)
-        x, y = client.train
-        prototypes, present = prototypes.to(x.device), present.to(x.device)
-        model.train()
-        momentum = [torch.zeros_like(p) for p in params] if cfg.momentum else None
-        ce_total, distance_total, batches = torch.zeros((), device=x.device), torch.zeros((), device=x.device), 0
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(x.shape[0], generator=client.generator).to(x.device)
-            for start in range(0, x.shape[0], cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                features = model.base(x[idx])
-                ce = F.cross_entropy(model.head(features), y[idx])
-                distance = prototype_distance(features, y[idx], prototypes, present)
-                sgd_step(params, torch.autograd.grad(ce + lam * distance if lam else ce, params), cfg, momentum)
-                ce_total += ce.detach()
-                distance_total += distance.detach()
-                batches += 1
-        return float(ce_total) / max(batches, 1), float(distance_total) / max(batches, 1)
+        def loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            features = model.base(batch.x)
+            ce = F.cross_entropy(model.head(features), batch.y)
+            distance = prototype_distance(features, batch.y, prototypes, present)
+            return (ce + lam * distance if lam else ce), {"train_loss": ce, "proto_loss": distance}
+
+        means = self.local_training(client, loss=loss)
+        return means["train_loss"], means["proto_loss"]
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.personal.load(client)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..runtime.seeding import derive_seed
+from ..seeding import derive_seed
 from .base import Client, Setup, Update, WeightedMean
 from .fedavg import FedAvg, FedAvgParams
 from .registry import register
@@ -80,8 +80,6 @@ class FedProx(FedAvg):
         fraction = self.params.straggler_fraction
         if fraction == 0:
             return None
-        # imported here: pfl_mpi.runtime's __init__ imports the engine, which imports this package
-
         rng = np.random.default_rng(derive_seed(self.setup.seed, _STRAGGLER, client.id, client.round))
         if rng.random() >= fraction:
             return None
@@ -105,7 +103,7 @@ class FedProx(FedAvg):
         epochs = self.setup.train.local_epochs if straggler is None else straggler
         mu = self.params.mu
         regulariser = proximal_term(self.shared_params, payload, mu) if mu > 0 and self.shared_params else None
-        loss = self.local_sgd(client, regulariser=regulariser, epochs=epochs)
+        loss = self.local_training(client, regulariser=regulariser, epochs=epochs)["train_loss"]
         if self.personal_layout.numel:
             client.state["personal"].copy_(self.personal_layout.flatten(model))
         delta = self.shared.flatten(model) - payload

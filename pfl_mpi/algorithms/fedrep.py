@@ -15,7 +15,7 @@ updates up (``up_numel`` = base parameters). Bytes per round: 4 * base numel dow
 4 * (base numel + 1) up per worker rank. The head never leaves its client. Evaluation: the global
 phi under each client's own head. ``train.local_epochs`` is not used: ``tau_h`` and ``tau_b`` replace it.
 
-Both phases are the shared ``local_sgd`` (``train`` section: lr, batch size, momentum reset at the
+Both phases are the library loop ``local_training`` (``train`` section: lr, batch size, momentum reset at the
 start of each phase), one permutation per epoch from the client's generator, head phase first.
 The authors' code also trains the head epochs first and the representation epochs last in one loop
 (``local_ep - local_rep_ep`` head epochs, ``local_rep_ep`` body epochs; 10 and 1 in the paper's image
@@ -51,6 +51,7 @@ class FedRepParams(FedAvgParams):
 class FedRep(FedAvg):
     name = "fedrep"
     Params = FedRepParams
+    replaces_train = {"local_epochs": "algorithm.tau_h (head epochs) and algorithm.tau_b (body epochs)"}
 
     def personal(self, param_name: str) -> bool:
         """The head is personal; the body (base) is the shared representation."""
@@ -65,10 +66,11 @@ class FedRep(FedAvg):
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         model, p = self.setup.model, self.params
         self._load(client, payload)
-        head_loss = self.local_sgd(client, params=self.head_params, epochs=p.tau_h) if p.tau_h else 0.0
-        body_loss = (
-            self.local_sgd(client, params=self.body_params, epochs=p.tau_b) if p.tau_b and self.body_params else 0.0
-        )
+        head_loss = body_loss = 0.0
+        if p.tau_h:
+            head_loss = self.local_training(client, params=self.head_params, epochs=p.tau_h)["train_loss"]
+        if p.tau_b and self.body_params:
+            body_loss = self.local_training(client, params=self.body_params, epochs=p.tau_b)["train_loss"]
         body_epochs = p.tau_b if self.body_params else 0
         # every epoch has the same number of batches: the mean batch loss over both phases
         epochs = p.tau_h + body_epochs

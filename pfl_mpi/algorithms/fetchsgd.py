@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
-from ..runtime.seeding import derive_seed
+from ..seeding import derive_seed
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvg
 from .registry import register
@@ -91,7 +91,7 @@ class FetchSGD(FedAvg):
     # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         self._load(client, payload)
-        loss = self.local_sgd(client)
+        loss = self.local_training(client)["train_loss"]
         u = self.shared.flatten(self.setup.model) - payload
         weight = client_weight(self.params.weighting, client, self.setup)
         return Update(self.sketcher.sketch(u).reshape(-1), weight, {"train_loss": loss})

@@ -24,7 +24,7 @@ class Local(Algorithm):
         self.layout = ParamLayout(setup.model, [n for n, _ in setup.model.named_parameters()])
         self.initial = self.layout.flatten(setup.model)
 
-    def client_state_spec(self) -> dict[str, int]:
+    def client_state_spec(self, group: int) -> dict[str, int]:
         return {"model": self.layout.numel}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
@@ -32,7 +32,7 @@ class Local(Algorithm):
 
     def client_update(self, client: Client, payload: None) -> Update:
         self.layout.load(self.setup.model, client.state["model"])
-        loss = self.local_sgd(client)
+        loss = self.local_training(client)["train_loss"]
         client.state["model"].copy_(self.layout.flatten(self.setup.model))
         return Update(None, 1.0, {"train_loss": loss})
 

@@ -59,6 +59,17 @@ class PerFedAvg(FedAvg):
 
     name = "perfedavg"
     Params = PerFedAvgParams
+    evaluates_global = True  # w before the personalisation step
+    replaces_train = {
+        "lr": "algorithm.alpha and algorithm.beta",
+        "local_epochs": "algorithm.tau",
+        "optimizer": "Per-FedAvg's own steps (algorithm.variant)",
+        "momentum": "Per-FedAvg's own steps (plain SGD)",
+        "nesterov": "Per-FedAvg's own steps (plain SGD)",
+        "weight_decay": "Per-FedAvg's own steps (no weight decay)",
+        "clip_norm": "Per-FedAvg's own steps (unclipped)",
+        "schedule": "algorithm.alpha and algorithm.beta",
+    }
 
     def __init__(self, params: PerFedAvgParams, setup: Setup):
         super().__init__(params, setup)

@@ -1,36 +1,25 @@
 """pFedHN and pFedHN-PC (Shamsian et al., ICML 2021): a hypernetwork on the server generates every client's model.
 
-Moves: down, PerClient: theta_i = h(v_i; phi), the target network's parameters for each sampled client (Scatterv);
-up, Gathered: delta_i = theta_i - theta_i~ after the client's local steps (Gatherv). phi (the hypernetwork and
-the client embeddings v_i) lives on rank 0 only and is never a payload.
-
-Computes: a client loads theta_i and runs ``inner_steps`` SGD steps, each on a fresh random minibatch of
-``train.batch_size`` of its training split (the authors' ``next(iter(loader))``), with ``inner_lr``,
-``inner_momentum``, ``inner_weight_decay`` and its gradient norm clipped to ``inner_grad_clip``. The server
-backpropagates every difference through the graph it kept from ``downlink``:
-g = (1/|S|) sum_i J_i^T delta_i = torch.autograd.grad(theta, phi, grad_outputs=delta / |S|), clips ||g|| to
-``grad_clip`` and takes one SGD step (momentum, weight decay) on phi, embeddings included.
-
-pFedHN-PC: the hypernetwork generates only the feature extractor (``base.*``); each client's classifier
-(``head.*``) is its state, trained with the base in its local steps, and never moves.
-
-Novel clients: :func:`learn_novel_embedding` (phi frozen, a new embedding learned through the hypernetwork).
+Moves: down, PerClient: theta_i = h(v_i; phi) for each sampled client (and for every client at evaluation); up,
+Gathered: delta_i = theta_i - theta_i~ after the client's local steps. phi (the hypernetwork with the client
+embeddings v_i) stays on rank 0. Computes: a client runs ``inner_steps`` clipped SGD steps of the library loop, each
+on a fresh random minibatch; the server backpropagates the deltas through the graph kept from ``downlink``,
+g = (1/|S|) sum_i J_i^T delta_i, clips ||g|| and takes one SGD step on phi. pFedHN-PC generates only the feature
+extractor (``base.*``); each client's classifier (``head.*``) is its state and never moves. Novel clients:
+:func:`learn_novel_embedding`. The full design: docs/algorithms.md#pfedhn-and-pfedhn-pc.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..models.hypernetwork import HyperNetwork
 from ..models.params import ParamLayout, split_names
-from ..runtime.seeding import derive_seed
-from .base import Algorithm, Client, Collected, Gathered, PerClient, Setup, Update
+from ..seeding import derive_seed
+from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
 from .registry import register
-from .training import evaluate
+from .training import SGD, clip_grad_norm_, evaluate
 
 _HYPERNETWORK_SEED = 0x4846  # stream tag of the hypernetwork's initialisation
 
@@ -58,35 +47,22 @@ class PFedHNParams(BaseModel):
     inner_grad_clip: float = Field(50.0, gt=0, description="largest L2 norm of a local gradient")
 
 
-def _clip_(grads: Sequence[torch.Tensor], max_norm: float) -> float:
-    """Scale ``grads`` in place to a total L2 norm of at most ``max_norm`` (torch's clip_grad_norm_ rule)."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = max_norm / (float(norm) + 1e-6)
-    if scale < 1:
-        for g in grads:
-            g.mul_(scale)
-    return float(norm)
-
-
-def _sgd_step_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    buffers: Sequence[torch.Tensor],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> None:
-    """torch's SGD rule (weight decay, then momentum with dampening 0) with zero-initialised buffers."""
-    for p, g, buf in zip(params, grads, buffers, strict=True):
-        buf.mul_(momentum).add_(g).add_(p, alpha=weight_decay)
-        p.add_(buf, alpha=-lr)
-
-
 @register
 class PFedHN(Algorithm):
     name = "pfedhn"
     Params = PFedHNParams
     down = PerClient()
+    eval_down = PerClient()  # theta_i of every client, generated after the round's update
+    replaces_train = {
+        "lr": "algorithm.inner_lr",
+        "local_epochs": "algorithm.inner_steps",
+        "optimizer": "the inner SGD (algorithm.inner_lr, inner_momentum, inner_weight_decay)",
+        "momentum": "algorithm.inner_momentum",
+        "nesterov": "the inner SGD (algorithm.inner_momentum)",
+        "weight_decay": "algorithm.inner_weight_decay",
+        "clip_norm": "algorithm.inner_grad_clip",
+        "schedule": "algorithm.inner_lr",
+    }
     up = Gathered()
 
     def personal(self, param_name: str) -> bool:
@@ -96,17 +72,18 @@ class PFedHN(Algorithm):
     def __init__(self, params: PFedHNParams, setup: Setup):
         super().__init__(params, setup)
         generated, personal = split_names(setup.model, self.personal)
-        self.layout = ParamLayout(setup.model, generated)
+        self.layout = ParamLayout(setup.model, generated)  # theta: what the hypernetwork generates
         self.personal_layout = ParamLayout(setup.model, personal)
         self.initial_personal = self.personal_layout.flatten(setup.model)
 
+    # -- sizes and state ------------------------------------------------------------------
     def down_numel(self) -> int:
         return self.layout.numel
 
     def up_numel(self) -> int:
         return self.layout.numel
 
-    def client_state_spec(self) -> dict[str, int]:
+    def client_state_spec(self, group: int) -> dict[str, int]:
         return {"head": self.personal_layout.numel} if self.personal_layout.numel else {}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
@@ -118,22 +95,21 @@ class PFedHN(Algorithm):
         return self.params.embedding_dim or int(1 + self.setup.num_clients / 4)
 
     def init_server(self) -> None:
-        """The hypernetwork (on the CPU, as rank 0 is under MPI) and its optimiser's momentum buffers."""
-
+        """The hypernetwork (on the CPU, as rank 0 is under MPI) and its SGD (momentum buffers, clipping)."""
         p = self.params
         generator = torch.Generator().manual_seed(derive_seed(self.setup.seed, _HYPERNETWORK_SEED))
         self.hnet = HyperNetwork(
             self.setup.num_clients, self.layout.numels, self.embedding_dim, p.hidden_dim, p.n_hidden, generator
         )
         self.phi = list(self.hnet.parameters())
-        self.momentum_buffers = [torch.zeros_like(q) for q in self.phi]
+        self.phi_layout = ParamLayout(self.hnet, [n for n, _ in self.hnet.named_parameters()])
+        self.optimizer = SGD(self.phi, p.lr, p.momentum, p.weight_decay, clip=p.grad_clip)
         self._graph: tuple[list[int], torch.Tensor] | None = None  # (clients, theta) of the round in training
-        self._aggregated = -1  # last round aggregated: a later downlink of that round is the evaluation's
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         """theta_i = h(v_i; phi) per client; in training the graph is kept for ``aggregate``."""
         ids = torch.as_tensor(clients, dtype=torch.long)
-        if round == self._aggregated:  # evaluation of every client after this round's update
+        if phase == "eval":
             with torch.no_grad():
                 return self.hnet(ids)
         theta = self.hnet(ids)
@@ -147,29 +123,19 @@ class PFedHN(Algorithm):
         self._graph = None
         delta = up.payloads.to(theta.dtype)
         grads = torch.autograd.grad(theta, self.phi, grad_outputs=delta / len(clients))
-        with torch.no_grad():
-            norm = _clip_(grads, self.params.grad_clip)
-            p = self.params
-            _sgd_step_(self.phi, grads, self.momentum_buffers, p.lr, p.momentum, p.weight_decay)
-        self._aggregated = round
+        norm = self.optimizer.step(grads)
         return {"hn_grad_norm": norm, "delta_norm": float(delta.norm(dim=1).mean())}
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return {"phi": self._flat(self.phi), "momentum": self._flat(self.momentum_buffers)}
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return {"phi": self.phi_layout.flatten(self.hnet), "momentum": dict(enumerate(self.optimizer.buffers or []))}
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, tensors in (("phi", self.phi), ("momentum", self.momentum_buffers)):
-                flat = state[name].reshape(-1)
-                for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
-                    t.copy_(chunk.view_as(t))
+    def load_server_state(self, state: dict[str, torch.Tensor | dict]) -> None:
+        self.phi_layout.load(self.hnet, state["phi"].reshape(-1))
+        for i, buffer in enumerate(self.optimizer.buffers or []):
+            buffer.copy_(state["momentum"][i])
 
     def global_state(self) -> dict[str, torch.Tensor]:
-        return {"phi": self._flat(self.phi)}
-
-    @staticmethod
-    def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).to(torch.float32)
+        return {"phi": self.phi_layout.flatten(self.hnet)}
 
     # -- client ---------------------------------------------------------------------------
     def _load(self, client: Client, theta: torch.Tensor) -> None:
@@ -177,31 +143,15 @@ class PFedHN(Algorithm):
         if self.personal_layout.numel:
             self.personal_layout.load(self.setup.model, client.state["head"])
 
-    def _local_steps(self, client: Client) -> float:
-        """``inner_steps`` SGD steps on all the model's parameters; return the mean minibatch loss."""
-        p, model, params = self.params, self.setup.model, self.setup.params
-        model.train()
-        x, y = client.train
-        n = x.shape[0]
-        buffers = [torch.zeros_like(q) for q in params]
-        total = torch.zeros((), device=x.device)
-        for _ in range(p.inner_steps):
-            idx = torch.randperm(n, generator=client.generator)[: self.setup.train.batch_size].to(x.device)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                _clip_(grads, p.inner_grad_clip)
-                _sgd_step_(params, grads, buffers, p.inner_lr, p.inner_momentum, p.inner_weight_decay)
-                total += loss.detach()
-        return float(total) / p.inner_steps
-
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+        """``inner_steps`` clipped SGD steps on all the model's parameters, each on a fresh random minibatch."""
         self._load(client, payload)
-        loss = self._local_steps(client)
+        p, params = self.params, self.setup.params
+        optimizer = SGD(params, p.inner_lr, p.inner_momentum, p.inner_weight_decay, clip=p.inner_grad_clip)
+        means = self.local_training(client, params=params, steps=p.inner_steps, optimizer=optimizer)
         if self.personal_layout.numel:
             client.state["head"].copy_(self.personal_layout.flatten(self.setup.model))
-        delta = payload - self.layout.flatten(self.setup.model)
-        return Update(delta, 1.0, {"train_loss": loss})
+        return Update(payload - self.layout.flatten(self.setup.model), 1.0, {"train_loss": means["train_loss"]})
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self._load(client, payload)
@@ -239,7 +189,7 @@ def learn_novel_embedding(algorithm: PFedHN, client: Client, steps: int, lr: flo
         delta = algorithm.client_update(client, theta.detach()).payload
         (grad,) = torch.autograd.grad(theta, v, grad_outputs=delta.to(theta.dtype))
         with torch.no_grad():
-            _clip_([grad], algorithm.params.grad_clip)
+            clip_grad_norm_([grad], algorithm.params.grad_clip)
             v -= lr * grad
     with torch.no_grad():
         losses.append(loss_of(hnet.generate(v)[0]))

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .training import ScheduleConfig, lr_factor
+
 
 class ServerOptConfig(BaseModel):
     """The server's optimiser and its hyper-parameters, named as in Reddi et al."""
@@ -33,6 +35,9 @@ class ServerOptConfig(BaseModel):
     beta1: float = Field(0.9, ge=0, lt=1, description="adam/yogi/adagrad: decay of the first moment m.")
     beta2: float = Field(0.99, ge=0, lt=1, description="adam/yogi: decay of the second moment v.")
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False, description="adam/yogi/adagrad: adaptivity; v starts at tau^2.")
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="eta over rounds: eta_t = lr * factor(t) (as train.schedule)"
+    )
 
     @model_validator(mode="after")
     def _momentum_is_sgd_only(self) -> ServerOptConfig:
@@ -44,9 +49,10 @@ class ServerOptConfig(BaseModel):
 class ServerOptimizer:
     """Applies the server step to a flat float32 parameter vector of ``numel`` entries, in place."""
 
-    def __init__(self, cfg: ServerOptConfig, numel: int):
+    def __init__(self, cfg: ServerOptConfig, numel: int, rounds: int = 1):
         self.cfg = cfg
         self.numel = int(numel)
+        self.rounds = rounds  # the run's rounds, for a cosine schedule without a period
         self.steps = 0
         self._state: dict[str, torch.Tensor] = {}
         if cfg.name == "sgd":
@@ -67,12 +73,13 @@ class ServerOptimizer:
         self._move_to(params.device)
         update = update.to(device=params.device, dtype=torch.float32)
         cfg = self.cfg
+        lr = cfg.lr * lr_factor(cfg.schedule, self.steps, self.rounds)
         if cfg.name == "sgd":
             if cfg.momentum > 0:
                 buf = self._state["buf"]
                 buf.mul_(cfg.momentum).add_(update)
                 update = buf
-            params.add_(update, alpha=cfg.lr)
+            params.add_(update, alpha=lr)
         else:
             m, v = self._state["m"], self._state["v"]
             m.mul_(cfg.beta1).add_(update, alpha=1 - cfg.beta1)
@@ -83,7 +90,7 @@ class ServerOptimizer:
                 v.mul_(cfg.beta2).add_(sq, alpha=1 - cfg.beta2)
             else:  # yogi
                 v.addcmul_(torch.sign(v - sq), sq, value=-(1 - cfg.beta2))
-            params.addcdiv_(m, v.sqrt().add_(cfg.tau), value=cfg.lr)
+            params.addcdiv_(m, v.sqrt().add_(cfg.tau), value=lr)
         self.steps += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

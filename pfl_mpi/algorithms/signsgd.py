@@ -59,7 +59,7 @@ class SignSGD(FedAvg):
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         model = self.setup.model
         self._load(client, payload)
-        loss = self.local_sgd(client)
+        loss = self.local_training(client)["train_loss"]
         u = self.shared.flatten(model) - payload
         if self.params.sigma > 0:
             u = u + gaussian_noise(u, self.params.sigma, self.setup.seed, client)

@@ -84,8 +84,8 @@ class TopK(FedAvg):
     def up_numel(self) -> int:
         return payload_size(self.params.k, self.shared.numel)
 
-    def client_state_spec(self) -> dict[str, int]:
-        return {**super().client_state_spec(), "residual": self.shared.numel}
+    def client_state_spec(self, group: int) -> dict[str, int]:
+        return {**super().client_state_spec(group), "residual": self.shared.numel}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
         return {**super().init_client_state(client_id), "residual": torch.zeros(self.shared.numel)}

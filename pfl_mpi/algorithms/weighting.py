@@ -33,9 +33,9 @@ Strategies (n_k = the client's training samples, the size of the sum over its tr
     label distribution they miss.
 
 Why not a held-out part of the training split for ``quality``: algorithms train with
-``Algorithm.local_sgd``, which always uses the client's whole training split (``Client.train``), so no
+``Algorithm.local_training``, which always uses the client's whole training split (``Client.train``), so no
 part of it stays unseen by the model being scored. A validation split held out of training would need
-the data layer (``ClientData``) or ``local_sgd`` to provide one; with it, ``quality`` would evaluate there.
+the data layer (``ClientData``) or ``local_training`` to provide one; with it, ``quality`` would evaluate there.
 """
 
 from __future__ import annotations

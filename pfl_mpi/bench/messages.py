@@ -34,21 +34,14 @@ class Message:
     nbytes: float  # payload per rank of one call
 
 
-def _itemsize(kind) -> int:
-    import torch
-
-    return torch.empty(0, dtype=getattr(kind, "dtype", torch.float32)).element_size()
-
-
 def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
     """The messages of training round ``t`` (no evaluation) of ``cfg`` on ``world_size`` ranks."""
-    import torch
-
-    from ..algorithms import Broadcast, Gathered, PerClient, WeightedSum
     from ..data import load_federated
     from ..runtime.build import build_algorithm
-    from ..runtime.placement import make_plan, place_clients, sample_clients
+    from ..runtime.placement import place_clients, sample_clients
     from ..runtime.record import META_COLUMNS, RANK_FIELDS
+    from ..wire.plan import make_plan
+    from ..wire.transport import Transfer, Transport
 
     if world_size < 2:
         raise ValueError("nothing moves on one rank")
@@ -64,20 +57,17 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
         return sum(numel_of(k) for k in plan.order) / workers
 
     messages = [Message("control", "Bcast", 16)]
-    down, up = algo.down, algo.up
-    if isinstance(down, Broadcast):
-        messages.append(Message("down", "Bcast", algo.down_numel() * _itemsize(down)))
-    elif isinstance(down, PerClient):
-        messages.append(Message("down", "Scatterv", mean_per_worker(algo.down_numel_of) * _itemsize(down)))
+    transfers = Transport(None, algo).schedule(plan, "train")  # what the engine's transport will move
+
+    def per_rank(transfer: Transfer) -> float:
+        """The Bcast/Reduce buffer, or a Scatterv/Gatherv's mean part per worker."""
+        if transfer.op in ("Bcast", "Reduce"):
+            return float(transfer.bytes_per_rank[0])
+        return sum(transfer.bytes_per_rank) / workers
+
+    messages += [Message(x.label, x.op, per_rank(x)) for x in transfers if x.label == "down"]
     messages.append(Message("metrics", "Gatherv", per_worker * 8 * (len(META_COLUMNS) + len(algo.client_metrics))))
-    if isinstance(up, WeightedSum):
-        size = _itemsize(up)
-        if size == 4 and getattr(up, "dtype", torch.float32) == torch.float32:
-            messages.append(Message("up", "Reduce", (algo.up_numel() + 1) * 4))
-        else:
-            messages += [Message("up", "Reduce", algo.up_numel() * size), Message("up", "Reduce", 16)]
-    elif isinstance(up, Gathered):
-        messages.append(Message("up", "Gatherv", mean_per_worker(algo.up_numel_of) * _itemsize(up)))
+    messages += [Message(x.label, x.op, per_rank(x)) for x in transfers if x.label == "up"]
     state = [sum(spec.values()) for spec in algo.state_specs()]  # floats per client, by architecture group
     if any(state):
         messages.append(Message("state", "Gatherv", mean_per_worker(lambda k: state[algo.setup.group_of(k)]) * 4))

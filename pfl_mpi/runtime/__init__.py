@@ -1,7 +1,7 @@
 """The runtime: the round loop, client placement and state, device binding, progress.
 
-``Engine`` is imported lazily, so that algorithms can use ``pfl_mpi.runtime.seeding`` and the
-other small modules here without importing the engine (which imports the algorithms).
+``Engine`` is imported lazily, so that the small modules here (placement, device, cluster) can be used
+without importing the engine and, through it, every algorithm.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..algorithms import Algorithm, Setup, resolve
+from ..algorithms.training import TrainConfig
 from ..config import RunConfig
 from ..data import FederatedData
+from ..errors import ConfigError
 from ..models import build_models
 
 
@@ -19,6 +21,7 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
     models = [m.to(device) for m in build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)]
     cls, params = resolve(cfg.algorithm)
     cls.check_models(params, models)
+    check_train_keys(cls, cfg.train)
     setup = Setup(
         models[0],
         device,
@@ -30,8 +33,19 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
         groups=cfg.model.groups(data.num_clients),
         train_sizes=data.train_sizes,
         public=data.public,
+        augment=data.augment,
+        rounds=cfg.rounds,
     )
     return cls(params, setup)
+
+
+def check_train_keys(cls: type[Algorithm], train: TrainConfig) -> None:
+    """Refuse a ``train`` key the algorithm does not use (``replaces_train``) set to a value other than its
+    default, with one line naming the key that applies instead."""
+    defaults = TrainConfig()
+    for key, instead in cls.replaces_train.items():
+        if getattr(train, key) != getattr(defaults, key):
+            raise ConfigError(f"train.{key}", f"{cls.name} does not use train.{key}; set {instead}")
 
 
 def check_buildable(cfg: RunConfig, data: FederatedData) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 
 import numpy as np
 
-from .seeding import derive_seed
+from ..seeding import derive_seed
 
 _SAMPLING = 1  # tag that separates the sampling stream from other streams of the same seed
 
@@ -29,22 +28,3 @@ def sample_clients(seed: int, round: int, num_clients: int, per_round: int) -> n
         return np.arange(num_clients)
     rng = np.random.default_rng(derive_seed(seed, _SAMPLING, round))
     return np.sort(rng.choice(num_clients, size=per_round, replace=False))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The clients of one exchange, grouped by host rank in rank order (the order of Scatterv/Gatherv)."""
-
-    order: list[int]
-    per_rank: list[int]  # how many of ``order`` each rank hosts
-
-    def of_rank(self, rank: int) -> list[int]:
-        start = sum(self.per_rank[:rank])
-        return self.order[start : start + self.per_rank[rank]]
-
-
-def make_plan(clients: np.ndarray, host: np.ndarray, size: int) -> Plan:
-    """Group ``clients`` by their host rank."""
-    order = sorted((int(k) for k in clients), key=lambda k: (int(host[k]), k))
-    per_rank = np.bincount(host[np.asarray(order, dtype=np.int64)], minlength=size).tolist() if order else [0] * size
-    return Plan(order, per_rank)

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..comm import ALGORITHM_LABELS, FIELDS, LABELS
+from ..errors import DivergenceError
 from ..store import RunWriter
+from ..store.nested import flatten_state
+from ..wire.protocol import evaluation_bytes, training_bytes
 
 RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
 META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
@@ -126,3 +129,75 @@ def write(writer: RunWriter, record: RoundRecord, ended: tuple[float, float]) ->
     scalars["seconds_io"] = time.perf_counter() - start  # the flush included; the value itself
     writer.set_round_value(record.t, "seconds_io", scalars["seconds_io"])  # reaches the disk with the next flush
     return scalars
+
+
+PROTOCOL_TOTALS = {  # per-client protocol table -> its round total in /rounds
+    "protocol_bytes_down": "protocol_bytes_down",
+    "protocol_bytes_up": "protocol_bytes_up",
+    "protocol_eval_bytes_down": "protocol_bytes_eval",
+}
+
+
+def protocol_ledger(algo, trained: list[int], evaluated: bool) -> dict[str, np.ndarray]:
+    """The round's protocol bytes per client, int64 [N]: what each trained client downloaded and uploaded, and
+    (on an evaluation round) what every client downloaded to be evaluated; 0 for a client that moved nothing."""
+    n = algo.setup.num_clients
+    down, up = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    down[trained], up[trained] = training_bytes(algo, trained)
+    evaluation = evaluation_bytes(algo, range(n)) if evaluated else np.zeros(n, dtype=np.int64)
+    return {"protocol_bytes_down": down, "protocol_bytes_up": up, "protocol_eval_bytes_down": evaluation}
+
+
+class Recorder:
+    """The server's records during a run: each round is summarised and checked when it ends, and written
+    and committed while the workers train the next one (``flush``)."""
+
+    def __init__(self, writer: RunWriter, algo, layout, metric_names: tuple[str, ...], workers: list[int], progress):
+        self.writer, self.algo, self.layout, self.progress = writer, algo, layout, progress
+        self.metric_names, self.workers = metric_names, workers
+        self.pending: RoundRecord | None = None
+        self.last_metrics: dict[str, float] | None = None
+
+    def keep(
+        self,
+        t: int,
+        clients: list[int],
+        started: tuple[float, float],
+        client_rows: np.ndarray,
+        algorithm_metrics: dict[str, float],
+        state_rows: np.ndarray | None,
+        evaluated: tuple[np.ndarray | None, tuple[str, ...]],
+        ledgers: np.ndarray,
+        snapshot: bool,
+    ) -> DivergenceError | None:
+        """Summarise round t (``clients``: the trained clients in the order of their rows) and keep it to
+        write; a NaN or infinity is not kept but returned as the error that stops the run."""
+        num_clients = self.algo.setup.num_clients
+        scalars, per_client, comm, ranks = summarise(
+            t, num_clients, self.metric_names, client_rows, evaluated, ledgers, self.workers
+        )
+        scalars.update({k: float(v) for k, v in algorithm_metrics.items()})
+        protocol = protocol_ledger(self.algo, clients, evaluated[0] is not None)
+        per_client.update(protocol)
+        scalars.update({PROTOCOL_TOTALS[name]: float(values.sum()) for name, values in protocol.items()})
+        server_state = flatten_state(self.algo.server_state())
+        bad = non_finite(scalars, server_state)
+        if bad:
+            return DivergenceError(
+                f"round {t + 1}: {', '.join(bad)} became NaN or infinite; stopped, "
+                f"the file keeps the {t} completed round(s)"
+            )
+        state = self.layout.split(clients, state_rows) if state_rows is not None else {}
+        global_state = None
+        if snapshot:
+            global_state = {k: v.detach().cpu().numpy().copy() for k, v in self.algo.global_state().items()}
+        self.pending = RoundRecord(t, scalars, per_client, comm, ranks, server_state, state, global_state, started)
+        return None
+
+    def flush(self, ended: tuple[float, float]) -> None:
+        """Write and commit the kept round, if any, and show it (``ended``: the server's (wall, cpu) clock)."""
+        if self.pending is None:
+            return
+        self.last_metrics = write(self.writer, self.pending, ended)
+        self.pending = None
+        self.progress.update(self.last_metrics)

@@ -44,6 +44,9 @@ def test_config_runs_under_mpi_like_one_process(config, mpi_tmp_path):
         for name in ("train_loss", "test_acc", "finetune_test_acc"):
             a, b = committed(cfg.output_path, "rounds", name), committed(one.output_path, "rounds", name)
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+        for name in ("protocol_bytes_down", "protocol_bytes_up", "protocol_eval_bytes_down"):  # exactly, per client
+            a, b = committed(cfg.output_path, "clients", name), committed(one.output_path, "clients", name)
+            np.testing.assert_array_equal(a, b, err_msg=name)
         with h5py.File(cfg.output_path) as f, h5py.File(one.output_path) as g:
             assert f.attrs["status"] == "completed" and f.attrs["world_size"] == world.size
             assert set(tables_under(f["clients/state"])) == {"round", *tables}

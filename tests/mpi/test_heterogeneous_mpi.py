@@ -15,8 +15,9 @@ from pfl_mpi.comm import LABELS
 from pfl_mpi.comm.mpi_world import MPIWorld
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
-from pfl_mpi.runtime.placement import make_plan, place_clients, sample_clients
+from pfl_mpi.runtime.placement import place_clients, sample_clients
 from pfl_mpi.store.writer import tables_under
+from pfl_mpi.wire.plan import make_plan
 
 from ..helpers import committed, tiny_config
 

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pfl_mpi.algorithms import Algorithm, Broadcast, Client, Gathered, PerClient, Update, WeightedSum, register
+from pfl_mpi.algorithms import Algorithm, Broadcast, Client, Gathered, PerClient, Phase, Update, WeightedSum, register
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "int8", "int16", "int32", "uint8")}
 
@@ -56,7 +56,7 @@ class DtypeProbe(Algorithm):
     def __init__(self, params: ProbeParams, setup):
         super().__init__(params, setup)
         down = DTYPES[params.down_dtype]
-        self.down = Broadcast(down) if params.down == "broadcast" else PerClient(down)
+        self.down = self.eval_down = Broadcast(down) if params.down == "broadcast" else PerClient(down)
         up = DTYPES[params.up_dtype]
         self.up = WeightedSum(up) if params.up == "sum" else Gathered(up)
         self.received: list = []
@@ -67,7 +67,7 @@ class DtypeProbe(Algorithm):
     def up_numel(self) -> int:
         return self.params.numel
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return expected_down(self, round, clients)
 
     def aggregate(self, round: int, up) -> dict[str, float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pfl_mpi.algorithms import Collected, Gathered, PerClient, register
+from pfl_mpi.algorithms import Collected, Gathered, PerClient, Phase, register
 from pfl_mpi.algorithms.fedavg import FedAvg
 
 
@@ -15,9 +15,10 @@ from pfl_mpi.algorithms.fedavg import FedAvg
 class GatheredFedAvg(FedAvg):
     name = "gathered_fedavg"
     down = PerClient()
+    eval_down = PerClient()
     up = Gathered()
 
-    def downlink(self, round: int, clients: list[int]) -> torch.Tensor:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return self.w.expand(len(clients), -1)
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:

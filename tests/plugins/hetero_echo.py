@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pfl_mpi.algorithms import Algorithm, Client, Collected, Gathered, PerClient, Setup, Update, register
+from pfl_mpi.algorithms import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update, register
 from pfl_mpi.models import ParamLayout
 
 
@@ -21,6 +21,7 @@ class HeteroEcho(Algorithm):
     name = "hetero_echo"
     heterogeneous = True
     down = PerClient()
+    eval_down = PerClient()
     up = Gathered()
 
     def __init__(self, params, setup: Setup):
@@ -37,7 +38,7 @@ class HeteroEcho(Algorithm):
     def up_numel_of(self, client: int) -> int:
         return self._layout(client).numel + int(self.setup.train_sizes[client])
 
-    def client_state_spec(self, group: int = 0) -> dict[str, int]:
+    def client_state_spec(self, group: int) -> dict[str, int]:
         return {"model": self.layouts[group].numel}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ class HeteroEcho(Algorithm):
     def init_server(self) -> None:
         self.models = [self.initial[self.setup.group_of(k)].clone() for k in range(self.setup.num_clients)]
 
-    def downlink(self, round: int, clients: list[int]) -> list[torch.Tensor]:
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> list[torch.Tensor]:
         return [self.models[k] for k in clients]
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
@@ -70,7 +71,7 @@ class HeteroEcho(Algorithm):
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         model, layout = self.setup.model_for(client.id), self._layout(client.id)
         layout.load(model, payload)
-        loss = self.local_sgd(client)
+        loss = self.local_training(client)["train_loss"]
         client.state["model"].copy_(layout.flatten(model))
         up = torch.cat([client.state["model"], client.data.y_train.float().cpu()])
         return Update(up, 1.0, {"train_loss": loss})

@@ -1,4 +1,6 @@
-"""Random streams derived from integers, so that nothing depends on which rank computes what."""
+"""Random streams derived from integers (seed, purpose, client, round), so that nothing depends on which rank
+computes what. The ground floor: every layer may use it (the data package keeps its own numpy streams in
+``data/seeding.py``)."""
 
 from __future__ import annotations
 

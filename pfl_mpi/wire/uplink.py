@@ -6,11 +6,19 @@ algorithm declared. See ``pfl_mpi.algorithms.base`` for the WeightedSum side cha
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
-from ..algorithms import Gathered, Update, WeightedSum
-from ..algorithms.base import WIRE_DTYPES
+from .messages import WIRE_DTYPES, Gathered, WeightedSum
+
+
+class Outgoing(Protocol):
+    """What one client sends up (``algorithms.Update``): its payload and aggregation weight."""
+
+    payload: torch.Tensor
+    weight: float
 
 
 def wire_limit(dtype: np.dtype) -> float:
@@ -18,7 +26,7 @@ def wire_limit(dtype: np.dtype) -> float:
     return float(np.iinfo(dtype).max if dtype.kind in "iu" else np.finfo(dtype).max)
 
 
-def payload_of(update: Update, dtype: torch.dtype, numel: int) -> torch.Tensor:
+def payload_of(update: Outgoing, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """The client's payload on the CPU, checked: ``numel`` elements of ``dtype`` (float32 converts floats)."""
     payload = update.payload.detach().reshape(-1).cpu()
     if payload.numel() != numel:
@@ -61,7 +69,7 @@ class UplinkBuffer:
         else:
             self.buf = np.empty(0, dtype=np.float32)
 
-    def add(self, update: Update) -> None:
+    def add(self, update: Outgoing) -> None:
         """Fold in one client's payload."""
         if isinstance(self.up, WeightedSum):
             payload = payload_of(update, self.dtype, self.numel)
