@@ -22,6 +22,7 @@ from .comm.world import POLL_MAX_MS
 from .data import DataConfig
 from .errors import ConfigError
 from .models import ModelConfig
+from .network import NetworkConfig
 
 NAME_MAX = 100  # characters of a run name
 
@@ -72,6 +73,7 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
     comm: CommConfig = Field(default_factory=CommConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
 
     @field_validator("name")
     @classmethod

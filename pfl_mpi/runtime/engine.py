@@ -31,6 +31,7 @@ from ..algorithms import Algorithm, Client
 from ..comm import World
 from ..config import RunConfig
 from ..data import ClientData, load_federated
+from ..network import simulated_network
 from ..seeding import client_generator
 from ..store import RunWriter
 from ..store.layout import StateLayout
@@ -38,6 +39,7 @@ from ..store.nested import unflatten_state
 from ..store.run_file import close_run_file, create_run_file, reopen_run_file
 from ..store.writer import block_rows
 from ..wire.plan import make_plan
+from ..wire.protocol import training_bytes
 from ..wire.transport import Transport, counts_per_rank
 from .build import build_algorithm
 from .client_store import ClientStore
@@ -103,6 +105,9 @@ class Engine:
             self._restore()
         elif world.is_server:
             self.writer = self._create_file(histograms)
+        self.network = simulated_network(  # None unless network.enabled
+            cfg, self.data.train_sizes, lambda c: training_bytes(self.algo, c), sample_clients, self.start_round
+        )
         self.progress = Progress(cfg.rounds, self.start_round, enabled=show_progress and world.is_server)
         self.evaluate = Evaluator(
             self.algo, self.transport, self.host, self.hosted, self._client, cfg.seed, cfg.rounds, cfg.finetune_epochs
@@ -188,9 +193,11 @@ class Engine:
         if control[1]:
             return int(control[1])
 
-        plan = make_plan(sample_clients(cfg.seed, t, self.num_clients, cfg.sampled_per_round), self.host, w.size)
+        net = self.network.round(t) if self.network else None  # over-selects; keeps the clients that arrive
+        sampled = net.kept if net else sample_clients(cfg.seed, t, self.num_clients, cfg.sampled_per_round)
+        plan = make_plan(sampled, self.host, w.size)
         mine = plan.of_rank(w.rank)
-        payloads = self.transport.down(t, plan, "train")
+        payloads = self.transport.down(t, plan, "train") if plan.order else []  # none: nobody arrived
         if w.is_server:
             self.recorder.flush(ended=(times.start_wall, times.start_cpu))  # while the workers train
 
@@ -207,7 +214,7 @@ class Engine:
         client_rows = self.transport.gather_rows(plan, rows, "metrics")
         aggregate_input = self.transport.up(plan, uplink, client_rows[:, 1] if w.is_server else None)
         algorithm_metrics: dict[str, float] = {}
-        if w.is_server:
+        if w.is_server and plan.order:
             start = time.perf_counter()
             algorithm_metrics = self.algo.aggregate(t, aggregate_input)
             times.aggregate = time.perf_counter() - start
@@ -233,6 +240,7 @@ class Engine:
                 evaluated,
                 ledgers,
                 self._snapshot_due(t),
+                net,
             )
             if self.divergence is not None:
                 self.stop_code = EXIT_DIVERGED

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..comm import ALGORITHM_LABELS, FIELDS, LABELS
 from ..errors import DivergenceError
+from ..network import RoundNetwork
 from ..store import RunWriter
 from ..store.nested import flatten_state
 from ..wire.protocol import evaluation_bytes, training_bytes
@@ -66,7 +68,7 @@ def summarise(
         "round": t,
         "num_sampled": len(ids),
         "world_size": ledgers.shape[0],
-        "train_loss": float(np.sum(samples * client_rows[:, loss_column]) / np.sum(samples)),
+        "train_loss": float(np.sum(samples * client_rows[:, loss_column]) / np.sum(samples)) if len(ids) else math.nan,
     }
     clients["test_loss"], clients["test_acc"] = np.full(num_clients, np.nan), np.full(num_clients, np.nan)
     if evaluated is not None:
@@ -138,12 +140,16 @@ PROTOCOL_TOTALS = {  # per-client protocol table -> its round total in /rounds
 }
 
 
-def protocol_ledger(algo, trained: list[int], evaluated: bool) -> dict[str, np.ndarray]:
+def protocol_ledger(algo, trained: list[int], evaluated: bool, downloaded: Iterable[int] = ()) -> dict[str, np.ndarray]:
     """The round's protocol bytes per client, int64 [N]: what each trained client downloaded and uploaded, and
-    (on an evaluation round) what every client downloaded to be evaluated; 0 for a client that moved nothing."""
+    (on an evaluation round) what every client downloaded to be evaluated; 0 for a client that moved nothing.
+    ``downloaded``: clients that downloaded but never uploaded (the simulated network's dropped, late and
+    over-selected clients)."""
     n = algo.setup.num_clients
     down, up = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     down[trained], up[trained] = training_bytes(algo, trained)
+    downloaded = [int(k) for k in downloaded]
+    down[downloaded] = training_bytes(algo, downloaded)[0]
     evaluation = evaluation_bytes(algo, range(n)) if evaluated else np.zeros(n, dtype=np.int64)
     return {"protocol_bytes_down": down, "protocol_bytes_up": up, "protocol_eval_bytes_down": evaluation}
 
@@ -169,19 +175,25 @@ class Recorder:
         evaluated: tuple[np.ndarray | None, tuple[str, ...]],
         ledgers: np.ndarray,
         snapshot: bool,
+        network: RoundNetwork | None = None,
     ) -> DivergenceError | None:
         """Summarise round t (``clients``: the trained clients in the order of their rows) and keep it to
-        write; a NaN or infinity is not kept but returned as the error that stops the run."""
+        write; a NaN or infinity is not kept but returned as the error that stops the run. ``network``: the
+        round's ``RoundNetwork`` when the network is simulated (its tables and counts are recorded)."""
         num_clients = self.algo.setup.num_clients
         scalars, per_client, comm, ranks = summarise(
             t, num_clients, self.metric_names, client_rows, evaluated, ledgers, self.workers
         )
         scalars.update({k: float(v) for k, v in algorithm_metrics.items()})
-        protocol = protocol_ledger(self.algo, clients, evaluated[0] is not None)
+        downloaded = () if network is None else network.downloaded
+        protocol = protocol_ledger(self.algo, clients, evaluated[0] is not None, downloaded)
         per_client.update(protocol)
         scalars.update({PROTOCOL_TOTALS[name]: float(values.sum()) for name, values in protocol.items()})
+        if network is not None:
+            per_client.update(network.client_tables(num_clients))
+            scalars.update(network.scalars())
         server_state = flatten_state(self.algo.server_state())
-        bad = non_finite(scalars, server_state)
+        bad = non_finite(scalars if len(clients) else {**scalars, "train_loss": 0.0}, server_state)  # none trained
         if bad:
             return DivergenceError(
                 f"round {t + 1}: {', '.join(bad)} became NaN or infinite; stopped, "
