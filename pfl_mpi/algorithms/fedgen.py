@@ -1,65 +1,19 @@
 """FedGen (Zhu, Hong and Zhou, ICML 2021, "Data-Free Knowledge Distillation for Heterogeneous Federated Learning").
 
-A global model w trained as in FedAvg, plus a lightweight generator G(z, y) on the server that maps noise z and a
-label y to a point of the model's feature space (the output of the SplitModel's ``base``, ``model.feature_dim``
-values). The server fits G so that the clients' classifier heads h_k, weighted per label by the clients' label
-counts, predict y from G(z, y); the clients then use G to regularise their local training with the knowledge of
-every other client, without any proxy data set.
+A global model w trained as in FedAvg, plus a generator G(z, y) on the server (``models/feature_generator.py``) that
+maps noise and a label to the model's feature space; the server fits G so that the clients' heads, weighted per
+label by their label counts, predict y from G(z, y), and the clients regularise their local training with it.
 
-Moves, per round with K sampled clients, a model of d parameters, C classes and a generator of g values:
+Moves: down, Broadcast [w, G] (G's parameters and BatchNorm statistics); up, Gathered [w_k, n_k] (each client's
+trained model and its C label counts: fitting G needs every head).
 
-- down, Broadcast: [w, G], the global model and the generator: its parameters and its BatchNorm running mean and
-  variance, which its evaluation-mode forward on the clients needs (4 (d + g) bytes per worker rank).
-- up, Gathered: [w_k, n_k], each sampled client's trained model and its C training label counts as float32
-  (4 (d + C) bytes per client). It is a Gatherv, not a Reduce: fitting G needs every client's head h_k separately.
-  A cheaper split (a Reduce of the bodies, one body per rank, and a Gatherv of heads and counts only) needs two
-  uplinks, which the algorithm interface does not have.
+Computes: server (``aggregate``): ``generator_steps`` Adam steps on G against the label-weighted heads of the round
+(teacher CE plus a diversity term), then w moves as in FedAvg. Client: FedAvg's local training (the library loop,
+``train`` section) on CE(f(x), y) + (gen_batch_size / B) alpha_t CE(h(G(z', y~)), y~) + beta_t KL(h(G(z, y)) || f(x)),
+from the second round and for the first ``early_stop`` epochs; alpha_t and beta_t decay per round.
 
-Computes, on the server (``aggregate``, round t, clients sorted by id so that the result does not depend on the
-ranks): the label weights alpha_k^y = n_k^y / sum_j n_j^y over the clients of the round, and the label
-distribution p_t(y) proportional to sum_k n_k^y; then ``(ensemble_epochs // n_teacher_iters) * n_teacher_iters``
-Adam steps (50 with the defaults) on G, each on ``generator_batch_size`` labels y ~ p_t with noise z ~ U[0, 1)
-of ``noise_dim`` values:
-
-    teacher   = sum_k mean_b alpha_k^{y_b} CE(h_k(G(z_b, y_b)), y_b)
-    diversity = exp(-mean_{b,c} ||z_b - z_c||^2 / noise_dim * |G(z_b, y_b) - G(z_c, y_c)|_1 / feature_dim)
-    loss      = ensemble_alpha * teacher + ensemble_eta * diversity
-
-with Adam's learning rate ``ensemble_lr * ensemble_lr_decay^t`` and L2 ``weight_decay``. Then w moves as in
-FedAvg: w <- server_opt(w, sum_k p_k (w_k - w)), p_k by ``weighting`` (sample counts by default, as in the paper).
-
-On a client (``client_update``): w and G are loaded (G in evaluation mode, fixed), and the client runs the same
-minibatch SGD as FedAvg (same batches, same step rule, ``train`` section) on, for each batch (x, y) of size B,
-
-    CE(f(x), y) + (gen_batch_size / B) alpha_t CE(h(G(z', y~)), y~) + beta_t KL(softmax h(G(z, y)) || softmax f(x))
-
-where y~ are ``gen_batch_size`` labels drawn from the population's label distribution (``Setup.label_distribution``,
-the paper's p(y)), the softmax target of the last term is held constant, and the weights decay per round as in the
-authors' code: alpha_t = max(1e-4, generative_alpha * generative_decay^t), likewise beta_t (a weight set to 0 stays
-0). The regulariser is on from the second round (the generator has then been fitted once) and for the first
-``early_stop`` local epochs. The batches come from ``client.generator`` exactly as FedAvg draws them; the noise and
-the labels y~ come from a second generator seeded from ``client.generator.initial_seed()``, so with
-generative_alpha = generative_beta = 0 a client computes exactly FedAvg's local update.
-
-Choices, where the authors' code (zhuangdizhu/FedGen) and this file differ:
-
-- Label counts are the client's exact training label counts. The code counts the labels of the batches it happened
-  to draw, each label starting at 1; the paper defines alpha_k^y from the local label counts.
-- The teacher term is the alpha-weighted sum of the clients' losses, as in the code (not the loss of a weighted
-  average of logits), with alpha_k^{y_b} weighting sample b. In the code the losses [B] times the weights [B, 1]
-  broadcast to [B, B], so each client's term there is mean_b(alpha_k^{y_b}) * mean_b(CE_b): the per-sample
-  weighting is lost. The code's adversarial student term (ensemble_beta, 0 in every published configuration) is
-  not implemented.
-- The server draws y from p_t (the labels of the round's clients, by count), the code uniformly among the labels
-  some client of the round holds. The clients draw y~ from p(y), the code uniformly among all labels.
-- Local training is the project's (``train``: epochs over the client's data, its lr, momentum and weight decay);
-  the code's per-round decay of the clients' learning rate is not reproduced.
-- The generator is the code's (one-hot label, one hidden layer with BatchNorm and ReLU, uniform noise); its output
-  size is ``model.feature_dim``, so the feature space is set by ``model.head_layers`` (the code generates the input
-  of its last layer: ``head_layers: 1``). The client-side generator in evaluation mode uses the BatchNorm running
-  statistics that come down with it, as the code's clients do.
-
-Evaluation uses the global w (FedGen trains one global model).
+The formulas, the streams of noise and labels, and where this departs from the authors' code (label counts,
+the teacher term's weighting, label sampling, local training, the generator's layers): docs/algorithms.md#fedgen.
 """
 
 from __future__ import annotations
@@ -70,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
-from torch.func import functional_call
 
-from ..models.feature_generator import FeatureGenerator, diversity_loss, label_weights
+from ..models.feature_generator import FeatureGenerator, fit_generator, label_weights
 from ..models.params import ParamLayout
 from ..seeding import derive_seed
 from .base import Broadcast, Client, Collected, Gathered, Phase, Setup, Update
@@ -88,36 +41,23 @@ MIN_REGULARISER_WEIGHT = 1e-4  # floor of the decayed alpha_t and beta_t (the au
 
 
 class FedGenParams(FedAvgParams):
-    generative_alpha: float = Field(
-        10.0, ge=0, description="alpha: weight of the clients' CE on generated features (the code's MNIST value)"
-    )
-    generative_beta: float = Field(
-        10.0,
-        ge=0,
-        description="beta: weight of the clients' distillation of h(G(z, y)) into their prediction on real x "
-        "(the code's MNIST value; 0 turns the term off)",
-    )
-    generative_decay: float = Field(
-        0.98, gt=0, le=1, description="alpha_t = max(1e-4, alpha * decay^t), likewise beta_t"
-    )
+    """The authors' MNIST values, except where noted; the formulas: docs/algorithms.md#fedgen."""
+
+    generative_alpha: float = Field(10.0, ge=0, description="alpha: weight of the clients' CE on generated features")
+    generative_beta: float = Field(10.0, ge=0, description="beta: weight of the clients' distillation (0: off)")
+    generative_decay: float = Field(0.98, gt=0, le=1, description="alpha_t = max(1e-4, alpha decay^t), likewise beta")
     gen_batch_size: int = Field(32, ge=1, description="generated samples per client minibatch")
     early_stop: int = Field(20, ge=0, description="the clients use the generator in their first early_stop epochs")
-    ensemble_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the generator (the code's MNIST value)")
-    ensemble_lr_decay: float = Field(
-        0.98, gt=0, le=1, description="the generator's learning rate is multiplied by this after every round"
-    )
+    ensemble_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the generator")
+    ensemble_lr_decay: float = Field(0.98, gt=0, le=1, description="generator lr factor after every round")
     weight_decay: float = Field(1e-2, ge=0, description="L2 weight decay of the generator's Adam")
-    ensemble_epochs: int = Field(
-        50, ge=1, description="with n_teacher_iters: (ensemble_epochs // n_teacher_iters) * n_teacher_iters steps"
-    )
+    ensemble_epochs: int = Field(50, ge=1, description="(ensemble_epochs // n_teacher_iters) * n_teacher_iters steps")
     n_teacher_iters: int = Field(5, ge=1, description="generator steps per server epoch")
-    ensemble_alpha: float = Field(1.0, ge=0, description="weight of the teacher (ensemble CE) loss of the generator")
+    ensemble_alpha: float = Field(1.0, ge=0, description="weight of the generator's teacher (ensemble CE) loss")
     ensemble_eta: float = Field(1.0, ge=0, description="weight of the generator's diversity loss")
-    generator_batch_size: int = Field(
-        32, ge=2, description="labels per generator step (the code passes the clients' batch size, 32)"
-    )
-    hidden_dim: int = Field(256, ge=1, description="width of the generator's hidden layer (the code's MNIST value)")
-    noise_dim: int = Field(32, ge=1, description="size of the generator's noise z (the code's MNIST value)")
+    generator_batch_size: int = Field(32, ge=2, description="labels per generator step (the code: the batch size)")
+    hidden_dim: int = Field(256, ge=1, description="width of the generator's hidden layer")
+    noise_dim: int = Field(32, ge=1, description="size of the generator's noise z")
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> FedGenParams:
@@ -171,10 +111,10 @@ class FedGen(FedAvg):
         return FeatureGenerator(s.num_classes, s.model.feature_dim, p.noise_dim, p.hidden_dim, init)
 
     def down_numel(self) -> int:
-        return self.shared.numel + self.client_gen.numel
+        return self.shared.numel + self.client_gen.numel  # [w, G]
 
     def up_numel(self) -> int:
-        return self.shared.numel + self.setup.num_classes
+        return self.shared.numel + self.setup.num_classes  # [w_k, label counts]
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
@@ -188,20 +128,6 @@ class FedGen(FedAvg):
 
     def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return torch.cat([self.w, self.generator.flat()])
-
-    def heads(self, models: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Each row's head parameters, named as in ``model.head`` (for ``functional_call``)."""
-        out = []
-        for row in models:
-            flat = row[self.head_start : self.head_start + self.head_layout.numel]
-            chunks = flat.split(self.head_layout.numels)
-            out.append(
-                {
-                    n.removeprefix("head."): c.view(shape)
-                    for n, c, shape in zip(self.head_names, chunks, self.head_layout.shapes, strict=True)
-                }
-            )
-        return out
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
         payloads, weights = up.payloads.float(), up.weights.double()  # rows in client-id order
@@ -217,38 +143,17 @@ class FedGen(FedAvg):
 
     def train_generator(self, round: int, models: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
         """Fit G to the label-weighted heads of ``models`` (rows, with their ``counts``); return mean losses."""
-        p = self.params
-        alpha = label_weights(counts).float()  # [K, C]
-        totals = counts.double().sum(dim=0)
+        p, totals = self.params, counts.double().sum(dim=0)
         if float(totals.sum()) <= 0:  # no client of the round holds a training sample: nothing to fit
             return dict.fromkeys(("generator_teacher_loss", "generator_diversity_loss", "ensemble_acc"), 0.0)
-        distribution = (totals / totals.sum()).float()
-        heads = self.heads(models)
+        rows = models[:, self.head_start : self.head_start + self.head_layout.numel]
+        heads = [{n.removeprefix("head."): v for n, v in self.head_layout.views(row).items()} for row in rows]
         rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, _SERVER_STEPS, round))
         for group in self.gen_optimizer.param_groups:
             group["lr"] = p.ensemble_lr * p.ensemble_lr_decay**round
-        self.generator.train()
-        sums = torch.zeros(3, dtype=torch.float64)
-        for _ in range(p.generator_steps):
-            y = torch.multinomial(distribution, p.generator_batch_size, replacement=True, generator=rng)
-            z = torch.rand(p.generator_batch_size, p.noise_dim, generator=rng)
-            features = self.generator(z, y)
-            teacher, ensemble_logits = torch.zeros(()), torch.zeros(())
-            for k, head in enumerate(heads):
-                logits = functional_call(self.server_head, head, (features,))
-                weight = alpha[k, y]
-                teacher = teacher + (weight * F.cross_entropy(logits, y, reduction="none")).mean()
-                ensemble_logits = ensemble_logits + weight[:, None] * logits.detach()
-            diversity = diversity_loss(z, features)
-            loss = p.ensemble_alpha * teacher + p.ensemble_eta * diversity
-            self.gen_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.gen_optimizer.step()
-            accuracy = (ensemble_logits.argmax(dim=1) == y).double().mean()
-            sums += torch.stack([teacher.detach().double(), diversity.detach().double(), accuracy])
-        self.generator.eval()
-        teacher, diversity, accuracy = (sums / p.generator_steps).tolist()
-        return {"generator_teacher_loss": teacher, "generator_diversity_loss": diversity, "ensemble_acc": accuracy}
+        alpha, labels = label_weights(counts).float(), (totals / totals.sum()).float()
+        fit = (p.generator_steps, p.generator_batch_size, p.ensemble_alpha, p.ensemble_eta)
+        return fit_generator(self.generator, self.gen_optimizer, self.server_head, heads, alpha, labels, rng, *fit)
 
     def server_state(self) -> dict[str, torch.Tensor]:
         adam = self.gen_optimizer.state_dict()["state"]  # empty before the generator's first step

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 
 class FeatureGenerator(nn.Module):
@@ -65,3 +66,44 @@ def diversity_loss(noise: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     noise_dist = (noise[:, None] - noise[None]).pow(2).mean(dim=2)
     feature_dist = (features[:, None] - features[None]).abs().mean(dim=2)
     return torch.exp(-(noise_dist * feature_dist).mean())
+
+
+def fit_generator(
+    generator: FeatureGenerator,
+    optimizer: torch.optim.Optimizer,
+    head: nn.Module,
+    heads: list[dict[str, torch.Tensor]],
+    alpha: torch.Tensor,
+    distribution: torch.Tensor,
+    rng: torch.Generator,
+    steps: int,
+    batch_size: int,
+    teacher_weight: float,
+    diversity_weight: float,
+) -> dict[str, float]:
+    """``steps`` optimiser steps on G, each on ``batch_size`` labels y ~ ``distribution`` with noise z ~ U[0, 1):
+    teacher_weight * sum_k mean_b alpha[k, y_b] CE(h_k(G(z_b, y_b)), y_b) + diversity_weight * diversity.
+    ``heads[k]`` are client k's head parameters, applied through ``head``'s forward; returns the mean teacher and
+    diversity losses and the accuracy of the alpha-weighted ensemble of heads on G's samples."""
+    generator.train()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for _ in range(steps):
+        y = torch.multinomial(distribution, batch_size, replacement=True, generator=rng)
+        z = torch.rand(batch_size, generator.noise_dim, generator=rng)
+        features = generator(z, y)
+        teacher, ensemble_logits = torch.zeros(()), torch.zeros(())
+        for k, params in enumerate(heads):
+            logits = functional_call(head, params, (features,))
+            weight = alpha[k, y]
+            teacher = teacher + (weight * F.cross_entropy(logits, y, reduction="none")).mean()
+            ensemble_logits = ensemble_logits + weight[:, None] * logits.detach()
+        diversity = diversity_loss(z, features)
+        loss = teacher_weight * teacher + diversity_weight * diversity
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        accuracy = (ensemble_logits.argmax(dim=1) == y).double().mean()
+        sums += torch.stack([teacher.detach().double(), diversity.detach().double(), accuracy])
+    generator.eval()
+    teacher, diversity, accuracy = (sums / steps).tolist()
+    return {"generator_teacher_loss": teacher, "generator_diversity_loss": diversity, "ensemble_acc": accuracy}

@@ -60,6 +60,11 @@ class ParamLayout:
         for p, chunk in zip(params, flat.split(self.numels), strict=True):
             p.copy_(chunk.view(p.shape))
 
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameters of a flat vector as named views of their shapes (for ``torch.func.functional_call``)."""
+        chunks = flat.split(self.numels)
+        return {n: c.view(shape) for n, c, shape in zip(self.names, chunks, self.shapes, strict=True)}
+
     def grads(self, model: nn.Module) -> torch.Tensor:
         """The gradients as one 1-D float32 CPU tensor; zeros for parameters whose ``.grad`` is None."""
         params = self._params(model)
