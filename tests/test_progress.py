@@ -21,7 +21,7 @@ from tests.helpers import tiny_config
 
 LINE = re.compile(
     r"^round +(\d+)/(\d+)  train_loss \d+\.\d{4}(  test_acc (\d\.\d{4}))?(  finetuned_acc \d\.\d{4})?"
-    r"  down [\d.]+ (B|kB|MB|GB)  up [\d.]+ (B|kB|MB|GB)  \d+\.\d\d s$"
+    r"  down [\d.]+ (B|kB|MB|GB)  up [\d.]+ (B|kB|MB|GB)  mpi [\d.]+ (B|kB|MB|GB)  \d+\.\d\d s$"
 )
 
 
@@ -30,8 +30,11 @@ def _metrics(t: int, evaluated: bool = True, **extra) -> dict[str, float]:
         "round": float(t),
         "train_loss": 1.0 / (t + 1),
         "test_acc": 0.5 + t / 100 if evaluated else math.nan,
-        "bytes_down": 51200.0,
-        "bytes_up": 2.5e6,
+        "protocol_bytes_down": 51200.0,
+        "protocol_bytes_up": 2.5e6,
+        "bytes_down": 25600.0,
+        "bytes_up": 0.5e6,
+        "bytes_other": 1e5,
         "seconds_wall": 0.125,
     }
     return m | extra
@@ -45,7 +48,8 @@ class _Terminal(io.StringIO):
 def test_round_line_shows_round_accuracy_bytes_and_time():
     line = round_line(30, _metrics(4, finetune_test_acc=0.97))
     assert line == (
-        "round  5/30  train_loss 0.2000  test_acc 0.5400  finetuned_acc 0.9700  down 51.2 kB  up 2.5 MB  0.12 s"
+        "round  5/30  train_loss 0.2000  test_acc 0.5400  finetuned_acc 0.9700  down 51.2 kB  up 2.5 MB  mpi 625.6 kB  "
+        "0.12 s"
     )
     assert "test_acc" not in round_line(30, _metrics(5, evaluated=False))
 

@@ -111,3 +111,18 @@ def test_protocol_bytes_are_the_same_on_1_and_3_ranks(tmp_path, algorithm):
             np.testing.assert_array_equal(totals[ranks][name], totals[1][name], err_msg=f"{name} on {ranks} ranks")
     assert totals[1]["protocol_bytes_up"].sum() > 0  # one process still pays the protocol
     assert not totals[1]["bytes_up"].any()  # ... but moves nothing over MPI
+
+
+def test_info_and_the_progress_line_lead_with_the_protocol_bytes(tmp_path, capsys):
+    from pfl_mpi.cli import main
+
+    cfg = tiny_config(tmp_path / "fedavg.h5", "fedavg", rounds=2)
+    assert Engine(cfg, RecordingWorld(), show_progress=False).run() == 0
+    rounds = _read(cfg.output_path, "rounds", ("protocol_bytes_down", "protocol_bytes_up", "protocol_bytes_eval"))
+    assert main(["info", str(cfg.output_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    protocol = next(i for i, line in enumerate(lines) if "protocol bytes" in line)
+    transport = next(i for i, line in enumerate(lines) if "transport bytes" in line)
+    assert protocol < transport
+    expected = (f"{rounds[k].sum():.3e}" for k in ("protocol_bytes_down", "protocol_bytes_up", "protocol_bytes_eval"))
+    assert lines[protocol].endswith("down {}, up {}, evaluation {}".format(*expected))

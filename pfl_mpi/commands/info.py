@@ -43,9 +43,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 f"test loss {r['test_loss'][i]:.4f}"
             )
         print(f"  last train loss {r['train_loss'][-1]:.4f}")
+        if "protocol_bytes_down" in r:
+            print(
+                f"  protocol bytes (what the clients would send in a deployment): down "
+                f"{r['protocol_bytes_down'].sum():.3e}, up {r['protocol_bytes_up'].sum():.3e}, "
+                f"evaluation {r['protocol_bytes_eval'].sum():.3e}"
+            )
         print(
-            f"  bytes moved by the algorithm: down {r['bytes_down'].sum():.3e}, up {r['bytes_up'].sum():.3e}; "
-            f"other messages {r['bytes_other'].sum():.3e}"
+            f"  transport bytes (this simulation's MPI messages): algorithm down {r['bytes_down'].sum():.3e}, "
+            f"up {r['bytes_up'].sum():.3e}; other messages {r['bytes_other'].sum():.3e}"
         )
         print(
             f"  wall time {r['seconds_wall'].sum():.2f} s over {summary.rounds_completed} rounds "

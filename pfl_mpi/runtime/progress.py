@@ -81,11 +81,10 @@ def round_line(total: int, m: dict[str, float]) -> str:
         parts.append(f"test_acc {m['test_acc']:.4f}")
     if _present(m, "finetune_test_acc"):
         parts.append(f"finetuned_acc {m['finetune_test_acc']:.4f}")
-    parts += [
-        f"down {_fmt_bytes(m['bytes_down'])}",
-        f"up {_fmt_bytes(m['bytes_up'])}",
-        f"{m['seconds_wall']:.2f} s",
-    ]
+    if "protocol_bytes_down" in m:  # what the round's clients downloaded and uploaded (the protocol ledger)
+        parts += [f"down {_fmt_bytes(m['protocol_bytes_down'])}", f"up {_fmt_bytes(m['protocol_bytes_up'])}"]
+    transport = m["bytes_down"] + m["bytes_up"] + m.get("bytes_other", 0.0)
+    parts += [f"mpi {_fmt_bytes(transport)}", f"{m['seconds_wall']:.2f} s"]  # what the simulation moved
     return "  ".join(parts)
 
 
