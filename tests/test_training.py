@@ -168,3 +168,26 @@ def test_bad_optimiser_keys_are_one_line_errors(sets, key):
     with pytest.raises(ConfigError, match=key) as err:
         load_config(None, sets)
     assert "\n" not in str(err.value)
+
+
+def test_the_loop_augments_each_training_batch_from_the_clients_generator(tmp_path):
+    """``Setup.augment`` (``data.augment``) transforms every training batch, drawing from the client's generator:
+    a flip drawn there changes the update, and the same draw on another rank count would give the same one."""
+    algo, data, w0 = build_algorithm(tiny_config(tmp_path / "x.h5", "fedavg"))
+    client = data.client(3)
+    calls = []
+
+    def flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        calls.append((x.shape[0], generator))
+        return -x if torch.rand((), generator=generator) < 0.5 else x
+
+    plain = algo.client_update(Client(3, 0, client, {}, client_generator(0, 3, 0)), w0.clone()).payload
+    algo.setup.augment = flip
+    generator = client_generator(0, 3, 0)
+    augmented = algo.client_update(Client(3, 0, client, {}, generator), w0.clone()).payload
+    batches = math.ceil(client.y_train.shape[0] / 8)
+    assert [n for n, _ in calls] == [8] * (batches - 1) + [client.y_train.shape[0] - 8 * (batches - 1)]
+    assert all(g is generator for _, g in calls)
+    assert not torch.equal(plain, augmented)
+    again = algo.client_update(Client(3, 0, client, {}, client_generator(0, 3, 0)), w0.clone()).payload
+    assert torch.equal(again, augmented)  # a function of (seed, client, round)
