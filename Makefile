@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 run: venv
-	$(VENV)/bin/pfl-mpi run $(CONFIG) -n $(NP)
+	$(VENV)/bin/pfl-mpi run $(CONFIG) -n $(NP) --resume-if-exists
 
 test: venv test-unit test-mpi
 

@@ -44,7 +44,7 @@ COMMON = {
 def run_one(config: Path, seed: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
     """Run one config with the common settings; return its figures read back from the file."""
     sets = {**COMMON, "seed": seed, "rounds": args.rounds, "eval_every": args.rounds, "output": str(out)}
-    cmd = [sys.executable, "-m", "pfl_mpi", "run", str(config), "-n", str(args.ranks), "--quiet"]
+    cmd = [sys.executable, "-m", "pfl_mpi", "run", str(config), "-n", str(args.ranks), "--quiet", "--overwrite"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -55,7 +55,8 @@ def run_one(config: Path, seed: int, args: argparse.Namespace, out: Path) -> dic
         return {
             "accuracy": float(r["test_acc"][-1]),
             "finetuned": float(r["finetune_test_acc"][-1]),
-            "bytes_per_round": float(np.mean(r["bytes_down"][:] + r["bytes_up"][:])),
+            # the protocol's bytes (what the round's clients download and upload), the same on any number of ranks
+            "bytes_per_round": float(np.mean(r["protocol_bytes_down"][:] + r["protocol_bytes_up"][:])),
             "seconds_per_round": float(np.median(r["seconds_wall"][1:-1])),
         }
 
@@ -63,7 +64,8 @@ def run_one(config: Path, seed: int, args: argparse.Namespace, out: Path) -> dic
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     """Markdown: mean and spread over seeds of each figure, one row per config."""
     lines = [
-        "| algorithm (config) | personalised test accuracy | after local fine-tuning | bytes per round | s per round |",
+        "| algorithm (config) | personalised test accuracy | after local fine-tuning | protocol bytes per round "
+        "| s per round |",
         "|---|---|---|---|---|",
     ]
     rows = sorted(results.items(), key=lambda kv: -np.mean([r["accuracy"] for r in kv[1]]))

@@ -106,7 +106,7 @@ def measure(clients: int, sampled: int, rounds: int, ranks: int, work: Path) -> 
     run_file = out / "run.h5"
     sets = workload(clients, sampled, rounds, run_file)
     cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, str(Path(__file__).resolve()), "--rank", str(out), "--"]
-    cmd += ["run", "--quiet", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+    cmd += ["run", "--quiet", "--overwrite", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIEXEC_TIMEOUT=os.environ.get("MPIEXEC_TIMEOUT", "600"))
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pfl_mpi.algorithms import resolve
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.config import load_config
+from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import build_model
 
 
@@ -35,7 +36,11 @@ def tiny_config(out: Path, algorithm: str = "fedavg", **overrides):
         "algorithm.name": algorithm,
         "output": str(out),
     }
-    for key in resolve({"name": algorithm})[0].replaces_train:  # keys the algorithm refuses to be set
+    try:
+        ignored = resolve({"name": algorithm})[0].replaces_train  # train keys the algorithm refuses to be set
+    except ConfigError:  # a plugin's algorithm, registered when the config imports it
+        ignored = {}
+    for key in ignored:
         sets.pop(f"train.{key}", None)
     sets.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def test_architectures_inherit_the_section_and_are_assigned_by_rule():
     blocks = load_config(None, [*HETERO, "model.architectures=[{}, {}, {}]", "model.assignment=blocks"]).model
     assert blocks.groups(7).tolist() == [0, 0, 0, 1, 1, 2, 2]  # contiguous ranges, sizes differ by at most 1
     assert blocks.groups(9).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    again = load_config(None, [*HETERO, f"model={cfg.model.model_dump(mode='json')}"])
+    again = load_config(None, [*HETERO, f"model={json.dumps(cfg.model.model_dump(mode='json'))}"])
     assert again.model == cfg.model  # the written configuration reads back the same (resume)
 
 

@@ -315,4 +315,5 @@ def test_a_protocol_bytes_field_is_picked_up(runs, tmp_path, capsys):
     assert float(group_row["protocol bytes tcp"]) == 7000
     from pfl_mpi.report.plots import byte_fields
 
-    assert byte_fields([load_run(path)]) == ["bytes_down", "bytes_up", "bytes_other", "protocol_bytes_tcp"]
+    protocol = ["protocol_bytes_down", "protocol_bytes_eval", "protocol_bytes_tcp", "protocol_bytes_up"]
+    assert byte_fields([load_run(path)]) == [*protocol, "bytes_down", "bytes_up", "bytes_other"]

@@ -285,8 +285,9 @@ def comparison(groups: list[Group], path: Path) -> Path:
 
 
 def byte_fields(runs: list[Run]) -> list[str]:
-    """Every byte count of /rounds in the runs: bytes_down, bytes_up, bytes_other, then protocol_bytes_*."""
+    """Every byte count of /rounds in the runs: the protocol's (protocol_bytes_*) first, what a deployment would
+    pay, then the simulation's transport (bytes_down, bytes_up, bytes_other)."""
     names = {name for run in runs for name in run.rounds if name.startswith("bytes_")}
-    first = [n for n in ("bytes_down", "bytes_up", "bytes_other") if n in names]
+    transport = [n for n in ("bytes_down", "bytes_up", "bytes_other") if n in names]
     protocol = sorted({name for run in runs for name in protocol_fields(run)})
-    return first + sorted(names - set(first)) + protocol
+    return protocol + transport + sorted(names - set(transport))
