@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from . import __version__
 from .commands import command_modules
 
 
@@ -13,6 +14,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pfl-mpi", description="Personalised federated learning simulated on MPI collectives."
     )
+    parser.add_argument("--version", action="version", version=f"pfl-mpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in command_modules():
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.__doc__)

@@ -256,3 +256,13 @@ def test_main_info_of_a_missing_file(in_tmp, capsys):
     assert main(["info", "nothing.h5"]) == 1
     out, err = capsys.readouterr()
     assert "nothing.h5" in err and "Traceback" not in err
+
+
+def test_version_prints_the_package_version(capsys):
+    from pfl_mpi import __version__
+    from pfl_mpi.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pfl-mpi {__version__}"
