@@ -7,6 +7,7 @@ grid: ``<config name>[-<grid value>...][-s<seed>]``.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import re
 from dataclasses import dataclass
@@ -89,3 +90,21 @@ def expand(configs: list[str], overrides: list[str], grid: list[tuple[str, list[
         if seen[task.name] > 1:
             task.name = f"{task.name}-{seen[task.name]}"
     return tasks
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, configs_help: str, task: str, note: str = "") -> None:
+    """The arguments that name a grid of experiments: CONFIG.yaml..., --set, --set-grid and --seeds (``task``:
+    what one point of the grid is called in the help; ``note``: appended to the grid options' help)."""
+    parser.add_argument("configs", nargs="+", metavar="CONFIG.yaml", help=configs_help)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"override, for every {task}"
+    )
+    parser.add_argument(
+        "--set-grid",
+        dest="grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help=f"sweep a key over values{note} (repeatable: every combination), e.g. algorithm.name=fedavg,fedper",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[], metavar="S", help=f"seeds to sweep{note}")

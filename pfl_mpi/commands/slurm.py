@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..grid import Task, expand, parse_grid
+from ..grid import Task, add_grid_arguments, expand, parse_grid
 
 NAME = "slurm"
 HELP = "write (and --submit) a SLURM batch script for an experiment or a sweep of configs and seeds"
@@ -68,19 +68,7 @@ class Job:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("configs", nargs="+", metavar="CONFIG.yaml", help="experiment(s); several make a job array")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override, for every task"
-    )
-    parser.add_argument(
-        "--set-grid",
-        dest="grid",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="sweep a key over values (job array; repeatable: every combination)",
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[], metavar="S", help="seeds to sweep (job array)")
+    add_grid_arguments(parser, "experiment(s); several make a job array", "task", " (a job array)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument(
         "--ntasks-per-node", type=int, default=None, metavar="T", help="CPU jobs: ranks per node (default 4)"

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..grid import add_grid_arguments
 
 NAME = "sweep"
 HELP = "run a grid of configs x --set-grid values x seeds here (-n P ranks, --jobs J at once), then report"
@@ -29,19 +30,7 @@ FINISHED = ("completed", "diverged")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("configs", nargs="+", metavar="CONFIG.yaml", help="experiment(s)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override, for every run"
-    )
-    parser.add_argument(
-        "--set-grid",
-        dest="grid",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="sweep a key over values (repeatable: every combination), e.g. algorithm.name=fedavg,fedper,ditto",
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[], metavar="S", help="seeds of every grid point")
+    add_grid_arguments(parser, "experiment(s)", "run")
     parser.add_argument("-n", "--ranks", type=int, default=1, metavar="P", help="MPI ranks of each run (default 1)")
     parser.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at once (default 1)")
     parser.add_argument("--runs-dir", default="runs/sweep", help="run files, logs and report (default runs/sweep)")
