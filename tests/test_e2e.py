@@ -69,7 +69,7 @@ def test_printed_rounds_match_the_file(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("round ")]
     assert len(lines) == 4
     train_loss, test_acc = committed(out, "rounds", "train_loss"), committed(out, "rounds", "test_acc")
-    bytes_down = committed(out, "rounds", "bytes_down")
+    protocol_down = committed(out, "rounds", "protocol_bytes_down")  # the line leads with the protocol's bytes
     for i, line in enumerate(lines):
         assert re.match(rf"round {i + 1}/4 ", line)
         assert float(re.search(r"train_loss (\S+)", line).group(1)) == pytest.approx(train_loss[i], abs=5e-5)
@@ -77,14 +77,15 @@ def test_printed_rounds_match_the_file(tmp_path):
         assert (acc is None) == np.isnan(test_acc[i])
         if acc:
             assert float(acc.group(1)) == pytest.approx(test_acc[i], abs=5e-5)
-        assert float(re.search(r"down (\S+) kB", line).group(1)) == pytest.approx(bytes_down[i] / 1000, abs=0.05)
+        down = float(re.search(r"down (\S+) kB", line).group(1))
+        assert down == pytest.approx(protocol_down[i] / 1000, abs=0.05)
     assert f"wrote {out}" in run.stdout
     assert f"final test accuracy {test_acc[-1]:.4f}" in run.stdout
     # the report of this real 2-rank run states the bytes the file holds
     report = pfl("report", str(out), "-o", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "report" / "report.md").read_text()
-    bytes_up = committed(out, "rounds", "bytes_up")
+    bytes_down, bytes_up = committed(out, "rounds", "bytes_down"), committed(out, "rounds", "bytes_up")
     algorithm_bytes = int(round(bytes_down.sum() + bytes_up.sum()))
     assert algorithm_bytes > 0 and f"| {algorithm_bytes} |" in text
     total = int(round(algorithm_bytes + committed(out, "rounds", "bytes_other").sum()))
