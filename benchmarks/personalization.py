@@ -41,9 +41,19 @@ COMMON = {
 }
 
 
+def common_settings(config: Path) -> dict[str, object]:
+    """COMMON without the train keys the config's algorithm replaces with its own (it refuses them)."""
+    from pfl_mpi.algorithms import resolve
+
+    name = (yaml.safe_load(config.read_text()).get("algorithm") or {}).get("name", "fedavg")
+    replaced = {f"train.{key}" for key in resolve({"name": name})[0].replaces_train}
+    return {key: value for key, value in COMMON.items() if key not in replaced}
+
+
 def run_one(config: Path, seed: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
     """Run one config with the common settings; return its figures read back from the file."""
-    sets = {**COMMON, "seed": seed, "rounds": args.rounds, "eval_every": args.rounds, "output": str(out)}
+    sets = {**common_settings(config), "seed": seed, "rounds": args.rounds, "eval_every": args.rounds}
+    sets["output"] = str(out)
     cmd = [sys.executable, "-m", "pfl_mpi", "run", str(config), "-n", str(args.ranks), "--quiet", "--overwrite"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
