@@ -42,11 +42,13 @@ COMMON = {
 
 
 def common_settings(config: Path) -> dict[str, object]:
-    """COMMON without the train keys the config's algorithm replaces with its own (it refuses them)."""
+    """COMMON without the train keys the config's algorithm would ignore (it refuses them)."""
     from pfl_mpi.algorithms import resolve
+    from pfl_mpi.runtime.build import ignored_train_keys
 
     name = (yaml.safe_load(config.read_text()).get("algorithm") or {}).get("name", "fedavg")
-    replaced = {f"train.{key}" for key in resolve({"name": name})[0].replaces_train}
+    ignored = ignored_train_keys(resolve({"name": name})[0], int(COMMON["finetune_epochs"]))
+    replaced = {f"train.{key}" for key in ignored}
     return {key: value for key, value in COMMON.items() if key not in replaced}
 
 

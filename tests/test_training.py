@@ -191,3 +191,14 @@ def test_the_loop_augments_each_training_batch_from_the_clients_generator(tmp_pa
     assert not torch.equal(plain, augmented)
     again = algo.client_update(Client(3, 0, client, {}, client_generator(0, 3, 0)), w0.clone()).payload
     assert torch.equal(again, augmented)  # a function of (seed, client, round)
+
+
+def test_fine_tuning_uses_the_train_section_so_its_keys_are_accepted_then():
+    """With finetune_epochs > 0 every client fine-tunes with the train section's optimiser: pFedHN then accepts
+    train.lr (used by fine-tuning) but still refuses train.local_epochs (fine-tuning runs finetune_epochs)."""
+    sets = ["algorithm.name=pfedhn", "data.num_clients=10", "finetune_epochs=2"]
+    cfg = load_config(None, [*sets, "train.lr=0.3"])
+    check_buildable(cfg, load_federated(cfg.data, cfg.seed))
+    cfg = load_config(None, [*sets, "train.local_epochs=3"])
+    with pytest.raises(ConfigError, match="train.local_epochs: pfedhn does not use train.local_epochs"):
+        check_buildable(cfg, load_federated(cfg.data, cfg.seed))

@@ -21,7 +21,7 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
     models = [m.to(device) for m in build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)]
     cls, params = resolve(cfg.algorithm)
     cls.check_models(params, models)
-    check_train_keys(cls, cfg.train)
+    check_train_keys(cls, cfg.train, cfg.finetune_epochs)
     setup = Setup(
         models[0],
         device,
@@ -39,11 +39,18 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
     return cls(params, setup)
 
 
-def check_train_keys(cls: type[Algorithm], train: TrainConfig) -> None:
-    """Refuse a ``train`` key the algorithm does not use (``replaces_train``) set to a value other than its
+def ignored_train_keys(cls: type[Algorithm], finetune_epochs: int) -> dict[str, str]:
+    """The ``train`` keys a run of ``cls`` would ignore, each with the key that applies instead: those the
+    algorithm replaces (``replaces_train``), except what fine-tuning uses when ``finetune_epochs`` > 0 (every key
+    but ``local_epochs``: fine-tuning trains with the train section's optimiser for ``finetune_epochs``)."""
+    return {k: v for k, v in cls.replaces_train.items() if not finetune_epochs or k == "local_epochs"}
+
+
+def check_train_keys(cls: type[Algorithm], train: TrainConfig, finetune_epochs: int = 0) -> None:
+    """Refuse a ``train`` key the run would ignore (``ignored_train_keys``) set to a value other than its
     default, with one line naming the key that applies instead."""
     defaults = TrainConfig()
-    for key, instead in cls.replaces_train.items():
+    for key, instead in ignored_train_keys(cls, finetune_epochs).items():
         if getattr(train, key) != getattr(defaults, key):
             raise ConfigError(f"train.{key}", f"{cls.name} does not use train.{key}; set {instead}")
 
