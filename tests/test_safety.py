@@ -16,21 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TINY = """\
-name: tiny
-seed: 1
-rounds: 2
-clients_per_round: 4
-device: cpu
-data:
-  name: digits
-  num_clients: 8
-model:
-  name: logreg
-train:
-  local_epochs: 1
-  batch_size: 32
-"""
+from .test_cli import TINY
+
 PLUGIN = """\
 from pfl_mpi.algorithms import register
 from pfl_mpi.algorithms.fedavg import FedAvg
