@@ -1,7 +1,7 @@
 """The world over MPI: non-blocking collectives on flat numpy buffers, completed by polling.
 
 A rank blocked in an MPI call busy-polls and takes a core from the ranks that are computing
-(measured in shared/HPC-NOTES.md). So every collective here is started non-blocking and
+(measured with MPICH on a 2-core machine). So every collective here is started non-blocking and
 completed by ``Test()``: first a short spin (a quick collective never sleeps), then sleeps that
 double from ``POLL_MIN`` up to ``poll_max``, each followed by a short burst of ``Test()`` calls,
 because MPICH advances a collective by one stage per call (a tree of ranks needs several).
@@ -24,6 +24,7 @@ from mpi4py.util.dtlib import from_numpy_dtype
 from .ledger import waiting_of
 from .world import BURST, POLL_MAX_MS, POLL_MIN, SERVER, SPIN, WAIT_MODES, World
 
+ABORT_FORWARD_SECONDS = 1.0  # time the launcher gets to forward a failing rank's last output before Abort
 SYNC_PINGS = 16  # ping-pongs per rank when estimating clock offsets (the fastest one is kept)
 
 
@@ -177,6 +178,13 @@ class MPIWorld(World):
         return out
 
     def abort(self, code: int) -> None:
+        # MPI_Abort kills the launcher's proxies at once, and what a rank wrote just before (its traceback)
+        # may still sit in the pipe to its proxy: give the launcher a moment to forward it first.
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_FORWARD_SECONDS)
         MPI.COMM_WORLD.Abort(code)
 
     def exit(self, code: int) -> None:

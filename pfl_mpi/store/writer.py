@@ -1,7 +1,7 @@
 """The run file's only writer (rank 0): per-round records, snapshots and the checkpoint.
 
 The file is kept open with HDF5's default format and flushed after every round: killed at any
-moment, it reopens with every completed round (shared/HPC-NOTES.md). A round is committed by
+moment, it reopens with every completed round (the kill -9 tests of tests/test_e2e.py). A round is committed by
 the ``rounds_completed`` attribute, written last. Datasets on the round axis may hold one
 uncommitted row more; readers slice and resume truncates.
 
