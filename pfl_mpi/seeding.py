@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _CLIENT = 2  # stream tag of a client's local training
 
@@ -24,6 +26,8 @@ def derive_seed(*keys: int) -> int:
 
 def client_generator(seed: int, client: int, round: int) -> torch.Generator:
     """The CPU generator of client ``client`` in round ``round``."""
+    import torch  # here, so that the network's draws (and the config schema) import without torch
+
     generator = torch.Generator()
     generator.manual_seed(derive_seed(seed, _CLIENT, client, round))
     return generator
