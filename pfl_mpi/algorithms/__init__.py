@@ -1,24 +1,43 @@
-"""Algorithms, one file each, registered by name. Importing this package registers the built-ins:
-every module of the package is imported, so a new algorithm is one new file and nothing else."""
+"""Algorithms, one file each, registered by name.
 
-import importlib
-import pkgutil
+Every module of the package that is not a support module holds algorithms and is imported the first
+time the registry is asked for a name (``resolve``, ``algorithm_names``), so a new algorithm is one new
+file and nothing else. The other names are imported on first use: the configuration schema reads
+``pfl_mpi.algorithms.train_config`` without importing torch."""
 
-from .base import (
-    Algorithm,
-    Broadcast,
-    Client,
-    Collected,
-    Gathered,
-    PerClient,
-    Phase,
-    Setup,
-    Update,
-    WeightedMean,
-    WeightedSum,
-)
-from .registry import algorithm_names, register, resolve
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from .base import (
+        Algorithm,
+        Broadcast,
+        Client,
+        Collected,
+        Gathered,
+        PerClient,
+        Phase,
+        Setup,
+        Update,
+        WeightedMean,
+        WeightedSum,
+    )
+    from .registry import algorithm_names, register, resolve
+
+_FROM_BASE = {
+    "Algorithm",
+    "Broadcast",
+    "Client",
+    "Collected",
+    "Gathered",
+    "PerClient",
+    "Phase",
+    "Setup",
+    "Update",
+    "WeightedMean",
+    "WeightedSum",
+}
+_FROM_REGISTRY = {"algorithm_names", "register", "resolve"}
 __all__ = [
     "Algorithm",
     "Broadcast",
@@ -36,9 +55,10 @@ __all__ = [
     "resolve",
 ]
 
-# modules of this package that hold no algorithm
-_SUPPORT = {"base", "registry", "training", "weighting", "server_opt", "meta", "sketch", "byzantine", "bitpack"}
-_SUPPORT |= {"personal_models"}
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in _SUPPORT:
-        importlib.import_module(f"{__name__}.{_module.name}")
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        return getattr(import_module(f"{__name__}.base"), name)
+    if name in _FROM_REGISTRY:
+        return getattr(import_module(f"{__name__}.registry"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from ..errors import ConfigError
-from .base import Algorithm
+
+if TYPE_CHECKING:
+    from .base import Algorithm
 
 _REGISTRY: dict[str, type[Algorithm]] = {}
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    """Import every module of the package (once): the algorithms' modules register their classes."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+    _builtins_loaded = True
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
@@ -21,11 +37,14 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
 
 
 def algorithm_names() -> list[str]:
+    """Every registered name: the built-ins and what plugins registered."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def resolve(section: dict[str, Any]) -> tuple[type[Algorithm], Any]:
     """The class named by a config's ``algorithm`` section and its validated parameters."""
+    _load_builtins()
     options = dict(section)
     name = options.pop("name", None)
     if name not in _REGISTRY:
