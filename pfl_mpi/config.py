@@ -16,8 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .algorithms import resolve
-from .algorithms.training import TrainConfig
+from .algorithms.train_config import TrainConfig
 from .comm.world import POLL_MAX_MS
 from .data import DataConfig
 from .errors import ConfigError
@@ -177,6 +176,26 @@ def import_plugin(entry: str, base: Path | None = None) -> str:
         raise ConfigError("plugins", f"importing {entry!r} failed: {type(err).__name__}: {err}") from None
 
 
+def find_plugin(entry: str, base: Path | None = None) -> str:
+    """Find one ``plugins`` entry without importing it and return how the configuration keeps it (as
+    :func:`import_plugin` would, for a module found on sys.path or beside the config)."""
+    if _is_path(entry):
+        path = (base or Path.cwd()) / Path(entry).expanduser()
+        if not path.is_file():
+            raise ConfigError("plugins", f"no such plugin file: {path}")
+        return str(path.resolve())
+    try:
+        found = importlib.util.find_spec(entry)
+    except (ImportError, ValueError):
+        found = None
+    if found is not None:
+        return entry
+    beside = base / f"{entry}.py" if base else None
+    if beside is None or not beside.is_file():
+        raise ConfigError("plugins", f"cannot import {entry!r}: no module named {entry!r}")
+    return str(beside.resolve())
+
+
 def _import_file(path: Path) -> None:
     """Import the module in ``path`` under its file name (once)."""
     name = path.stem
@@ -195,11 +214,13 @@ def _import_file(path: Path) -> None:
         raise ConfigError("plugins", f"importing {path} failed: {type(err).__name__}: {err}") from None
 
 
-def validate(raw: dict[str, Any], base: Path | None = None) -> RunConfig:
+def validate(raw: dict[str, Any], base: Path | None = None, *, schema_only: bool = False) -> RunConfig:
     """Validate a nested dict: the schema, then the plugins and the algorithm's own parameters.
 
     ``base``: the config file's directory, where relative plugin paths (and plugin modules not on sys.path)
-    are looked for."""
+    are looked for. ``schema_only``: check the schema and that each plugin can be found, but import no
+    plugin and leave the ``algorithm`` section unchecked (its parameters live with the algorithms, which
+    import torch); ``pfl-mpi slurm`` writes a script this way."""
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "the configuration must be a mapping of keys to values")
     try:
@@ -211,6 +232,12 @@ def validate(raw: dict[str, Any], base: Path | None = None) -> RunConfig:
             "clients_per_round",
             f"{cfg.clients_per_round} exceeds the {cfg.data.num_clients} clients (data.num_clients)",
         )
+    if schema_only:
+        cfg.plugins = [find_plugin(entry, base) for entry in cfg.plugins]
+        _check_architectures(cfg, None)
+        return cfg
+    from .algorithms import resolve
+
     cfg.plugins = [import_plugin(entry, base) for entry in cfg.plugins]
     cls, params = resolve(cfg.algorithm)
     cfg.algorithm = {"name": cls.name, **params.model_dump(mode="json")}
@@ -219,9 +246,10 @@ def validate(raw: dict[str, Any], base: Path | None = None) -> RunConfig:
 
 
 def _check_architectures(cfg: RunConfig, cls) -> None:
-    """Several architectures need an algorithm that supports heterogeneous clients, and a client for each."""
+    """Several architectures need an algorithm that supports heterogeneous clients (``cls``; None: not
+    checked), and a client for each."""
     groups = len(cfg.model.architectures)
-    if groups > 1 and not cls.heterogeneous:
+    if groups > 1 and cls is not None and not cls.heterogeneous:
         raise ConfigError(
             "model.architectures",
             f"{groups} architectures, but {cls.name} needs one model for every client "
@@ -248,8 +276,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return {} if raw is None else raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path`` (or the defaults), apply ``overrides``, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, schema_only: bool = False
+) -> RunConfig:
+    """Read ``path`` (or the defaults), apply ``overrides``, validate (``schema_only``: see :func:`validate`)."""
     raw = read_yaml(path) if path else {}
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path} must hold a mapping of keys to values")
@@ -259,4 +289,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             str(base / p) if isinstance(p, str) and _is_path(p) and not Path(p).expanduser().is_absolute() else p
             for p in raw["plugins"]
         ]
-    return validate(apply_overrides(raw, overrides or []), base)
+    return validate(apply_overrides(raw, overrides or []), base, schema_only=schema_only)

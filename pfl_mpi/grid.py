@@ -63,12 +63,18 @@ def _label(value: str) -> str:
     return _UNSAFE.sub("_", value.strip("[]{}'\" ").replace(", ", ",").replace(",", "_"))
 
 
-def expand(configs: list[str], overrides: list[str], grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[Task]:
+def expand(
+    configs: list[str],
+    overrides: list[str],
+    grid: list[tuple[str, list[str]]],
+    seeds: list[int],
+    *,
+    schema_only: bool = False,
+) -> list[Task]:
     """Every (config, grid point, seed) task, each validated as ``pfl-mpi run`` would; the data-dependent
-    checks run once per config and grid point. Raises ConfigError naming the key at fault."""
+    checks run once per config and grid point. ``schema_only``: only what needs neither torch nor the data
+    (``config.validate``). Raises ConfigError naming the key at fault."""
     from .config import load_config
-    from .data import load_federated
-    from .runtime.build import check_buildable
 
     keys = [key for key, _ in grid]
     tasks: list[Task] = []
@@ -77,8 +83,11 @@ def expand(configs: list[str], overrides: list[str], grid: list[tuple[str, list[
             chosen = [f"{key}={value}" for key, value in zip(keys, point, strict=True)]
             for i, seed in enumerate(seeds or [None]):
                 task_overrides = [*overrides, *chosen, *([f"seed={seed}"] if seed is not None else [])]
-                cfg = load_config(path, task_overrides)
-                if i == 0:
+                cfg = load_config(path, task_overrides, schema_only=schema_only)
+                if i == 0 and not schema_only:
+                    from .data import load_federated
+                    from .runtime.build import check_buildable
+
                     check_buildable(cfg, load_federated(cfg.data, cfg.seed))
                 parts = [cfg.name, *(_label(v) for v in point)]
                 if len(seeds) > 1:

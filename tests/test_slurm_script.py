@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -137,3 +138,22 @@ def test_set_grid_makes_a_job_array_of_the_sweep_grid(tmp_path, capsys):
         ("3", "default-ditto-s1"),
     ]
     assert cases[3][1].endswith("--set algorithm.name=ditto --set seed=1")
+
+
+def test_writing_a_script_does_not_import_torch(tmp_path):
+    """``slurm -o -`` checks the schema only (fast on a login node); --submit checks everything first."""
+    probe = (
+        "import sys; from pfl_mpi.cli import main; "
+        f"code = main(['slurm', {CONFIG!r}, '--runs-dir', {str(tmp_path)!r}, '-o', '-']); "
+        "print(code, 'torch' in sys.modules, file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.stderr.split() == ["0", "False"], done.stderr
+    assert "pfl_mpi run" in done.stdout
+
+
+def test_submit_checks_the_algorithm_section_before_sbatch(tmp_path, capsys):
+    args = ["slurm", CONFIG, "--runs-dir", str(tmp_path), "--set", "algorithm.mu=0.1"]
+    assert main([*args, "--submit"]) == 2
+    assert capsys.readouterr().err.strip() == "pfl-mpi: config error: algorithm.mu: Extra inputs are not permitted"
+    assert main([*args, "-o", str(tmp_path / "job.sbatch")]) == 0  # checked when the job starts

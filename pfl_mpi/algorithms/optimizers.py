@@ -7,43 +7,14 @@ torch.optim's behind the same ``step(grads)`` (:class:`TorchOptimizer`); :func:`
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+
+from .train_config import ScheduleConfig, lr_factor  # noqa: F401 - re-exported: schedules are read with the train section
 
 if TYPE_CHECKING:
-    from .training import TrainConfig
-
-
-class ScheduleConfig(BaseModel):
-    """A learning rate over rounds: lr_t = lr * factor(t) (config ``train.schedule``, ``server_opt.schedule``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["constant", "step", "exponential", "cosine"] = Field(
-        "constant",
-        description="constant; step: x gamma every step_size rounds; exponential: x gamma^t; cosine: "
-        "from 1 down to min_factor over period rounds",
-    )
-    step_size: int = Field(10, ge=1, description="step: rounds between two decays")
-    gamma: float = Field(0.1, gt=0, le=1, description="step, exponential: the decay factor")
-    min_factor: float = Field(0.0, ge=0, le=1, description="cosine: the factor at the end of the period")
-    period: int | None = Field(None, ge=1, description="cosine: rounds of the period; null = the run's rounds")
-
-
-def lr_factor(schedule: ScheduleConfig, t: int, rounds: int) -> float:
-    """factor(t) of the schedule at round ``t`` (0-based) of a run of ``rounds`` rounds."""
-    if schedule.name == "step":
-        return schedule.gamma ** (t // schedule.step_size)
-    if schedule.name == "exponential":
-        return schedule.gamma**t
-    if schedule.name == "cosine":
-        period = schedule.period or rounds
-        progress = min(t, period) / max(period, 1)
-        return schedule.min_factor + (1 - schedule.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0
+    from .train_config import TrainConfig
 
 
 class SGD:

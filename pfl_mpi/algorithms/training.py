@@ -12,20 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .optimizers import (  # re-exported: the loop's optimisers live in optimizers.py
     SGD,
     Optimizer,
-    ScheduleConfig,
     TorchOptimizer,
     clip_grad_norm_,
-    lr_factor,
     make_optimizer,
+)
+from .train_config import (  # re-exported: the section's schema lives without torch
+    AutoClientBatch,
+    ScheduleConfig,
+    TrainConfig,
+    lr_factor,
 )
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "lr_factor",
     "make_optimizer",
     "Augment",
+    "AutoClientBatch",
     "Batch",
     "LossFn",
     "Means",
@@ -48,36 +51,6 @@ __all__ = [
     "local_training",
     "sampled_batches",
 ]
-
-
-class TrainConfig(BaseModel):
-    """Client-side local training (config section ``train``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    local_epochs: int = Field(1, ge=1, description="epochs over the client's training split per round (E)")
-    batch_size: int = Field(32, ge=1, description="minibatch size (B)")
-    lr: float = Field(0.05, gt=0, description="client learning rate (eta)")
-    optimizer: Literal["sgd", "adam", "adamw"] = Field(
-        "sgd", description="client optimiser, its state reset at the start of every round (torch's rules)"
-    )
-    momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum (dampening 0)")
-    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay (adamw: decoupled)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adam, adamw: the moment decay rates")
-    eps: float = Field(1e-8, gt=0, description="adam, adamw: the denominator's epsilon")
-    clip_norm: float | None = Field(None, gt=0, description="scale each step's gradient to at most this L2 norm")
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="the learning rate over rounds")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov needs optimizer sgd with momentum > 0")
-        if self.momentum and self.optimizer != "sgd":
-            raise ValueError(f"momentum applies to sgd; {self.optimizer} uses betas")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError("betas must lie in [0, 1)")
-        return self
 
 
 @dataclass

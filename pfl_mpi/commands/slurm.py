@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--script", default=None, help="script file (default RUNS_DIR/jobs/<job name>.sbatch; - for stdout)"
     )
-    parser.add_argument("--submit", action="store_true", help="submit the script with sbatch")
+    parser.add_argument("--submit", action="store_true", help="check everything (algorithm keys, data) and submit the script with sbatch")
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -129,13 +129,14 @@ def _array_indices(spec: str) -> list[int]:
 
 
 def _tasks(args: argparse.Namespace) -> list[Task]:
-    """Every (config, grid point, seed) task of the job, validated (``pfl_mpi.grid``)."""
+    """Every (config, grid point, seed) task of the job, validated (``pfl_mpi.grid``): fully before a
+    submission; without --submit only the schema, so that writing a script does not wait for torch."""
     overrides = list(args.overrides)
     if args.cpus_per_task > 1:
         overrides.append(f"threads={args.cpus_per_task}")
     if args.gpus_per_node and not any(o.partition("=")[0].strip() == "device" for o in args.overrides):
         overrides.append("device=cuda")  # a GPU job without a visible GPU fails instead of using the CPU
-    return expand(args.configs, overrides, parse_grid(args.grid), args.seeds)
+    return expand(args.configs, overrides, parse_grid(args.grid), args.seeds, schema_only=not args.submit)
 
 
 def build_job(args: argparse.Namespace, argv: list[str]) -> Job:
