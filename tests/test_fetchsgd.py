@@ -82,7 +82,7 @@ def test_server_step_equals_a_numpy_reference_of_algorithm_1():
     algo = _algo(rows=3, columns=7, k=k, rho=rho, lr=lr)
     cs = algo.sketcher
     d = algo.shared.numel
-    w = algo.w.double().numpy().copy()
+    w = algo.shared.w.double().numpy().copy()
     s_u, s_e = np.zeros((3, 7)), np.zeros((3, 7))
     rng = np.random.default_rng(0)
     h, s = cs.buckets.numpy(), cs.signs.numpy()
@@ -100,13 +100,13 @@ def test_server_step_equals_a_numpy_reference_of_algorithm_1():
         w[top] += est[top]
         np.testing.assert_allclose(algo.s_u.numpy(), s_u, atol=1e-4)
         np.testing.assert_allclose(algo.s_e.numpy(), s_e, atol=1e-4)
-        np.testing.assert_allclose(algo.w.numpy(), w, atol=1e-4)
+        np.testing.assert_allclose(algo.shared.w.numpy(), w, atol=1e-4)
 
 
 def test_clients_send_the_sketch_of_their_update_and_keep_no_state():
     algo = _algo(rows=2, columns=5, k=3)
     assert algo.client_state_spec(0) == {}
-    w = algo.w.clone()
+    w = algo.shared.w.clone()
     update = algo.client_update(_client(1), w.clone())
     from pfl_mpi.algorithms.fedavg import FedAvg, FedAvgParams
 

@@ -179,7 +179,7 @@ def test_personalised_accuracy_in_a_run_is_the_adapted_models_and_differs_from_t
 
     # round 1's global model is w0 plus the uniform mean of the sampled clients' local updates
     algo = _engine_algo(cfg)
-    w0 = algo.w.clone()
+    w0 = algo.shared.w.clone()
     updates = []
     for k in sample_clients(cfg.seed, 0, data.num_clients, cfg.sampled_per_round):
         c = Client(int(k), 0, data.client(int(k)), {}, client_generator(cfg.seed, int(k), 0))

@@ -55,16 +55,16 @@ def test_client_payload_size_and_server_decoding():
     assert algo.up_numel() == 4 * 4 + math.ceil(d * 5 / 8)  # levels -8..8: 17 codes, 5 bits
     payloads, expected = [], []
     for k in (0, 1):
-        update = algo.client_update(_client(k), algo.w.clone())
+        update = algo.client_update(_client(k), algo.shared.w.clone())
         assert update.payload.dtype == torch.uint8 and update.payload.numel() == algo.up_numel()
         norms, codes = unpack(update.payload, (torch.float32, 4), (torch.uint8, math.ceil(d * 5 / 8)))
         levels = unpack_codes(codes, 5, d) - 8
         payloads.append(update.payload)
         expected.append(dequantize(norms, levels, 8, 4).double().numpy())
     weights = torch.tensor([20.0, 60.0])
-    w0 = algo.w.clone()
+    w0 = algo.shared.w.clone()
     algo.aggregate(0, Collected([0, 1], torch.stack(payloads), weights))
-    np.testing.assert_allclose((algo.w - w0).numpy(), 0.25 * expected[0] + 0.75 * expected[1], atol=1e-6)
+    np.testing.assert_allclose((algo.shared.w - w0).numpy(), 0.25 * expected[0] + 0.75 * expected[1], atol=1e-6)
     with pytest.raises(ValueError):
         QSGDParams(s=128)  # levels are int8
 

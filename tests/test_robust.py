@@ -59,9 +59,9 @@ def test_median_and_trimmed_mean_resist_a_huge_update_where_the_mean_does_not(ru
     attack = torch.full((1, 15), 1e6)
     payloads = torch.cat([honest, attack])
     algo = _algo(rule=rule, beta=0.2)
-    w0 = algo.w.clone()
+    w0 = algo.shared.w.clone()
     algo.aggregate(0, Collected(list(range(7)), payloads, torch.ones(7)))
-    step = (algo.w - w0).double().numpy()
+    step = (algo.shared.w - w0).double().numpy()
     x = payloads.double().numpy()
     if rule == "median":
         expected = np.median(x, axis=0)

@@ -37,7 +37,7 @@ def test_vote_dtype_holds_every_client():
 def test_vote_matches_sign_of_the_sum_of_signs_with_a_byzantine_client():
     lr = 0.01
     algo = _algo(lr=lr, byzantine={"clients": [2], "attack": "sign_flip", "scale": 1.0})
-    w0 = algo.w.clone()
+    w0 = algo.shared.w.clone()
     clients = [0, 1, 2, 3, 4]
     buf = UplinkBuffer(algo.up, algo.up_numel(), len(clients))
     expected_signs = []
@@ -52,7 +52,7 @@ def test_vote_matches_sign_of_the_sum_of_signs_with_a_byzantine_client():
     summed = torch.from_numpy(buf.buf)
     algo.aggregate(0, WeightedMean(summed.float() / 5, 5.0, 5, summed))
     vote = torch.sign(torch.stack(expected_signs).sum(dim=0))  # the direct computation
-    torch.testing.assert_close(algo.w - w0, lr * vote, rtol=0, atol=1e-7)
+    torch.testing.assert_close(algo.shared.w - w0, lr * vote, rtol=0, atol=1e-7)
     assert vote.abs().sum() > 0
 
 
@@ -82,6 +82,6 @@ def test_run_reduces_int8_votes(tmp_path):
     d = engine.algo.up_numel()
     ups = [(c[0], c[2], c[3]) for c in world.calls if c[1] == "up"]
     assert ups == [("reduce", np.int8, d), ("reduce", np.float64, 16)] * 3  # d bytes + weight, bound
-    assert engine.algo.w.dtype == torch.float32
+    assert engine.algo.shared.w.dtype == torch.float32
     with pytest.raises(ValueError):
         SignSGDParams.model_validate({"lr": 0})

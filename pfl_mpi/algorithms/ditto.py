@@ -21,10 +21,12 @@ import dataclasses
 import torch
 from pydantic import Field
 
-from .base import Client, Setup, Update
-from .fedavg import FedAvg, FedAvgParams
+from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .fedavg import FedAvgParams
 from .fedprox import proximal_term
 from .registry import register
+from .shared_model import SharedModel
+from .weighting import client_weight
 
 
 class DittoParams(FedAvgParams):
@@ -43,18 +45,26 @@ class DittoParams(FedAvgParams):
 
 
 @register
-class Ditto(FedAvg):
+class Ditto(Algorithm):
     name = "ditto"
     Params = DittoParams
+    down = Broadcast()
+    up = WeightedSum()
+    eval_down = Broadcast()
     client_metrics = ("train_loss", "personal_train_loss")
     evaluates_global = True  # w beside the personal v_k
 
     def __init__(self, params: DittoParams, setup: Setup):
         super().__init__(params, setup)
-        if self.personal_layout.numel:
-            raise ValueError("Ditto shares the whole model; its personal model is v_k")
+        self.shared = SharedModel(setup)  # the global w, as in FedAvg
         self.shared_params = [setup.model.get_parameter(n) for n in self.shared.names]
-        self.initial_v = self.shared.flatten(setup.model)  # v_k^0 = w^0, as in the authors' code
+        self.initial_v = self.shared.flatten()  # v_k^0 = w^0, as in the authors' code
+
+    def down_numel(self) -> int:
+        return self.shared.numel
+
+    def up_numel(self) -> int:
+        return self.shared.numel
 
     def client_state_spec(self, group: int) -> dict[str, int]:
         return {"v": self.shared.numel}
@@ -62,23 +72,43 @@ class Ditto(FedAvg):
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
         return {"v": self.initial_v.clone()}
 
+    # -- server: FedAvg's ------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.shared.init_server(self.params.server_opt)
+
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
+        return self.shared.w
+
+    def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
+        return self.shared.step(up.mean)
+
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return self.shared.server_state()
+
+    def load_server_state(self, state: dict) -> None:
+        self.shared.load_server_state(state)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.global_state()
+
+    # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         personal_generator = torch.Generator()
         personal_generator.set_state(client.generator.get_state())
-        update = super().client_update(client, payload)  # the global update: FedAvg, unchanged
+        delta, means = self.shared.update(client, payload, self.local_training)  # the global update: FedAvg's
+        weight = client_weight(self.params.weighting, client, self.setup)
 
-        model, lam = self.setup.model, self.params.lam
-        self.shared.load(model, client.state["v"])
+        lam = self.params.lam
+        self.shared.load(client, client.state["v"])
         regulariser = proximal_term(self.shared_params, payload, lam) if lam > 0 else None
         epochs = self.params.personal_epochs or self.setup.train.local_epochs
         personal = dataclasses.replace(client, generator=personal_generator)
         loss = self.local_training(personal, regulariser=regulariser, epochs=epochs)["train_loss"]
-        client.state["v"].copy_(self.shared.flatten(model))
-        update.metrics["personal_train_loss"] = loss
-        return update
+        client.state["v"].copy_(self.shared.flatten())
+        return Update(delta, weight, {"train_loss": means["train_loss"], "personal_train_loss": loss})
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(self.setup.model, client.state["v"])
+        self.shared.load(client, client.state["v"])
 
     def load_global_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(self.setup.model, payload)  # the global w, as FedAvg would evaluate it
+        self.shared.load(client, payload)  # the global w, as FedAvg would evaluate it

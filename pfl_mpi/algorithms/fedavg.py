@@ -6,7 +6,9 @@ each sampled client; on the server, the weighted mean update Delta is the pseudo
 the server optimiser (plain FedAvg: SGD with lr 1, w <- w + Delta).
 
 Parameters that ``personal(name)`` selects never move: each client keeps its own copy as
-state, so FedPer and LG-FedAvg are this class with a different ``personal``.
+state, so FedPer and LG-FedAvg are this class with a different ``personal``. The shared model (the
+split, w, the server optimiser, the checkpoint keys) is a component, ``SharedModel``, that the other
+FedAvg-like algorithms hold too.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..models.params import ParamLayout, split_names
 from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
-from .server_opt import ServerOptConfig, ServerOptimizer
+from .server_opt import ServerOptConfig
+from .shared_model import SharedModel
 from .weighting import Weighting, client_weight
 
 
@@ -43,10 +45,7 @@ class FedAvg(Algorithm):
 
     def __init__(self, params: FedAvgParams, setup: Setup):
         super().__init__(params, setup)
-        shared, personal = split_names(setup.model, self.personal)
-        self.shared = ParamLayout(setup.model, shared)
-        self.personal_layout = ParamLayout(setup.model, personal)
-        self.initial_personal = self.personal_layout.flatten(setup.model)
+        self.shared = SharedModel(setup, self.personal)
 
     def down_numel(self) -> int:
         return self.shared.numel
@@ -55,47 +54,35 @@ class FedAvg(Algorithm):
         return self.shared.numel
 
     def client_state_spec(self, group: int) -> dict[str, int]:
-        return {"personal": self.personal_layout.numel} if self.personal_layout.numel else {}
+        return self.shared.state_spec()
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        return {"personal": self.initial_personal.clone()} if self.personal_layout.numel else {}
+        return self.shared.init_state()
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
-        self.w = self.shared.flatten(self.setup.model)
-        self.optimizer = ServerOptimizer(self.params.server_opt, self.shared.numel, self.setup.rounds)
+        self.shared.init_server(self.params.server_opt)
 
     def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.w
+        return self.shared.w
 
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
-        self.optimizer.step(self.w, up.mean)
-        return {"update_norm": float(up.mean.norm())}
+        return self.shared.step(up.mean)
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return {"w": self.w, "opt": self.optimizer.state_dict()}
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return self.shared.server_state()
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.w.copy_(state["w"])
-        self.optimizer.load_state_dict(state["opt"])
+    def load_server_state(self, state: dict) -> None:
+        self.shared.load_server_state(state)
 
     def global_state(self) -> dict[str, torch.Tensor]:
-        return {"shared": self.w}
+        return self.shared.global_state()
 
     # -- client ---------------------------------------------------------------------------
-    def _load(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(self.setup.model, payload)
-        if self.personal_layout.numel:
-            self.personal_layout.load(self.setup.model, client.state["personal"])
-
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        model = self.setup.model
-        self._load(client, payload)
-        loss = self.local_training(client)["train_loss"]
-        if self.personal_layout.numel:
-            client.state["personal"].copy_(self.personal_layout.flatten(model))
-        delta = self.shared.flatten(model) - payload
-        return Update(delta, client_weight(self.params.weighting, client, self.setup), {"train_loss": loss})
+        delta, means = self.shared.update(client, payload, self.local_training)
+        weight = client_weight(self.params.weighting, client, self.setup)  # quality: scores the trained model
+        return Update(delta, weight, {"train_loss": means["train_loss"]})
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self._load(client, payload)
+        self.shared.load(client, payload)

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..models.feature_generator import FeatureGenerator, fit_generator, label_weights
-from ..models.params import ParamLayout
+from ..models.feature_generator import FeatureGenerator, FlatHead, fit_generator, label_weights
 from ..seeding import derive_seed
-from .base import Broadcast, Client, Collected, Gathered, Phase, Setup, Update
-from .fedavg import FedAvg, FedAvgParams
+from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update
+from .fedavg import FedAvgParams
 from .registry import register
+from .shared_model import SharedModel
 from .training import Batch
 from .weighting import client_weight
 
@@ -82,26 +82,18 @@ def noise_generator(client: Client) -> torch.Generator:
 
 
 @register
-class FedGen(FedAvg):
+class FedGen(Algorithm):
     name = "fedgen"
     Params = FedGenParams
     down = Broadcast()
     up = Gathered()
+    eval_down = Broadcast()
     client_metrics = ("train_loss", "synthetic_loss", "latent_loss")
 
     def __init__(self, params: FedGenParams, setup: Setup):
         super().__init__(params, setup)
-        if self.personal_layout.numel:
-            raise ValueError("FedGen shares the whole model")
-        model = setup.model
-        self.head_names = [n for n in self.shared.names if n.startswith("head.")]
-        if not self.head_names or not hasattr(model, "feature_dim"):
-            raise ValueError("FedGen needs a model split into base and head (a SplitModel)")
-        first = self.shared.names.index(self.head_names[0])
-        if list(self.shared.names[first:]) != self.head_names:
-            raise ValueError("FedGen expects the head's parameters after the base's")
-        self.head_layout = ParamLayout(model, self.head_names)
-        self.head_start = sum(self.shared.numels[:first])  # where the head begins in a flat model
+        self.shared = SharedModel(setup)  # w, moved as in FedAvg
+        self.head = FlatHead(setup.model, self.shared.layout)
         # the clients' copy of G: loaded from every downlink, always in evaluation mode
         self.client_gen = self._new_generator().to(setup.device).eval()
 
@@ -118,8 +110,8 @@ class FedGen(FedAvg):
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
-        super().init_server()
         p = self.params
+        self.shared.init_server(p.server_opt)
         self.generator = self._new_generator()  # on the CPU, as rank 0 is
         self.gen_optimizer = torch.optim.Adam(
             self.generator.parameters(), lr=p.ensemble_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=p.weight_decay
@@ -127,27 +119,19 @@ class FedGen(FedAvg):
         self.server_head = copy.deepcopy(self.setup.model.head).cpu().eval()
 
     def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return torch.cat([self.w, self.generator.flat()])
+        return torch.cat([self.shared.w, self.generator.flat()])
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
-        payloads, weights = up.payloads.float(), up.weights.double()  # rows in client-id order
-        d = self.shared.numel
-        models, counts = payloads[:, :d], payloads[:, d:]
-        metrics = self.train_generator(round, models, counts)
-
-        total = float(weights.sum())
-        delta = ((models.double() - self.w.double()) * weights[:, None]).sum(dim=0) / total if total else None
-        mean = delta.float() if delta is not None else torch.zeros_like(self.w)
-        self.optimizer.step(self.w, mean)
-        return {"update_norm": float(mean.norm()), **metrics}
+        d, w = self.shared.numel, self.shared.w.double()
+        metrics = self.train_generator(round, up.payloads[:, :d].float(), up.payloads[:, d:].float())
+        return {**self.shared.step(up.weighted_mean(lambda row: row[:d].double() - w, d)), **metrics}
 
     def train_generator(self, round: int, models: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
         """Fit G to the label-weighted heads of ``models`` (rows, with their ``counts``); return mean losses."""
         p, totals = self.params, counts.double().sum(dim=0)
         if float(totals.sum()) <= 0:  # no client of the round holds a training sample: nothing to fit
             return dict.fromkeys(("generator_teacher_loss", "generator_diversity_loss", "ensemble_acc"), 0.0)
-        rows = models[:, self.head_start : self.head_start + self.head_layout.numel]
-        heads = [{n.removeprefix("head."): v for n, v in self.head_layout.views(row).items()} for row in rows]
+        heads = [self.head.params(row) for row in models]
         rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, _SERVER_STEPS, round))
         for group in self.gen_optimizer.param_groups:
             group["lr"] = p.ensemble_lr * p.ensemble_lr_decay**round
@@ -155,33 +139,29 @@ class FedGen(FedAvg):
         fit = (p.generator_steps, p.generator_batch_size, p.ensemble_alpha, p.ensemble_eta)
         return fit_generator(self.generator, self.gen_optimizer, self.server_head, heads, alpha, labels, rng, *fit)
 
-    def server_state(self) -> dict[str, torch.Tensor]:
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
         adam = self.gen_optimizer.state_dict()["state"]  # empty before the generator's first step
-        return {**super().server_state(), "generator": self.generator.flat(), "generator_adam": adam}
+        return {**self.shared.server_state(), "generator": self.generator.flat(), "generator_adam": adam}
 
     def load_server_state(self, state: dict) -> None:
-        super().load_server_state(state)
+        self.shared.load_server_state(state)
         self.generator.load_flat(state["generator"].reshape(-1))
         groups = self.gen_optimizer.state_dict()["param_groups"]  # configuration, not state
         self.gen_optimizer.load_state_dict({"state": state.get("generator_adam", {}), "param_groups": groups})
 
     def global_state(self) -> dict[str, torch.Tensor]:
-        return {"shared": self.w, "generator": self.generator.flat()}
+        return {**self.shared.global_state(), "generator": self.generator.flat()}
 
     # -- client ---------------------------------------------------------------------------
-    def _load(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(self.setup.model_for(client.id), payload[: self.shared.numel])
-
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self._load(client, payload)
+        self.shared.load(client, payload[: self.shared.numel])
 
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        self._load(client, payload)
+        self.shared.load(client, payload[: self.shared.numel])
         self.client_gen.load_flat(payload[self.shared.numel :])
         losses = self.train_with_generator(client)
-        model = self.setup.model_for(client.id)
         counts = torch.bincount(client.data.y_train.reshape(-1).cpu(), minlength=self.setup.num_classes)
-        up = torch.cat([self.shared.flatten(model), counts.to(torch.float32)])
+        up = torch.cat([self.shared.flatten(), counts.to(torch.float32)])
         return Update(up, client_weight(self.params.weighting, client, self.setup), losses)
 
     def train_with_generator(self, client: Client) -> dict[str, float]:

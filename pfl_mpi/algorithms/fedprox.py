@@ -25,9 +25,10 @@ import torch
 from pydantic import Field
 
 from ..seeding import derive_seed
-from .base import Client, Setup, Update, WeightedMean
-from .fedavg import FedAvg, FedAvgParams
+from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .fedavg import FedAvgParams
 from .registry import register
+from .shared_model import SharedModel
 from .training import Regulariser, evaluate
 from .weighting import client_weight
 
@@ -66,14 +67,24 @@ class FedProxParams(FedAvgParams):
 
 
 @register
-class FedProx(FedAvg):
+class FedProx(Algorithm):
     name = "fedprox"
     Params = FedProxParams
+    down = Broadcast()
+    up = WeightedSum()
+    eval_down = Broadcast()
     client_metrics = ("train_loss", "local_epochs", "straggler")
 
     def __init__(self, params: FedProxParams, setup: Setup):
         super().__init__(params, setup)
+        self.shared = SharedModel(setup)  # w, as in FedAvg
         self.shared_params = [setup.model.get_parameter(n) for n in self.shared.names]
+
+    def down_numel(self) -> int:
+        return self.shared.numel
+
+    def up_numel(self) -> int:
+        return self.shared.numel
 
     def straggler_epochs(self, client: Client) -> int | None:
         """Local epochs of a straggler this round, or None if the client is not one (placement-independent)."""
@@ -86,26 +97,42 @@ class FedProx(FedAvg):
         epochs = self.setup.train.local_epochs
         return int(rng.integers(1, epochs)) if epochs > 1 else 1
 
+    # -- server: FedAvg's ------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.shared.init_server(self.params.server_opt)
+
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
+        return self.shared.w
+
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         if up.total_weight == 0:  # every sampled client was a dropped straggler: nothing to apply
             return {"update_norm": 0.0}
-        return super().aggregate(round, up)
+        return self.shared.step(up.mean)
 
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return self.shared.server_state()
+
+    def load_server_state(self, state: dict) -> None:
+        self.shared.load_server_state(state)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.global_state()
+
+    # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        model = self.setup.model
-        self._load(client, payload)
         straggler = self.straggler_epochs(client)
         is_straggler = float(straggler is not None)
         if straggler is not None and self.params.drop_stragglers:
-            loss, _ = evaluate(model, *client.train)
+            self.shared.load(client, payload)
+            loss, _ = evaluate(self.setup.model, *client.train)
             metrics = {"train_loss": loss, "local_epochs": 0.0, "straggler": is_straggler}
             return Update(torch.zeros_like(payload), 0.0, metrics)
         epochs = self.setup.train.local_epochs if straggler is None else straggler
         mu = self.params.mu
         regulariser = proximal_term(self.shared_params, payload, mu) if mu > 0 and self.shared_params else None
-        loss = self.local_training(client, regulariser=regulariser, epochs=epochs)["train_loss"]
-        if self.personal_layout.numel:
-            client.state["personal"].copy_(self.personal_layout.flatten(model))
-        delta = self.shared.flatten(model) - payload
-        metrics = {"train_loss": loss, "local_epochs": float(epochs), "straggler": is_straggler}
+        delta, means = self.shared.update(client, payload, self.local_training, regulariser=regulariser, epochs=epochs)
+        metrics = {"train_loss": means["train_loss"], "local_epochs": float(epochs), "straggler": is_straggler}
         return Update(delta, client_weight(self.params.weighting, client, self.setup), metrics)
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(client, payload)

@@ -23,10 +23,12 @@ import math
 import torch
 from pydantic import Field
 
-from .base import Client, Collected, Gathered, Setup, Update, pack, packed_size, unpack
+from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update, pack, packed_size, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
-from .fedavg import FedAvg, FedAvgParams
+from .fedavg import FedAvgParams
 from .registry import register
+from .shared_model import SharedModel
+from .weighting import client_weight
 
 
 class QSGDParams(FedAvgParams):
@@ -61,39 +63,59 @@ def dequantize(norms: torch.Tensor, levels: torch.Tensor, s: int, bucket_size: i
 
 
 @register
-class QSGD(FedAvg):
+class QSGD(Algorithm):
     name = "qsgd"
     Params = QSGDParams
+    down = Broadcast()
     up = Gathered(torch.uint8)
+    eval_down = Broadcast()
 
     def __init__(self, params: QSGDParams, setup: Setup):
         super().__init__(params, setup)
+        self.shared = SharedModel(setup)
         self.buckets = math.ceil(self.shared.numel / params.bucket_size)
         self.bits = bits_for(2 * params.s + 1)  # per level: l + s in 0..2s
 
     def parts(self) -> tuple[tuple[torch.dtype, int], ...]:
         return (torch.float32, self.buckets), (torch.uint8, packed_bytes(self.shared.numel, self.bits))
 
+    def down_numel(self) -> int:
+        return self.shared.numel
+
     def up_numel(self) -> int:
         return packed_size(*self.parts())
 
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        update = super().client_update(client, payload)
-        norms, levels = quantize(update.payload, self.params.s, self.params.bucket_size, client.generator)
-        update.payload = pack(norms, pack_codes(levels.long() + self.params.s, self.bits))
-        return update
+    # -- server ---------------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.shared.init_server(self.params.server_opt)
+
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
+        return self.shared.w
+
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return self.shared.server_state()
+
+    def load_server_state(self, state: dict) -> None:
+        self.shared.load_server_state(state)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.global_state()
+
+    def aggregate(self, round: int, up: Collected) -> dict[str, float]:
+        return self.shared.step(up.weighted_mean(self.decode, self.shared.numel))
 
     def decode(self, row: torch.Tensor) -> torch.Tensor:
         norms, codes = unpack(row, *self.parts())
         levels = unpack_codes(codes, self.bits, self.shared.numel) - self.params.s
         return dequantize(norms, levels, self.params.s, self.params.bucket_size)
 
-    def aggregate(self, round: int, up: Collected) -> dict[str, float]:
-        total = float(up.weights.sum())
-        mean = torch.zeros(self.shared.numel, dtype=torch.float64)
-        if total:
-            for row, weight in zip(up.payloads, up.weights.tolist(), strict=True):
-                mean.add_(self.decode(row).double(), alpha=weight / total)
-        mean = mean.float()
-        self.optimizer.step(self.w, mean)
-        return {"update_norm": float(mean.norm())}
+    # -- client ---------------------------------------------------------------------------
+    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+        delta, means = self.shared.update(client, payload, self.local_training)
+        weight = client_weight(self.params.weighting, client, self.setup)
+        norms, levels = quantize(delta, self.params.s, self.params.bucket_size, client.generator)
+        packed = pack(norms, pack_codes(levels.long() + self.params.s, self.bits))
+        return Update(packed, weight, {"train_loss": means["train_loss"]})
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(client, payload)

@@ -25,10 +25,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import Client, Collected, Gathered, Setup, Update
+from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update
 from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
-from .fedavg import FedAvg, FedAvgParams
+from .fedavg import FedAvgParams
 from .registry import register
+from .shared_model import SharedModel
+from .weighting import client_weight
 
 
 class RobustParams(FedAvgParams):
@@ -56,33 +58,43 @@ def trimmed_mean(x: torch.Tensor, beta: float) -> torch.Tensor:
     return x.sort(dim=0).values[b : k - b].mean(dim=0)
 
 
-def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    total = weights.sum()
-    if total == 0:
-        return torch.zeros(x.shape[1], dtype=x.dtype)
-    return (weights.to(x.dtype)[:, None] * x).sum(dim=0) / total
-
-
 @register
-class Robust(FedAvg):
+class Robust(Algorithm):
     name = "robust"
     Params = RobustParams
+    down = Broadcast()
     up = Gathered()
+    eval_down = Broadcast()
 
     def __init__(self, params: RobustParams, setup: Setup):
         super().__init__(params, setup)
+        self.shared = SharedModel(setup)
         self.byzantine = Byzantine(params.byzantine, setup.seed, setup.num_clients)
 
-    def sent_update(self, client: Client, delta: torch.Tensor) -> torch.Tensor:
-        """The update ``client`` sends: its own plus noise (sigma > 0), or a Byzantine client's."""
-        if self.params.sigma > 0:
-            delta = delta + gaussian_noise(delta, self.params.sigma, self.setup.seed, client)
-        return self.byzantine.apply(delta, client)
+    def down_numel(self) -> int:
+        return self.shared.numel
 
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        update = super().client_update(client, payload)
-        update.payload = self.sent_update(client, update.payload)
-        return update
+    def up_numel(self) -> int:
+        return self.shared.numel
+
+    # -- server ---------------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.shared.init_server(self.params.server_opt)
+
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
+        return self.shared.w
+
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return self.shared.server_state()
+
+    def load_server_state(self, state: dict) -> None:
+        self.shared.load_server_state(state)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.global_state()
+
+    def aggregate(self, round: int, up: Collected) -> dict[str, float]:
+        return self.shared.step(self.combine(up))
 
     def combine(self, up: Collected) -> torch.Tensor:
         p = self.params
@@ -90,9 +102,19 @@ class Robust(FedAvg):
             return coordinate_median(up.payloads)
         if p.rule == "trimmed_mean":
             return trimmed_mean(up.payloads, p.beta)
-        return weighted_mean(up.payloads, up.weights)
+        return up.weighted_mean()
 
-    def aggregate(self, round: int, up: Collected) -> dict[str, float]:
-        step = self.combine(up)
-        self.optimizer.step(self.w, step)
-        return {"update_norm": float(step.norm())}
+    # -- client ---------------------------------------------------------------------------
+    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+        delta, means = self.shared.update(client, payload, self.local_training)
+        weight = client_weight(self.params.weighting, client, self.setup)
+        return Update(self.sent_update(client, delta), weight, {"train_loss": means["train_loss"]})
+
+    def sent_update(self, client: Client, delta: torch.Tensor) -> torch.Tensor:
+        """The update ``client`` sends: its own plus noise (sigma > 0), or a Byzantine client's."""
+        if self.params.sigma > 0:
+            delta = delta + gaussian_noise(delta, self.params.sigma, self.setup.seed, client)
+        return self.byzantine.apply(delta, client)
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(client, payload)

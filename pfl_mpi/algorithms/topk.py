@@ -21,11 +21,13 @@ import torch
 from pydantic import Field
 
 from ..errors import ConfigError
-from .base import Client, Collected, Gathered, Setup, Update, pack, unpack
+from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update, pack, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
-from .fedavg import FedAvg, FedAvgParams
+from .fedavg import FedAvgParams
 from .registry import register
+from .shared_model import SharedModel
 from .sketch import top_k
+from .weighting import client_weight
 
 
 class TopKParams(FedAvgParams):
@@ -57,51 +59,70 @@ def unpack_sparse(row: torch.Tensor, k: int, d: int) -> tuple[torch.Tensor, torc
     return unpack_codes(codes, bits_for(d), k), values
 
 
-def decode(payloads: torch.Tensor, weights: torch.Tensor, k: int, d: int) -> torch.Tensor:
-    """The weighted mean [d] of the sparse updates packed in ``payloads`` [K, payload_size(k, d)] (uint8)."""
-    dense = torch.zeros(d, dtype=torch.float64)
-    total = float(weights.sum())
-    if total == 0:
-        return dense.float()
-    for row, weight in zip(payloads, weights.tolist(), strict=True):
-        index, values = unpack_sparse(row, k, d)
-        dense.index_add_(0, index, values.double() * (weight / total))
-    return dense.float()
+def decode(row: torch.Tensor, k: int, d: int) -> torch.Tensor:
+    """The dense vector [d] of a sparse update packed by ``encode`` (zeros but at its k indices)."""
+    index, values = unpack_sparse(row, k, d)
+    return torch.zeros(d).index_put_((index,), values)
 
 
 @register
-class TopK(FedAvg):
+class TopK(Algorithm):
     name = "topk"
     Params = TopKParams
+    down = Broadcast()
     up = Gathered(torch.uint8)
+    eval_down = Broadcast()
     client_metrics = ("train_loss", "residual_norm")
 
     def __init__(self, params: TopKParams, setup: Setup):
         super().__init__(params, setup)
+        self.shared = SharedModel(setup)
         if params.k > self.shared.numel:
             raise ConfigError("algorithm.k", f"{params.k} exceeds the model's {self.shared.numel} shared parameters")
+
+    def down_numel(self) -> int:
+        return self.shared.numel
 
     def up_numel(self) -> int:
         return payload_size(self.params.k, self.shared.numel)
 
     def client_state_spec(self, group: int) -> dict[str, int]:
-        return {**super().client_state_spec(group), "residual": self.shared.numel}
+        return {"residual": self.shared.numel}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        return {**super().init_client_state(client_id), "residual": torch.zeros(self.shared.numel)}
+        return {"residual": torch.zeros(self.shared.numel)}
+
+    # -- server ---------------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.shared.init_server(self.params.server_opt)
+
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
+        return self.shared.w
+
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return self.shared.server_state()
+
+    def load_server_state(self, state: dict) -> None:
+        self.shared.load_server_state(state)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.global_state()
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
-        mean = decode(up.payloads, up.weights, self.params.k, self.shared.numel)
-        self.optimizer.step(self.w, mean)
-        return {"update_norm": float(mean.norm())}
+        d = self.shared.numel
+        return self.shared.step(up.weighted_mean(lambda row: decode(row, self.params.k, d), d))
 
+    # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        update = super().client_update(client, payload)  # FedAvg: trains, keeps personal layers
+        delta, means = self.shared.update(client, payload, self.local_training)
+        weight = client_weight(self.params.weighting, client, self.setup)
         residual = client.state["residual"]
-        accumulated = residual + update.payload if self.params.error_feedback else update.payload
+        accumulated = residual + delta if self.params.error_feedback else delta
         index, values, rest = compress(accumulated, self.params.k)
         if self.params.error_feedback:
             residual.copy_(rest)
-        update.metrics["residual_norm"] = float(residual.norm())
-        update.payload = encode(index, values, self.shared.numel)
-        return update
+        metrics = {"train_loss": means["train_loss"], "residual_norm": float(residual.norm())}
+        return Update(encode(index, values, self.shared.numel), weight, metrics)
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(client, payload)

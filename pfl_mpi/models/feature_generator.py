@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .params import ParamLayout
+
 
 class FeatureGenerator(nn.Module):
     """G(z, y) = Linear(ReLU(BatchNorm(Linear([z, onehot(y)])))): a point of the model's feature space.
@@ -52,6 +54,26 @@ class FeatureGenerator(nn.Module):
         flat = flat.to(tensors[0].device)
         for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
             t.copy_(chunk.view_as(t))
+
+
+class FlatHead:
+    """Where a model's head (the parameters named ``head.*``, after the base's) lies in its flat shared vector,
+    and the head of a flat vector as the named tensors ``functional_call(model.head, ...)`` takes."""
+
+    def __init__(self, model: nn.Module, shared: ParamLayout):
+        names = [n for n in shared.names if n.startswith("head.")]
+        if not names or not hasattr(model, "feature_dim"):
+            raise ValueError("FedGen needs a model split into base and head (a SplitModel)")
+        first = shared.names.index(names[0])
+        if list(shared.names[first:]) != names:
+            raise ValueError("FedGen expects the head's parameters after the base's")
+        self.layout = ParamLayout(model, names)
+        self.start = sum(shared.numels[:first])
+
+    def params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The head of ``flat`` (a whole shared vector), named as ``model.head``'s own parameters (views)."""
+        head = flat[self.start : self.start + self.layout.numel]
+        return {n.removeprefix("head."): v for n, v in self.layout.views(head).items()}
 
 
 def label_weights(counts: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ float32 values). Nothing here moves anything: see :mod:`pfl_mpi.wire.transport`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,6 +133,23 @@ class Collected:
     def of(self, client: int) -> torch.Tensor:
         """The payload of ``client``."""
         return self.rows[self.clients.index(client)]
+
+    def weighted_mean(
+        self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None, size: int | None = None
+    ) -> torch.Tensor:
+        """sum_k w_k x_k / sum_k w_k as float32, x_k = ``decode(rows[k])`` (default: the row itself), summed
+        in float64 over the rows in client order. ``size`` is the length of x_k (needed with ``decode`` or
+        ragged payloads; default: the payloads' width); the mean is zeros of it when the total weight is 0."""
+        if size is None:
+            if decode is not None or self.payloads is None:
+                raise ValueError("Collected.weighted_mean: give size with decode or ragged payloads")
+            size = self.payloads.shape[1]
+        mean = torch.zeros(size, dtype=torch.float64)
+        total = float(self.weights.double().sum())
+        if total:
+            for row, weight in zip(self.rows, self.weights.tolist(), strict=True):
+                mean.add_((row if decode is None else decode(row)).double(), alpha=weight / total)
+        return mean.float()
 
 
 def pack(*tensors: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,10 @@ class GatheredFedAvg(FedAvg):
     up = Gathered()
 
     def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.w.expand(len(clients), -1)
+        return self.shared.w.expand(len(clients), -1)
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
         weights = up.weights / up.weights.sum()
         mean = (weights[:, None] * up.payloads).sum(dim=0)
-        self.optimizer.step(self.w, mean)
+        self.shared.optimizer.step(self.shared.w, mean)
         return {"update_norm": float(mean.norm())}

@@ -1,0 +1,105 @@
+"""The model that FedAvg-like algorithms share: w, the parameters every client trains from (kept on the server
+with its optimiser), and the personal ones each client keeps for itself, as one component an algorithm holds.
+
+An algorithm builds ``SharedModel(setup, personal)`` (``personal(name)``: the one-line rule of the parameters
+that never move; by default none) and delegates to it what FedAvg does with w:
+
+- client: ``state_spec``/``init_state`` (the personal parameters, the client state ``personal``), ``load``
+  (w and the client's personal parameters into the model), ``update`` (load, train, keep the personal
+  parameters, return w_k - w);
+- server: ``init_server`` (w from the built model and, if given, the FedOpt optimiser), ``step`` (apply a
+  mean update), ``server_state``/``load_server_state`` (checkpoint keys ``w`` and ``opt``) and
+  ``global_state`` (``shared``).
+
+What goes up and how the server combines it stay the algorithm's: FedAvg's weighted sum of w_k - w, QSGD's
+quantised rows, signSGD's votes, FetchSGD's sketches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from ..models.params import ParamLayout, split_names
+from .base import Client, Setup
+from .server_opt import ServerOptConfig, ServerOptimizer
+
+Result = TypeVar("Result")
+
+
+def nothing_personal(param_name: str) -> bool:
+    """FedAvg's split: every parameter is shared."""
+    return False
+
+
+class SharedModel:
+    """w (``numel`` floats: the shared parameters ``names`` in ``model.named_parameters()`` order) and the
+    personal parameters (``personal_layout``) of ``setup.model``."""
+
+    def __init__(self, setup: Setup, personal: Callable[[str], bool] = nothing_personal):
+        self.setup, self.model = setup, setup.model
+        shared, own = split_names(setup.model, personal)
+        self.layout = ParamLayout(setup.model, shared)
+        self.personal_layout = ParamLayout(setup.model, own)
+        self.names, self.numel = self.layout.names, self.layout.numel
+        self.initial_personal = self.personal_layout.flatten(setup.model)
+        self.w = torch.zeros(0)  # the server's w, from ``init_server``
+        self.optimizer: ServerOptimizer | None = None
+
+    @property
+    def has_personal(self) -> bool:
+        return self.personal_layout.numel > 0
+
+    def flatten(self) -> torch.Tensor:
+        """The model's shared parameters as one float32 CPU vector (a copy)."""
+        return self.layout.flatten(self.model)
+
+    # -- client ---------------------------------------------------------------------------
+    def state_spec(self) -> dict[str, int]:
+        """The client state: the personal parameters, if there are any."""
+        return {"personal": self.personal_layout.numel} if self.has_personal else {}
+
+    def init_state(self) -> dict[str, torch.Tensor]:
+        """Every client's personal parameters start as the built model's."""
+        return {"personal": self.initial_personal.clone()} if self.has_personal else {}
+
+    def load(self, client: Client, w: torch.Tensor) -> None:
+        """Load w and ``client``'s personal parameters into the model."""
+        self.layout.load(self.model, w)
+        if self.has_personal:
+            self.personal_layout.load(self.model, client.state["personal"])
+
+    def update(
+        self, client: Client, w: torch.Tensor, train: Callable[..., Result], **options
+    ) -> tuple[torch.Tensor, Result]:
+        """Load w and the client's personal parameters, run ``train(client, **options)`` (e.g. the algorithm's
+        ``local_training``), keep the personal parameters in the client's state: (w_k - w, what train returned)."""
+        self.load(client, w)
+        result = train(client, **options)
+        if self.has_personal:
+            client.state["personal"].copy_(self.personal_layout.flatten(self.model))
+        return self.flatten() - w, result
+
+    # -- server ---------------------------------------------------------------------------
+    def init_server(self, opt: ServerOptConfig | None = None) -> None:
+        """w from the built model and, unless ``opt`` is None, the server optimiser that ``step`` applies."""
+        self.w = self.flatten()
+        self.optimizer = ServerOptimizer(opt, self.numel, self.setup.rounds) if opt is not None else None
+
+    def step(self, mean: torch.Tensor) -> dict[str, float]:
+        """Apply the server optimiser to w with the mean update ``mean``; the round's ``update_norm``."""
+        self.optimizer.step(self.w, mean)
+        return {"update_norm": float(mean.norm())}
+
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return {"w": self.w, "opt": self.optimizer.state_dict()} if self.optimizer else {"w": self.w}
+
+    def load_server_state(self, state: dict) -> None:
+        self.w.copy_(state["w"])
+        if self.optimizer:
+            self.optimizer.load_state_dict(state["opt"])
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {"shared": self.w}
