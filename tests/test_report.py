@@ -18,7 +18,7 @@ from pfl_mpi.runtime import Engine
 from tests.helpers import tiny_config
 
 PNGS = [file for file, _, _ in FIGURES]
-FILES = sorted([*PNGS, "report.md", "groups.csv"])
+FILES = sorted([*PNGS, "report.md", "groups.csv", "cost.csv"])
 
 
 @pytest.fixture(scope="module")

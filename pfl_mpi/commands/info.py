@@ -57,8 +57,32 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"  wall time {r['seconds_wall'].sum():.2f} s over {summary.rounds_completed} rounds "
             f"(compute {r['seconds_compute'].sum():.2f} s, server CPU {100 * r['server_cpu'].mean():.1f}% of a core)"
         )
+        print(simulated_time_line(r, summary.rounds_completed))
         print(comm_summary(args.file))
     return 0
+
+
+def simulated_time_line(r: dict, done: int) -> str:
+    """The simulated network's clock: total, per round, and what became of the selected clients; or that the
+    run had no simulated network (docs/network.md)."""
+    if "simulated_time" not in r:
+        return "  simulated time: none (no simulated network, network.enabled false)"
+    per = r["simulated_round_seconds"]
+    counts = ", ".join(
+        f"{label} {r[name].sum():.0f}"
+        for name, label in (
+            ("clients_unavailable", "unavailable"),
+            ("clients_dropped", "dropped"),
+            ("clients_missed_deadline", "missed the deadline"),
+            ("clients_over_selected", "over-selected away"),
+        )
+        if name in r
+    )
+    return (
+        f"  simulated time {r['simulated_time'][-1]:.2f} s over {done} rounds (per round: mean {per.mean():.3f} s, "
+        f"min {per.min():.3f}, max {per.max():.3f}); selected clients: {r['clients_selected'].sum():.0f}, "
+        f"trained {r['num_sampled'].sum():.0f}, {counts}"
+    )
 
 
 def _job(entry: dict) -> str:

@@ -1,9 +1,11 @@
 """Plots and a markdown report of run files, grouped: runs that differ only in seed are one group.
 
-Writes into DIR: accuracy_loss.png, comparison.png, client_accuracy.png, communication.png, ranks.png,
-report.md (group table with mean ± std and n, configuration differences, per-run table, message totals)
-and groups.csv. Prints the group table, the configuration keys that differ between groups, and a
-warning when more than the compared key differs. See docs/reports.md.
+Writes into DIR: accuracy_loss.png, cost.png (accuracy against cumulative protocol bytes and simulated
+time), comparison.png, client_accuracy.png, communication.png, ranks.png, report.md (group table with
+mean ± std and n, the communication cost table, configuration differences, per-run table, message totals),
+groups.csv and cost.csv. Prints the group table, the cost table (with ``--target-acc A``: the round,
+protocol bytes and simulated time at which each group first reached test accuracy A), the configuration
+keys that differ between groups, and a warning when more than the compared key differs. See docs/reports.md.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="the compared config key, named in the legends (repeatable; default: the one key that differs)",
     )
+    parser.add_argument(
+        "--target-acc",
+        type=float,
+        default=None,
+        metavar="A",
+        help="test accuracy (fraction) whose cost the table gives: the round, protocol bytes down and up and "
+        "simulated time at which each run first reached it",
+    )
 
 
 def print_summary(report) -> None:
@@ -42,6 +52,8 @@ def print_summary(report) -> None:
     from ..report.build import difference_lines
 
     print(report.tables[0])
+    print("communication cost (protocol bytes over the run; simulated time where the network was simulated):")
+    print(report.tables[1])
     lines = difference_lines(report.groups, report.differences)
     if lines:
         print("config keys that differ between groups:")
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..report import make_report
 
     try:
-        report = make_report(args.files, args.out, args.group_by, args.by)
+        report = make_report(args.files, args.out, args.group_by, args.by, args.target_acc)
     except ConfigError as err:
         print(f"pfl-mpi: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -4,20 +4,34 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..errors import ConfigError
 from . import plots
+from .cost import NO_NETWORK, cost_table, write_cost_csv
 from .groups import Group, differences, fairness, group_runs, known_keys, name_groups, shown
 from .load import Run, load_run
 from .tables import comparison_table, group_table, label_table, write_group_csv
 
 FIGURES = (
     ("accuracy_loss.png", plots.accuracy_loss, "Test accuracy and loss"),
+    ("cost.png", plots.cost, "Accuracy against protocol bytes and simulated time"),
     ("comparison.png", plots.comparison, "Final accuracy and bytes per round by group"),
     ("client_accuracy.png", plots.client_accuracy, "Per-client accuracy"),
     ("communication.png", plots.communication, "Bytes and seconds per round by message kind"),
     ("ranks.png", plots.ranks, "Time per round on each rank"),
+)
+COST_NOTE = (
+    "Protocol bytes are what the clients would download and upload in a deployment (`/rounds/protocol_bytes_down`, "
+    "`_up`; evaluation traffic apart), summed over the committed rounds, the same on any number of ranks. Simulated "
+    "time is the simulated network's clock (`/rounds/simulated_time`); runs without `network.enabled` have none "
+    f"({NO_NETWORK!r}). Per run at full precision: `cost.csv`."
+)
+TARGET_NOTE = (
+    " The last four columns: the first evaluated round (1-based) at which `/rounds/test_acc` was at least {target:g}, "
+    "and the cumulative protocol bytes and simulated time at its end, mean ± std over the runs that reached it "
+    "(how many did, when not all)."
 )
 LABEL_TABLES_MAX = 12  # message tables of at most this many runs (one per group beyond)
 
@@ -30,7 +44,7 @@ class Report:
     groups: list[Group]
     differences: dict[str, list[str]]  # config key -> its value in each group
     warning: str | None = None
-    tables: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)  # the group table, then the cost table
 
 
 def _name_runs(runs: list[Run]) -> None:
@@ -77,8 +91,22 @@ def fairness_warning(diffs: dict[str, list[str]], by: list[str]) -> str | None:
     )
 
 
-def make_report(paths: list[str | Path], out_dir: str | Path, group_by: list[str] = (), by: list[str] = ()) -> Report:
-    """Write the figures, report.md and groups.csv for ``paths`` into ``out_dir``."""
+def check_target(target: float | None) -> None:
+    """Raise ConfigError unless ``target`` is None or an accuracy in (0, 1]."""
+    if target is not None and not 0 < target <= 1:
+        raise ConfigError("--target-acc", f"a test accuracy is a fraction in (0, 1], got {target:g}")
+
+
+def make_report(
+    paths: list[str | Path],
+    out_dir: str | Path,
+    group_by: list[str] = (),
+    by: list[str] = (),
+    target: float | None = None,
+) -> Report:
+    """Write the figures, report.md, groups.csv and cost.csv for ``paths`` into ``out_dir``; ``target``: the
+    test accuracy whose cost (round, protocol bytes, simulated time) the cost table gives."""
+    check_target(target)
     runs = [load_run(p) for p in paths]
     check_keys(runs, list(group_by), list(by))
     _name_runs(runs)
@@ -92,10 +120,12 @@ def make_report(paths: list[str | Path], out_dir: str | Path, group_by: list[str
     for file, draw, title in FIGURES:
         if file == "ranks.png" and not any(run.ranks and run.rounds_completed for run in runs):
             continue
+        draw = partial(draw, target=target) if draw is plots.cost else draw
         written.append(draw(groups, out / file))
         sections.append(f"### {title}\n![{title}]({file})\n")
     written.append(write_group_csv(groups, out / "groups.csv"))
-    grouped = group_table(groups)
+    written.append(write_cost_csv(groups, out / "cost.csv", target))
+    grouped, costs = group_table(groups), cost_table(groups, target)
     text = [
         "# Run report\n",
         f"{len(runs)} run(s) in {len(groups)} group(s): runs whose configurations differ only in "
@@ -109,6 +139,9 @@ def make_report(paths: list[str | Path], out_dir: str | Path, group_by: list[str
         "last evaluation. Bytes are sums over the committed rounds of `bytes_down + bytes_up` (the algorithm) "
         "and of all three with `bytes_other`; wall time is the sum of `/rounds/seconds_wall`. The same "
         "numbers at full precision: `groups.csv`.\n",
+        "## Communication cost\n",
+        costs + "\n",
+        COST_NOTE + (TARGET_NOTE.format(target=target) if target is not None else "") + "\n",
         "## Configuration differences between groups\n",
     ]
     lines = difference_lines(groups, diffs)
@@ -130,4 +163,4 @@ def make_report(paths: list[str | Path], out_dir: str | Path, group_by: list[str
             text += [f"### {run.label}\n", label_table(run) + "\n"]
     report = out / "report.md"
     report.write_text("\n".join(text))
-    return Report([*written, report], groups, diffs, warning, [grouped])
+    return Report([*written, report], groups, diffs, warning, [grouped, costs])

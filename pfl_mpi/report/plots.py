@@ -12,8 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
+from .cost import NO_NETWORK, cumulative  # noqa: E402
 from .groups import Group, series  # noqa: E402
 from .load import Run, bytes_by_label, group_labels, server_seconds_by_label  # noqa: E402
 from .tables import group_statistics, protocol_fields  # noqa: E402
@@ -291,3 +292,78 @@ def byte_fields(runs: list[Run]) -> list[str]:
     transport = [n for n in ("bytes_down", "bytes_up", "bytes_other") if n in names]
     protocol = sorted({name for run in runs for name in protocol_fields(run)})
     return protocol + transport + sorted(names - set(transport))
+
+
+COST_PANELS = (  # (Cost attribute, x label, title)
+    ("total", "cumulative protocol bytes, down + up", "Accuracy against bytes down + up"),
+    ("up", "cumulative protocol bytes up (client to server)", "Accuracy against uplink bytes"),
+    ("down", "cumulative protocol bytes down (server to client)", "Accuracy against downlink bytes"),
+    ("seconds", "cumulative simulated time (s)", "Accuracy against simulated time"),
+)
+
+
+def _cost_curve(ax, runs: list[Run], what: str, colour) -> bool:
+    """The group's test accuracy against its mean cumulative ``what`` per round (band: +- 1 std of the
+    accuracy over its runs); False when none of its runs records ``what``."""
+    xs, accs = [], []
+    for run in runs:
+        x = getattr(cumulative(run), what)
+        if x is not None:
+            xs.append(x)
+            accs.append(_metric(run, "test_acc"))
+    if not xs:
+        return False
+    x_mean = series(xs)[0]
+    mean, std, count = series(accs)
+    keep = (count > 0) & np.isfinite(x_mean)
+    if what != "seconds":
+        keep &= x_mean > 0  # log axis
+    ax.plot(x_mean[keep], mean[keep], "o-", ms=3, color=colour)
+    if np.any(count[keep] > 1):
+        ax.fill_between(x_mean[keep], (mean - std)[keep], (mean + std)[keep], color=colour, alpha=BAND_ALPHA, lw=0)
+    return True
+
+
+def cost(groups: list[Group], path: Path, target: float | None = None) -> Path:
+    """Test accuracy against what the runs paid for it: cumulative protocol bytes (down + up, up, down; log
+    axes) and cumulative simulated time. A group is its mean per round over its runs (x and accuracy) with a
+    +- one std band of the accuracy. Runs without the simulated network have no simulated time: the time
+    panel names them instead of drawing zeros."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8.4))
+    colours = _colours(groups)
+    missing: dict[str, list[str]] = {what: [] for what, _, _ in COST_PANELS}
+    for group, colour in zip(groups, colours, strict=True):
+        for ax, (what, _, _) in zip(axes.flat, COST_PANELS, strict=True):
+            if not _cost_curve(ax, group.runs, what, colour):
+                missing[what].append(group.legend)
+    for ax, (what, xlabel, title) in zip(axes.flat, COST_PANELS, strict=True):
+        ax.set(xlabel=xlabel, ylabel="test accuracy (fraction)", title=title)
+        ax.grid(alpha=0.3, which="both" if what != "seconds" else "major")
+        drawn = len(missing[what]) < len(groups)
+        if drawn and what != "seconds":
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
+        if drawn and target is not None:
+            ax.axhline(target, color="0.35", ls=":", lw=1.2)
+        if missing[what]:
+            reason = NO_NETWORK if what == "seconds" else "no protocol ledger in the file"
+            names = ", ".join(missing[what]) if len(missing[what]) <= 4 else f"{len(missing[what])} groups"
+            text = f"{reason}: {names}" if drawn else f"{reason} in these runs:\nnothing to draw"
+            ax.text(
+                0.5,
+                0.03 if drawn else 0.5,
+                text,
+                ha="center",
+                va="bottom" if drawn else "center",
+                transform=ax.transAxes,
+                fontsize=8,
+                wrap=True,
+            )
+            if not drawn:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    styles = [("target accuracy", {"ls": ":"})] if target is not None else []
+    if any(g.n > 1 for g in groups):
+        styles.append(("mean over seeds, band +- 1 std", {"ls": "-", "marker": "o", "ms": 3}))
+    _legend_below(fig, groups, colours, styles)
+    return _save(fig, path)
