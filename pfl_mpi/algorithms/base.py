@@ -75,6 +75,7 @@ How the later algorithms fit (sketches):
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -133,6 +134,7 @@ class Setup:
     public: PublicData | None = None  # the data set shared by every client (data.public), if any
     augment: Augment | None = None  # per-batch transform of training inputs (data augmentation), if any
     rounds: int = 1  # the run's planned rounds (learning-rate schedules over rounds)
+    client_batch: int = 1  # clients trained together (train.client_batch resolved: batched.choose_client_batch)
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
     # class frequencies over all clients' training data, known on every rank before round 1
     label_distribution: torch.Tensor = field(init=False)
@@ -298,6 +300,34 @@ class Algorithm:
         return local_training(model, *client.train, self.setup.train, client.generator, **options)
 
     def client_update(self, client: Client, payload: torch.Tensor | None) -> Update:
+        """What ``client`` does with ``payload``. Default (for an algorithm that declares ``begin_training``):
+        ``begin_training``, the library's loop with its options, ``finish_training``."""
+        options = self.begin_training(client, payload)
+        if not isinstance(options, dict):
+            return options
+        return self.finish_training(client, payload, self.local_training(client, **options))
+
+    def client_updates(self, clients: list[Client], payloads: Sequence) -> Iterator[Update]:
+        """The updates of a worker's clients of a round, in ``clients`` order (what the runtime calls). An
+        algorithm that declares ``begin_training``/``finish_training`` trains them in blocks of
+        ``setup.client_batch`` (``batched.train_in_blocks``); otherwise ``client_update`` one after another."""
+        if self.setup.client_batch > 1 and type(self).begin_training is not Algorithm.begin_training:
+            from .batched import train_in_blocks
+
+            yield from train_in_blocks(self, clients, payloads)
+            return
+        for client, payload in zip(clients, payloads, strict=True):
+            yield self.client_update(client, payload)
+
+    def begin_training(self, client: Client, payload: torch.Tensor | None) -> dict | Update:
+        """Batched clients (opt-in, ``algorithms/batched.py``): load into ``setup.model_for(client.id)`` the
+        parameters ``client`` starts from and return the options of its ``local_training`` call, or its Update
+        when it does not train this round. Must not read what other clients left in the model."""
+        raise NotImplementedError
+
+    def finish_training(self, client: Client, payload: torch.Tensor | None, means: Means) -> Update:
+        """Batched clients: after local training (the client's trained parameters in its model, ``means`` the
+        loop's result), keep what persists in ``client.state`` and return what goes up."""
         raise NotImplementedError
 
     def load_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:

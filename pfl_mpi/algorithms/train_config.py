@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ScheduleConfig(BaseModel):
@@ -58,7 +58,12 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="minibatch size (B)")
     lr: float = Field(0.05, gt=0, description="client learning rate (eta)")
     optimizer: Literal["sgd", "adam", "adamw"] = Field(
-        "sgd", description="client optimiser, its state reset at the start of every round (torch's rules)"
+        "sgd", description="client optimiser (torch's rules); its state as optimizer_state says"
+    )
+    optimizer_state: Literal["reset", "keep"] = Field(
+        "reset",
+        description="reset: fresh optimiser state every round; keep: each client's moments (momentum buffer, "
+        "Adam's moments and step) persist in its client state between rounds (checkpointed, resumed)",
     )
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum (dampening 0)")
     nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0)")
@@ -67,11 +72,24 @@ class TrainConfig(BaseModel):
     eps: float = Field(1e-8, gt=0, description="adam, adamw: the denominator's epsilon")
     clip_norm: float | None = Field(None, gt=0, description="scale each step's gradient to at most this L2 norm")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="the learning rate over rounds")
+    loss: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="your training loss, package.module:function, called as function(outputs, targets) -> the "
+        "batch's mean (imported on every rank; a plugin file's module is its file name); null = the task's loss",
+    )
     client_batch: int | Literal["auto"] | AutoClientBatch = Field(
         1,
         description="clients trained together per kernel (algorithms/batched.py): 1 = one after another; K; "
         "auto = K from the device's memory budget and the model's size; {memory_mb: M} = auto within M MB",
     )
+
+    @field_validator("client_batch")
+    @classmethod
+    def _positive(cls, value: int | str | AutoClientBatch) -> int | str | AutoClientBatch:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be auto, {{memory_mb: M}} or an integer >= 1, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -79,8 +97,6 @@ class TrainConfig(BaseModel):
             raise ValueError("nesterov needs optimizer sgd with momentum > 0")
         if self.momentum and self.optimizer != "sgd":
             raise ValueError(f"momentum applies to sgd; {self.optimizer} uses betas")
-        if isinstance(self.client_batch, int) and self.client_batch < 1:
-            raise ValueError(f"client_batch must be auto or an integer >= 1, got {self.client_batch}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must lie in [0, 1)")
         return self

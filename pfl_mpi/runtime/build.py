@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..algorithms import Algorithm, Setup, resolve
+from ..algorithms.batched import choose_client_batch
 from ..algorithms.training import TrainConfig
 from ..config import RunConfig
 from ..data import FederatedData
 from ..errors import ConfigError
 from ..models import build_models
+from ..models.split import check_buffers_handled
 
 
 def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | None = None) -> Algorithm:
@@ -21,6 +23,7 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
     models = [m.to(device) for m in build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)]
     cls, params = resolve(cfg.algorithm)
     cls.check_models(params, models)
+    check_buffers_handled(cls, models)
     check_train_keys(cls, cfg.train, cfg.finetune_epochs)
     setup = Setup(
         models[0],
@@ -36,7 +39,16 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
         augment=data.augment,
         rounds=cfg.rounds,
     )
+    setup.client_batch = resolve_client_batch(cfg, data, models[0], device)
     return cls(params, setup)
+
+
+def resolve_client_batch(cfg: RunConfig, data: FederatedData, model: torch.nn.Module, device: torch.device) -> int:
+    """``train.client_batch`` as K (``auto``: from the memory budget, the model and the largest client)."""
+    if isinstance(cfg.train.client_batch, int):
+        return cfg.train.client_batch
+    sample = data.client(0).x_train[:1]
+    return choose_client_batch(cfg.train, model, device, sample, int(max(data.train_sizes, default=1)))
 
 
 def ignored_train_keys(cls: type[Algorithm], finetune_epochs: int) -> dict[str, str]:

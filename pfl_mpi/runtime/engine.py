@@ -150,7 +150,14 @@ class Engine:
     # -- the file -------------------------------------------------------------------------
     def _create_file(self, histograms: np.ndarray) -> RunWriter:
         return create_run_file(
-            self.cfg, self.world, self.data, histograms, self.host, self.layout, self.algo.init_client_state
+            self.cfg,
+            self.world,
+            self.data,
+            histograms,
+            self.host,
+            self.layout,
+            self.algo.init_client_state,
+            {"client_batch": self.algo.setup.client_batch},  # train.client_batch as resolved (auto: batched.py)
         )
 
     def _restore(self) -> None:
@@ -204,8 +211,8 @@ class Engine:
         start = time.perf_counter()
         uplink = self.transport.uplink_buffer(mine)
         rows = np.empty((len(mine), len(META_COLUMNS) + len(self.metric_names)), dtype=np.float64)
-        for i, (k, payload) in enumerate(zip(mine, payloads, strict=True)):
-            update = self.algo.client_update(self._client(k, t), payload)
+        updates = self.algo.client_updates([self._client(k, t) for k in mine], payloads)  # blocks: client_batch
+        for i, (k, update) in enumerate(zip(mine, updates, strict=True)):
             uplink.add(update)
             num_train = self.client_data[k].y_train.shape[0]
             rows[i] = (k, update.weight, num_train, *(update.metrics[m] for m in self.metric_names))

@@ -1,0 +1,431 @@
+"""Many clients per kernel: K clients of one architecture trained together, each exactly as
+:func:`training.local_training` trains it alone.
+
+The K clients' parameters (and momentum buffers) are stacked along a leading client dimension and one
+forward/backward runs through ``torch.func.vmap`` over ``functional_call``: every kernel works on all K
+clients at once. What stays per client:
+
+- its batches: the permutation of each epoch comes from its own generator, drawn exactly as
+  ``epoch_batches`` draws it, so client k sees the same minibatches as in the sequential loop;
+- its ragged last batch: the slice has b < B rows, padded to B with rows of weight 0; the loss of a
+  batch is ``sum(mask * ce) / b``, so each real row carries 1/b, as in the mean of the sequential loss,
+  and padding contributes nothing, to the loss or to the gradient;
+- its number of steps: the clients of a block are ordered by steps (most first); at step s only the
+  clients that still have a step train (a prefix of the block, sliced, so finished clients cost nothing
+  and their parameters and buffers stop changing);
+- its optimiser: SGD with momentum, Nesterov, weight decay and clipping by its own gradient norm, the
+  same element-wise operations in the same order as ``training.SGD``.
+
+Gradients: the objective is the sum of the clients' objectives; the gradient of client k's slice is the
+gradient of its own objective (the clients share no parameter). Nothing is read back to the host per
+step (clipping scales with ``torch.where``), so a GPU is never made to wait.
+
+Results equal the sequential loop's to float rounding (the padded rows change the order of some sums);
+a client's results do not depend on which clients share its block, so placement stays invisible.
+
+What is not batched (``batchable`` says why): optimisers other than SGD, models with buffers
+(batch norm's running statistics) or with operations ``vmap`` cannot batch (a probe forward decides),
+custom losses and data augmentation (its draws interleave with the permutations). Callers then use the
+sequential loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..models.nets import SplitModel
+from .training import Means, TrainConfig, epoch_batches
+
+Stacked = dict[str, torch.Tensor]
+"""Parameters by name, each ``[K, *shape]``: client i's parameters are the i-th slices."""
+
+BatchedRegulariser = Callable[[Stacked, slice], torch.Tensor]
+"""``regulariser(params, rows) -> scalar``: the sum over the clients ``rows`` of the block of their regularisers,
+given the trained parameters of exactly those clients (``params[name]`` is ``[len(rows), *shape]``)."""
+
+
+def blocks(items: Sequence, size: int) -> Iterator[list]:
+    """``items`` in consecutive blocks of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def stack(flats: Sequence[Stacked]) -> Stacked:
+    """Stack K clients' parameters (each a dict of name -> tensor) into one dict of ``[K, *shape]`` tensors."""
+    return {name: torch.stack([f[name] for f in flats]) for name in flats[0]}
+
+
+def stacked_forward(module: nn.Module, params: Stacked, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
+    """``module`` applied to K clients at once: ``x`` is ``[K, B, ...]``, ``params`` the stacked parameters of the
+    whole model (names from the root). Linear layers become one batched GEMM (``baddbmm``), element-wise layers
+    and flattening act on the stacked tensor, ``Sequential`` chains and a split model (``base``, ``head``) recurse;
+    any other module runs under ``vmap`` of ``functional_call``."""
+    if isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            x = stacked_forward(child, params, x, f"{prefix}{name}.")
+        return x
+    if isinstance(module, nn.Linear):
+        w, b = params[f"{prefix}weight"], params.get(f"{prefix}bias")
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        wt = w.transpose(1, 2)
+        out = torch.bmm(flat, wt) if b is None else torch.baddbmm(b.unsqueeze(1), flat, wt)
+        return out.view(*x.shape[:-1], w.shape[1])
+    if isinstance(module, nn.ReLU):
+        return torch.relu(x)
+    if isinstance(module, nn.Identity):
+        return x
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return x.flatten(2)
+    if type(module) is SplitModel:
+        return stacked_forward(module.head, params, stacked_forward(module.base, params, x, "base."), "head.")
+    own = {n[len(prefix) :]: p for n, p in params.items() if n.startswith(prefix)}
+    return vmap(lambda p, xb: functional_call(module, p, (xb,)))(own, x)
+
+
+_PROBED: dict[int, str | None] = {}
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``model`` cannot be run under vmap (None: it can); decided once per model by a forward of 2 clients."""
+    key = id(model)
+    if key not in _PROBED:
+        try:
+            params = {n: p.detach().unsqueeze(0).expand(2, *p.shape) for n, p in model.named_parameters()}
+            with torch.no_grad():
+                stacked_forward(model, params, x[:1].expand(2, *x[:1].shape))
+            _PROBED[key] = None
+        except Exception as err:  # noqa: BLE001 - any failure means: train this model sequentially
+            _PROBED[key] = f"vmap cannot run the model ({type(err).__name__})"
+    return _PROBED[key]
+
+
+def batchable(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, *, augment=None, loss=None) -> str | None:
+    """Why these clients must train one at a time, or None when the batched loop trains them exactly."""
+    if cfg.optimizer != "sgd":
+        return f"optimizer {cfg.optimizer}"
+    if augment is not None:
+        return "data augmentation"
+    if loss is not None:
+        return "a custom loss"
+    if any(True for _ in model.buffers()):
+        return "the model has buffers"
+    if x.dtype not in (torch.float32, torch.float64) or x.shape[0] == 0:
+        return "inputs that are not float features"
+    return _probe(model, x)
+
+
+@dataclass
+class BatchPlan:
+    """The minibatches of a block: ``index[s, i, j]``, the row (of the block's concatenated data) of sample j of
+    client i's step s (padding: the client's first row), ``mask`` 1 on real rows and 0 on padding, ``size`` the
+    real rows b of each (client, step) (1 where the client has no step s), ``steps`` each client's steps."""
+
+    index: torch.Tensor  # int64 [S, K, B]
+    mask: torch.Tensor  # float [S, K, B]
+    size: torch.Tensor  # float [S, K]
+    steps: list[int]
+
+
+def plan_batches(
+    sizes: Sequence[int], batch_size: int, epochs: Sequence[int], generators: Sequence[torch.Generator], dtype
+) -> BatchPlan:
+    """Each client's minibatches, drawn from its generator as ``epoch_batches`` draws them (on the CPU)."""
+    cpu = torch.device("cpu")
+    per_client = [
+        [idx for _, idx in epoch_batches(n, batch_size, e, g, cpu)]
+        for n, e, g in zip(sizes, epochs, generators, strict=True)
+    ]
+    steps = [len(b) for b in per_client]
+    k, s_max, b = len(sizes), max(steps, default=0), batch_size
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    index = torch.zeros(s_max, k, b, dtype=torch.int64)
+    mask = torch.zeros(s_max, k, b, dtype=dtype)
+    size = torch.ones(s_max, k, dtype=dtype)
+    for i, batches in enumerate(per_client):
+        index[:, i, :] = offsets[i]
+        for s, idx in enumerate(batches):
+            index[s, i, : idx.numel()] = idx + offsets[i]
+            mask[s, i, : idx.numel()] = 1
+            size[s, i] = idx.numel()
+    return BatchPlan(index, mask, size, steps)
+
+
+class BatchedSGD:
+    """``training.SGD`` on stacked parameters: every operation of its step, on the slices of the clients
+    that train; clipping by each client's own gradient norm."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, cfg: TrainConfig):
+        self.params, self.lr = params, lr
+        self.momentum, self.weight_decay, self.nesterov, self.clip = (
+            cfg.momentum,
+            cfg.weight_decay,
+            cfg.nesterov,
+            cfg.clip_norm,
+        )
+        self.buffers = [torch.zeros_like(p) for p in params] if self.momentum else None
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor], rows: slice) -> None:
+        """One step of the clients ``rows`` with their gradients ``grads`` (``[len(rows), *shape]`` each)."""
+        if self.clip is not None:
+            _clip(grads, self.clip)
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+            p = p[rows]
+            if self.weight_decay:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.buffers is not None:
+                buf = self.buffers[i][rows].mul_(self.momentum).add_(g)
+                g = g.add(buf, alpha=self.momentum) if self.nesterov else buf
+            p.add_(g, alpha=-self.lr)
+
+
+def _clip(grads: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``training.clip_grad_norm_`` per client: each client's gradients scaled to a total norm <= max_norm."""
+    k = grads[0].shape[0]
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), dim=1) for g in grads])
+    norm = torch.linalg.vector_norm(norms, dim=0).double()
+    scale = (max_norm / (norm + 1e-6)).float()
+    scale = torch.where(scale < 1, scale, torch.ones_like(scale))
+    for g in grads:
+        g.mul_(scale.view(k, *[1] * (g.dim() - 1)))
+
+
+def batched_local_training(
+    model: nn.Module,
+    params: Stacked,
+    data: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    generators: Sequence[torch.Generator],
+    cfg: TrainConfig,
+    lr: float,
+    *,
+    trainable: Sequence[str] | None = None,
+    epochs: Sequence[int] | None = None,
+    regulariser: BatchedRegulariser | None = None,
+) -> list[Means]:
+    """Train K clients at once: ``params`` (every parameter of ``model``, stacked ``[K, ...]``, on the data's
+    device) in place, client i on ``data[i]`` = (x, y) with ``generators[i]``; its train loss mean per client.
+
+    ``trainable``: the names trained (default all; the others stay as given, per client); ``epochs[i]``:
+    client i's local epochs (default ``cfg.local_epochs``); ``lr``: the step size (the schedule applied);
+    ``regulariser``: see :data:`BatchedRegulariser`. Client i ends exactly where
+    ``local_training(model_i, *data[i], cfg, generators[i], ...)`` ends, up to float rounding.
+    """
+    k = len(data)
+    names = list(params) if trainable is None else list(trainable)
+    epochs = [cfg.local_epochs] * k if epochs is None else list(epochs)
+    x_all = torch.cat([x for x, _ in data])
+    y_all = torch.cat([y for _, y in data])
+    plan = plan_batches([int(y.shape[0]) for _, y in data], cfg.batch_size, epochs, generators, x_all.dtype)
+    order = sorted(range(k), key=lambda i: -plan.steps[i])  # most steps first: the clients training are a prefix
+    if order != list(range(k)):
+        perm = torch.tensor(order)
+        for name in params:
+            params[name].copy_(params[name][perm.to(params[name].device)])
+        plan = BatchPlan(plan.index[:, perm], plan.mask[:, perm], plan.size[:, perm], [plan.steps[i] for i in order])
+    device = x_all.device
+    index, mask, size = plan.index.to(device), plan.mask.to(device), plan.size.to(device)
+    optimizer = BatchedSGD([params[n] for n in names], lr, cfg)
+    fixed = {n: p for n, p in params.items() if n not in set(names)}
+    totals = torch.zeros(k, dtype=torch.float32, device=device)
+    for s in range(index.shape[0]):
+        active = sum(1 for n in plan.steps if n > s)
+        rows = slice(0, active)
+        leaves = {n: params[n][rows].detach().requires_grad_() for n in names}
+        current = {**{n: p[rows] for n, p in fixed.items()}, **leaves}
+        idx = index[s, rows]
+        logits = stacked_forward(model, current, x_all[idx])
+        ce = F.cross_entropy(logits.flatten(0, 1), y_all[idx].flatten(), reduction="none").view(active, -1)
+        losses = (ce * mask[s, rows]).sum(dim=1) / size[s, rows]
+        objective = losses.sum()
+        if regulariser is not None:
+            objective = objective + regulariser(leaves, rows)
+        grads = torch.autograd.grad(objective, [leaves[n] for n in names])
+        optimizer.step(grads, rows)
+        totals[rows] += losses.detach().float()
+    means = totals.cpu().tolist()
+    result: list[Means] = [Means() for _ in range(k)]
+    for position, i in enumerate(order):
+        steps = plan.steps[position]
+        result[i] = Means({"train_loss": means[position] / steps}) if steps else Means()
+    if order != list(range(k)):  # back to the callers' order
+        inverse = torch.tensor(sorted(range(k), key=lambda j: order[j]))
+        for name in params:
+            params[name].copy_(params[name][inverse.to(params[name].device)])
+    return result
+
+
+# -- algorithms: blocks of clients ---------------------------------------------------------
+class ProximalTerm:
+    """The regulariser (coefficient / 2) * ||params - anchor||^2 (FedProx's proximal term, Ditto's pull to w), in
+    both loops: called with no argument it is the sequential loop's regulariser of ``params``; the batched loop
+    stacks the anchors of a block's clients (``names``: the model's names of ``params``, ``anchor`` flat, in
+    ``params`` order)."""
+
+    def __init__(self, params: list[nn.Parameter], names: Sequence[str], anchor: torch.Tensor, coefficient: float):
+        anchor = anchor.to(device=params[0].device, dtype=params[0].dtype)
+        chunks = anchor.split([p.numel() for p in params])
+        self.params, self.names, self.coefficient = params, list(names), coefficient
+        self.targets = [a.view(p.shape) for p, a in zip(params, chunks, strict=True)]
+
+    def __call__(self) -> torch.Tensor:
+        half = 0.5 * self.coefficient
+        return half * sum((p - a).square().sum() for p, a in zip(self.params, self.targets, strict=True))
+
+    @staticmethod
+    def stacked(terms: Sequence[ProximalTerm]) -> BatchedRegulariser:
+        """The sum of the terms of a block's clients (client i's term on the i-th slices)."""
+        names = terms[0].names
+        targets = {n: torch.stack([t.targets[j] for t in terms]) for j, n in enumerate(names)}
+        halves = torch.tensor([0.5 * t.coefficient for t in terms], dtype=targets[names[0]].dtype)
+        halves = halves.to(targets[names[0]].device)
+
+        def term(params: Stacked, rows: slice) -> torch.Tensor:
+            k = rows.stop - rows.start
+            squares = sum((params[n] - targets[n][rows]).square().reshape(k, -1).sum(dim=1) for n in names)
+            return (halves[rows] * squares).sum()
+
+        return term
+
+
+BATCHED_OPTIONS = {"epochs", "lr", "params", "regulariser"}
+
+
+def _signature(algo, client, options: dict, names_of: dict[int, str]) -> tuple | None:
+    """What the clients of one block must share (trained names, lr, kind of regulariser), or None when this
+    client's options need the sequential loop."""
+    if set(options) - BATCHED_OPTIONS:
+        return None
+    regulariser = options.get("regulariser")
+    if regulariser is not None and not isinstance(regulariser, ProximalTerm):
+        return None
+    params = options.get("params", algo.setup.params_for(client.id))
+    names = tuple(names_of[id(p)] for p in params)
+    kind = None if regulariser is None else tuple(regulariser.names)
+    return names, options.get("lr"), kind
+
+
+def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
+    """``algo``'s updates of ``clients`` (in order), blocks of ``setup.client_batch`` clients trained together.
+
+    Per client: ``begin_training`` loads its start into the model and returns its ``local_training`` options
+    (or its Update, when it does not train); its start is copied into the block's stacks. Clients whose options
+    the batched loop cannot run (see ``batchable``, ``BATCHED_OPTIONS``) train at once, one at a time, as in the
+    sequential path. After the block trains, each client's trained parameters are loaded into the model and
+    ``finish_training`` returns its Update."""
+    setup, size = algo.setup, algo.setup.client_batch
+    for block in blocks(list(zip(clients, payloads, strict=True)), size):
+        done: list = [None] * len(block)
+        group: list[tuple[int, dict]] = []
+        model = setup.model_for(block[0][0].id)
+        names_of = {id(p): n for n, p in model.named_parameters()}
+        stacks = {n: p.new_empty(len(block), *p.shape) for n, p in model.named_parameters()}
+        signature = None
+        for i, (client, payload) in enumerate(block):
+            options = algo.begin_training(client, payload)
+            if not isinstance(options, dict):  # the client's Update: it does not train this round
+                done[i] = options
+                continue
+            own = _signature(algo, client, options, names_of)
+            why = batchable(model, setup.train, client.train[0], augment=setup.augment)
+            if own is None or why is not None or setup.model_for(client.id) is not model or own != (signature or own):
+                done[i] = algo.finish_training(client, payload, algo.local_training(client, **options))
+                continue
+            signature = own
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    stacks[n][len(group)].copy_(p)
+            group.append((i, options))
+        if group:
+            means = _train_group(algo, model, block, group, {n: t[: len(group)] for n, t in stacks.items()}, signature)
+            for j, (i, _) in enumerate(group):
+                client, payload = block[i]
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        p.copy_(stacks[n][j])
+                done[i] = algo.finish_training(client, payload, means[j])
+        yield from done
+
+
+def _train_group(algo, model: nn.Module, block: list, group: list, params: Stacked, signature: tuple) -> list[Means]:
+    """Train the block's clients ``group`` ((position, options) pairs) together; their means."""
+    from .optimizers import lr_factor
+
+    setup, cfg = algo.setup, algo.setup.train
+    names, lr, kind = signature
+    first = block[group[0][0]][0]
+    step = (cfg.lr if lr is None else lr) * lr_factor(cfg.schedule, first.round, setup.rounds)
+    clients = [block[i][0] for i, _ in group]
+    epochs = [options.get("epochs", cfg.local_epochs) for _, options in group]
+    regulariser = None if kind is None else ProximalTerm.stacked([options["regulariser"] for _, options in group])
+    return batched_local_training(
+        model,
+        params,
+        [c.train for c in clients],
+        [c.generator for c in clients],
+        cfg,
+        step,
+        trainable=names,
+        epochs=epochs,
+        regulariser=regulariser,
+    )
+
+
+# -- how many clients per block -------------------------------------------------------------
+CPU_BUDGET_MB = 64.0  # ``auto`` on a CPU: blocks that stay near the caches (the best K was 5-25 for W1)
+GPU_FRACTION = 0.5  # ``auto`` on a GPU: half of the device's memory
+MAX_AUTO = 256
+
+
+def client_bytes(model: nn.Module, cfg: TrainConfig, sample: torch.Tensor, max_samples: int) -> int:
+    """An upper estimate of what one more client costs a block, in bytes: its parameters four times (the stack,
+    the gradients, the momentum buffer, the autograd leaves), the activations of a batch three times (outputs,
+    their gradients, what autograd saves), its data (the block's concatenated copy) and its batch plan."""
+    numel = sum(p.numel() for p in model.parameters())
+    activations = [0]
+
+    def count(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            activations[0] += output[0].numel()  # per sample
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    item = 4
+    per_sample = item * (int(sample[0].numel()) + 1)
+    steps = cfg.local_epochs * -(-max_samples // cfg.batch_size)
+    plan = steps * cfg.batch_size * (8 + item) + steps * item
+    return item * (4 * numel + 3 * cfg.batch_size * activations[0]) + per_sample * max_samples + plan
+
+
+def budget_bytes(cfg: TrainConfig, device: torch.device) -> int:
+    """The memory a block may use: ``client_batch.memory_mb``, else the device's default."""
+    memory = getattr(cfg.client_batch, "memory_mb", None)
+    if memory is not None:
+        return int(memory * 2**20)
+    if device.type == "cuda":
+        return int(GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+    return int(CPU_BUDGET_MB * 2**20)
+
+
+def choose_client_batch(
+    cfg: TrainConfig, model: nn.Module, device: torch.device, sample: torch.Tensor, max_samples: int
+) -> int:
+    """K for ``train.client_batch``: the integer as given, or (``auto``) the most clients whose block fits the
+    budget (``budget_bytes``), at least 1 and at most ``MAX_AUTO``. A pure function of the configuration, the model
+    and the device's kind and size, so every rank on like devices chooses the same K."""
+    if isinstance(cfg.client_batch, int):
+        return cfg.client_batch
+    per_client = client_bytes(model, cfg, sample.to(device), max_samples)
+    return max(1, min(MAX_AUTO, budget_bytes(cfg, device) // per_client))
