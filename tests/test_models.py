@@ -273,5 +273,6 @@ def test_literature_networks_reject_what_does_not_fit():
     assert err.value.key == "model.name"
     with pytest.raises(ValidationError):
         ModelConfig(name="shakespeare_lstm", lstm_units=128)
-    with pytest.raises(ValidationError):
-        ModelConfig(name="resnet34")
+    with pytest.raises(ConfigError) as err:  # a plain name may be a plugin's: known once plugins are imported
+        build_model(ModelConfig(name="resnet34"), CIFAR, 10)
+    assert err.value.key == "model.name" and "unknown network 'resnet34'" in err.value.message

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.fedgkt_server import server_mlp
 from ..models.params import ParamLayout
+from ..models.split import require_base_head
 from ..seeding import derive_seed
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
 from .personal_models import PersonalModels
@@ -67,6 +68,7 @@ class FedGKT(Algorithm):
 
     @classmethod
     def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
+        require_base_head(models, cls.name)
         dims = [int(m.feature_dim) for m in models]
         if len(set(dims)) > 1:
             sizes = ", ".join(f"architecture {g}: {d}" for g, d in enumerate(dims))

@@ -1,12 +1,14 @@
 """FedPer (Arivazhagan et al., 2019): base layers shared as in FedAvg, the head stays personal.
 
-Moves: only the base parameters (Broadcast down, WeightedSum of updates up). The head
-(``model.head_layers`` final layers) is each client's state and never leaves its rank.
+Moves: only the base parameters (Broadcast down, WeightedSum of updates up). The head (the
+declared head: the ``model.head_layers`` final layers, or a user network's ``model.head``) is each
+client's state and never leaves its rank.
 Evaluation uses the global base with the client's own head.
 """
 
 from __future__ import annotations
 
+from ..models.split import in_head
 from .fedavg import FedAvg
 from .registry import register
 
@@ -16,4 +18,4 @@ class FedPer(FedAvg):
     name = "fedper"
 
     def personal(self, param_name: str) -> bool:
-        return param_name.startswith("head.")
+        return in_head(self.setup.model, param_name)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from ..models.split import require_base_head
 from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .personal_models import PersonalModels
 from .registry import register
@@ -65,6 +66,7 @@ class FedProto(Algorithm):
 
     @classmethod
     def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
+        require_base_head(models, cls.name)
         dims = [int(m.feature_dim) for m in models]
         if len(set(dims)) > 1:
             sizes = ", ".join(f"architecture {g}: {d}" for g, d in enumerate(dims))

@@ -22,6 +22,7 @@ clients (their shard splits) and ``weighting: uniform`` reproduces it otherwise.
 
 from __future__ import annotations
 
+from ..models.split import in_head
 from .fedavg import FedAvg
 from .registry import register
 
@@ -32,4 +33,4 @@ class LGFedAvg(FedAvg):
 
     def personal(self, param_name: str) -> bool:
         """The representation (base) stays on the client; the head is global."""
-        return not param_name.startswith("head.")
+        return not in_head(self.setup.model, param_name)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..models.hypernetwork import HyperNetwork
 from ..models.params import ParamLayout, split_names
+from ..models.split import in_head
 from ..seeding import derive_seed
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
 from .registry import register
@@ -162,7 +163,7 @@ class PFedHNPC(PFedHN):
     name = "pfedhn-pc"
 
     def personal(self, param_name: str) -> bool:
-        return param_name.startswith("head.")
+        return in_head(self.setup.model, param_name)
 
 
 def learn_novel_embedding(algorithm: PFedHN, client: Client, steps: int, lr: float) -> tuple[torch.Tensor, list[float]]:

@@ -1,4 +1,4 @@
-"""Target networks with a base/head split, and flat parameter layouts.
+"""Target networks (built-in or your own ``nn.Module``) with a declared head, and flat parameter layouts.
 
 Names are imported on first use, so that reading the configuration schema (``ModelConfig``) does not
 import torch (``pfl-mpi slurm`` writes a script without it)."""
@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from pfl_mpi.models.config import ArchitectureConfig, ModelConfig
     from pfl_mpi.models.nets import SplitModel, build_model, build_models
     from pfl_mpi.models.params import ParamLayout, split_names
+    from pfl_mpi.models.registry import register_model
+    from pfl_mpi.models.split import buffer_names, head_prefixes, in_head
 
 _HOME = {
     "ArchitectureConfig": "config",
@@ -19,6 +21,10 @@ _HOME = {
     "build_models": "nets",
     "ParamLayout": "params",
     "split_names": "params",
+    "register_model": "registry",
+    "buffer_names": "split",
+    "head_prefixes": "split",
+    "in_head": "split",
 }
 __all__ = [
     "ArchitectureConfig",
@@ -27,6 +33,10 @@ __all__ = [
     "SplitModel",
     "build_model",
     "build_models",
+    "buffer_names",
+    "head_prefixes",
+    "in_head",
+    "register_model",
     "split_names",
 ]
 

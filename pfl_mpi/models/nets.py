@@ -39,6 +39,7 @@ from torch import nn
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import zoo
 from pfl_mpi.models.config import ArchitectureConfig, ModelConfig
+from pfl_mpi.models.split import check_buffers, check_head, declare
 
 Named = list[tuple[str, nn.Module]]
 
@@ -56,8 +57,12 @@ class SplitModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.base(x))
 
+    def head_prefixes(self) -> tuple[str, ...]:
+        """The declared head (``models.split``): the ``head`` module."""
+        return ("head",)
 
-def build_models(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> list[SplitModel]:
+
+def build_models(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
     """One network per architecture group of ``cfg`` (``cfg.specs()``), each initialised from ``seed``.
 
     Every architecture is built right after ``torch.manual_seed(seed)``, as a run with that architecture
@@ -82,8 +87,10 @@ def build_models(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: in
     return models
 
 
-def build_model(cfg: ArchitectureConfig, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
-    """Build the network of ``cfg`` for samples of shape ``input_shape`` (without batch) and ``num_classes``.
+def build_model(cfg: ArchitectureConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the network of ``cfg`` for samples of shape ``input_shape`` (without batch) and ``num_classes``:
+    a built-in ``SplitModel`` or the module a user factory returns (``models.user``), with the section's
+    ``head`` and ``buffers`` declared on it (``models.split``).
 
     Initialisation is torch's default, so it is determined by the torch seed at the time of the call.
     Raises ConfigError when ``head_layers`` exceeds the number of layers or the input shape does not fit.
@@ -93,6 +100,19 @@ def build_model(cfg: ArchitectureConfig, input_shape: tuple[int, ...], num_class
         raise ConfigError("model.name", f"invalid input shape {input_shape}")
     if num_classes < 1:
         raise ConfigError("model.name", f"invalid number of classes {num_classes}")
+    if cfg.builtin:
+        model = _build_builtin(cfg, input_shape, num_classes)
+    else:
+        from pfl_mpi.models.user import build_network
+
+        model = build_network(cfg, input_shape, num_classes)
+    declare(model, cfg.head, cfg.buffers)
+    check_head(model)
+    check_buffers(model)
+    return model
+
+
+def _build_builtin(cfg: ArchitectureConfig, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
     n_layers = cfg.num_layers()
     if cfg.head_layers > n_layers:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Flat views of a model's parameters: the vectors that travel through MPI."""
+"""Flat views of a model's parameters (and buffers): the vectors that travel through MPI."""
 
 from __future__ import annotations
 
@@ -12,12 +12,17 @@ class ParamLayout:
     """Which parameters of a model form a flat vector, in a fixed order.
 
     The layout is built from one model and applies to any model with the same parameter names and shapes
-    (e.g. the rank's single model instance, loaded with each client's parameters in turn).
+    (e.g. the rank's single model instance, loaded with each client's parameters in turn). A name may also
+    be a persistent buffer's (``split_names`` adds them by ``model.buffers``): it travels as float32 (an
+    integer buffer such as BatchNorm's ``num_batches_tracked`` is loaded back rounded toward zero) and its
+    gradient is 0.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
         params = dict(model.named_parameters())
         names = tuple(names)
+        if any(n not in params for n in names):
+            params.update(model.named_buffers())
         missing = [n for n in names if n not in params]
         if missing:
             raise KeyError(f"model has no parameters named {missing}")
@@ -33,7 +38,7 @@ class ParamLayout:
         """The model's parameters of this layout; looked up once per model (this is on the per-client path)."""
         if self._cached is not None and self._cached[0] is model:
             return self._cached[1]
-        params = [model.get_parameter(n) for n in self.names]
+        params = [_tensor(model, n) for n in self.names]
         for p, shape, n in zip(params, self.shapes, self.names, strict=True):
             if p.shape != shape:
                 raise ValueError(f"parameter {n} has shape {tuple(p.shape)}, the layout has {tuple(shape)}")
@@ -77,10 +82,25 @@ class ParamLayout:
         return torch.cat([t.to(parts[0].device, torch.float32) for t in parts]).to("cpu").contiguous()
 
 
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
+
+
 def split_names(model: nn.Module, personal: Callable[[str], bool]) -> tuple[list[str], list[str]]:
-    """(shared, personal) parameter names, each in ``model.named_parameters()`` order."""
+    """(shared, personal) names: the parameters in ``model.named_parameters()`` order, then the persistent
+    buffers (``models.split``): under ``model.buffers: shared`` split by ``personal`` like parameters, under
+    ``personal`` all personal. A network without buffers gets exactly its parameters."""
+    from pfl_mpi.models.split import buffer_names, buffer_policy
+
     shared: list[str] = []
     own: list[str] = []
     for name, _ in model.named_parameters():
         (own if personal(name) else shared).append(name)
+    buffers = buffer_names(model)
+    all_personal = buffer_policy(model) == "personal"
+    for name in buffers:
+        (own if all_personal or personal(name) else shared).append(name)
     return shared, own
