@@ -21,11 +21,11 @@ import dataclasses
 import torch
 from pydantic import Field
 
-from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .fedprox import proximal_term
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .weighting import client_weight
 
 
@@ -45,23 +45,17 @@ class DittoParams(FedAvgParams):
 
 
 @register
-class Ditto(Algorithm):
+class Ditto(SharedModelAlgorithm):
     name = "ditto"
     Params = DittoParams
-    down = Broadcast()
-    up = WeightedSum()
-    eval_down = Broadcast()
+    up = WeightedSum()  # w down and w_k - w up, as in FedAvg
     client_metrics = ("train_loss", "personal_train_loss")
     evaluates_global = True  # w beside the personal v_k
 
     def __init__(self, params: DittoParams, setup: Setup):
-        super().__init__(params, setup)
-        self.shared = SharedModel(setup)  # the global w, as in FedAvg
+        super().__init__(params, setup)  # self.shared: the global w
         self.shared_params = [setup.model.get_parameter(n) for n in self.shared.names]
         self.initial_v = self.shared.flatten()  # v_k^0 = w^0, as in the authors' code
-
-    def down_numel(self) -> int:
-        return self.shared.numel
 
     def up_numel(self) -> int:
         return self.shared.numel
@@ -72,24 +66,8 @@ class Ditto(Algorithm):
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
         return {"v": self.initial_v.clone()}
 
-    # -- server: FedAvg's ------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         return self.shared.step(up.mean)
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:

@@ -8,7 +8,7 @@ the server optimiser (plain FedAvg: SGD with lr 1, w <- w + Delta).
 Parameters that ``personal(name)`` selects never move: each client keeps its own copy as
 state, so FedPer and LG-FedAvg are this class with a different ``personal``. The shared model (the
 split, w, the server optimiser, the checkpoint keys) is a component, ``SharedModel``, that the other
-FedAvg-like algorithms hold too.
+FedAvg-like algorithms hold too (``SharedModelAlgorithm``); they declare their own uplink and aggregate.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Update, WeightedMean, WeightedSum
 from .registry import register
 from .server_opt import ServerOptConfig
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .weighting import Weighting, client_weight
 
 
@@ -32,57 +32,24 @@ class FedAvgParams(BaseModel):
 
 
 @register
-class FedAvg(Algorithm):
+class FedAvg(SharedModelAlgorithm):
+    """w down (and to evaluate), w_k - w up; the rest is ``SharedModelAlgorithm``'s (see shared_model.py)."""
+
     name = "fedavg"
     Params = FedAvgParams
-    down = Broadcast()
     up = WeightedSum()
-    eval_down = Broadcast()  # clients are evaluated with w (and their personal parameters)
 
     def personal(self, param_name: str) -> bool:
         """Whether a parameter stays on its client. FedAvg shares everything."""
         return False
 
-    def __init__(self, params: FedAvgParams, setup: Setup):
-        super().__init__(params, setup)
-        self.shared = SharedModel(setup, self.personal)
-
-    def down_numel(self) -> int:
-        return self.shared.numel
-
     def up_numel(self) -> int:
         return self.shared.numel
-
-    def client_state_spec(self, group: int) -> dict[str, int]:
-        return self.shared.state_spec()
-
-    def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        return self.shared.init_state()
-
-    # -- server ---------------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
 
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         return self.shared.step(up.mean)
 
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
-
-    # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         delta, means = self.shared.update(client, payload, self.local_training)
         weight = client_weight(self.params.weighting, client, self.setup)  # quality: scores the trained model
         return Update(delta, weight, {"train_loss": means["train_loss"]})
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)

@@ -27,10 +27,10 @@ from torch import nn
 
 from ..models.feature_generator import FeatureGenerator, FlatHead, fit_generator, label_weights
 from ..seeding import derive_seed
-from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update
+from .base import Client, Collected, Gathered, Phase, Setup, Update
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .training import Batch
 from .weighting import client_weight
 
@@ -82,17 +82,14 @@ def noise_generator(client: Client) -> torch.Generator:
 
 
 @register
-class FedGen(Algorithm):
+class FedGen(SharedModelAlgorithm):
     name = "fedgen"
     Params = FedGenParams
-    down = Broadcast()
     up = Gathered()
-    eval_down = Broadcast()
     client_metrics = ("train_loss", "synthetic_loss", "latent_loss")
 
     def __init__(self, params: FedGenParams, setup: Setup):
-        super().__init__(params, setup)
-        self.shared = SharedModel(setup)  # w, moved as in FedAvg
+        super().__init__(params, setup)  # self.shared: w, moved as in FedAvg
         self.head = FlatHead(setup.model, self.shared.layout)
         # the clients' copy of G: loaded from every downlink, always in evaluation mode
         self.client_gen = self._new_generator().to(setup.device).eval()
@@ -110,8 +107,8 @@ class FedGen(Algorithm):
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
+        super().init_server()
         p = self.params
-        self.shared.init_server(p.server_opt)
         self.generator = self._new_generator()  # on the CPU, as rank 0 is
         self.gen_optimizer = torch.optim.Adam(
             self.generator.parameters(), lr=p.ensemble_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=p.weight_decay
@@ -141,16 +138,16 @@ class FedGen(Algorithm):
 
     def server_state(self) -> dict[str, torch.Tensor | dict]:
         adam = self.gen_optimizer.state_dict()["state"]  # empty before the generator's first step
-        return {**self.shared.server_state(), "generator": self.generator.flat(), "generator_adam": adam}
+        return {**super().server_state(), "generator": self.generator.flat(), "generator_adam": adam}
 
     def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
+        super().load_server_state(state)
         self.generator.load_flat(state["generator"].reshape(-1))
         groups = self.gen_optimizer.state_dict()["param_groups"]  # configuration, not state
         self.gen_optimizer.load_state_dict({"state": state.get("generator_adam", {}), "param_groups": groups})
 
     def global_state(self) -> dict[str, torch.Tensor]:
-        return {**self.shared.global_state(), "generator": self.generator.flat()}
+        return {**super().global_state(), "generator": self.generator.flat()}
 
     # -- client ---------------------------------------------------------------------------
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:

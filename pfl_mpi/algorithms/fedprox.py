@@ -25,10 +25,10 @@ import torch
 from pydantic import Field
 
 from ..seeding import derive_seed
-from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .training import Regulariser, evaluate
 from .weighting import client_weight
 
@@ -67,21 +67,15 @@ class FedProxParams(FedAvgParams):
 
 
 @register
-class FedProx(Algorithm):
+class FedProx(SharedModelAlgorithm):
     name = "fedprox"
     Params = FedProxParams
-    down = Broadcast()
-    up = WeightedSum()
-    eval_down = Broadcast()
+    up = WeightedSum()  # w down and w_k - w up, as in FedAvg
     client_metrics = ("train_loss", "local_epochs", "straggler")
 
     def __init__(self, params: FedProxParams, setup: Setup):
         super().__init__(params, setup)
-        self.shared = SharedModel(setup)  # w, as in FedAvg
         self.shared_params = [setup.model.get_parameter(n) for n in self.shared.names]
-
-    def down_numel(self) -> int:
-        return self.shared.numel
 
     def up_numel(self) -> int:
         return self.shared.numel
@@ -97,26 +91,10 @@ class FedProx(Algorithm):
         epochs = self.setup.train.local_epochs
         return int(rng.integers(1, epochs)) if epochs > 1 else 1
 
-    # -- server: FedAvg's ------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         if up.total_weight == 0:  # every sampled client was a dropped straggler: nothing to apply
             return {"update_norm": 0.0}
         return self.shared.step(up.mean)
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
@@ -133,6 +111,3 @@ class FedProx(Algorithm):
         delta, means = self.shared.update(client, payload, self.local_training, regulariser=regulariser, epochs=epochs)
         metrics = {"train_loss": means["train_loss"], "local_epochs": float(epochs), "straggler": is_straggler}
         return Update(delta, client_weight(self.params.weighting, client, self.setup), metrics)
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)

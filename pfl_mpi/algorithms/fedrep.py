@@ -27,11 +27,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..models.split import in_head
-from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .weighting import Weighting, client_weight
 
 
@@ -50,55 +49,27 @@ class FedRepParams(FedAvgParams):
 
 
 @register
-class FedRep(Algorithm):
+class FedRep(SharedModelAlgorithm):
     name = "fedrep"
     Params = FedRepParams
-    down = Broadcast()
-    up = WeightedSum()
-    eval_down = Broadcast()
+    up = WeightedSum()  # the body's update, as FedAvg's
     replaces_train = {"local_epochs": "algorithm.tau_h (head epochs) and algorithm.tau_b (body epochs)"}
 
     def personal(self, param_name: str) -> bool:
         """The head is personal; the body (base) is the shared representation."""
-        return in_head(self.setup.model, param_name)
+        return param_name.startswith("head.")
 
     def __init__(self, params: FedRepParams, setup: Setup):
-        super().__init__(params, setup)
-        self.shared = SharedModel(setup, self.personal)
+        super().__init__(params, setup)  # self.shared: the body shared, the head personal
         named = dict(setup.model.named_parameters())
         self.body_params = [named[n] for n in self.shared.names]
         self.head_params = [named[n] for n in self.shared.personal_layout.names]
 
-    def down_numel(self) -> int:
-        return self.shared.numel
-
     def up_numel(self) -> int:
         return self.shared.numel
 
-    def client_state_spec(self, group: int) -> dict[str, int]:
-        return self.shared.state_spec()
-
-    def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        return self.shared.init_state()
-
-    # -- server: FedAvg's ------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         return self.shared.step(up.mean)
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
@@ -117,6 +88,3 @@ class FedRep(Algorithm):
         # every epoch has the same number of batches: the mean batch loss over both phases
         epochs = p.tau_h + body_epochs
         return (p.tau_h * head_loss + body_epochs * body_loss) / epochs if epochs else 0.0
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)

@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
 from ..seeding import derive_seed
-from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .sketch import CountSketch, top_k
 from .weighting import Weighting, client_weight
 
@@ -47,35 +47,26 @@ class FetchSGDParams(BaseModel):
 
 
 @register
-class FetchSGD(Algorithm):
+class FetchSGD(SharedModelAlgorithm):
     name = "fetchsgd"
     Params = FetchSGDParams
-    down = Broadcast()
-    up = WeightedSum()
-    eval_down = Broadcast()
+    up = WeightedSum()  # a Count Sketch of w_k - w
 
     def __init__(self, params: FetchSGDParams, setup: Setup):
         super().__init__(params, setup)
-        self.shared = SharedModel(setup)  # w; its server step is the sketch's, not a FedOpt optimiser
         d = self.shared.numel
         if params.k > d:
             raise ConfigError("algorithm.k", f"{params.k} exceeds the model's {d} shared parameters")
         self.sketcher = CountSketch(d, params.rows, params.columns, derive_seed(setup.seed, _SKETCH))
-
-    def down_numel(self) -> int:
-        return self.shared.numel
 
     def up_numel(self) -> int:
         return self.sketcher.numel
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self) -> None:
-        self.shared.init_server()
+        self.shared.init_server()  # w; its step is the sketch's, not a FedOpt optimiser
         shape = (self.params.rows, self.params.columns)
         self.s_u, self.s_e = torch.zeros(shape), torch.zeros(shape)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
 
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         p = self.params
@@ -97,14 +88,8 @@ class FetchSGD(Algorithm):
         self.s_u.copy_(state["s_u"])
         self.s_e.copy_(state["s_e"])
 
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
-
     # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
         u, means = self.shared.update(client, payload, self.local_training)
         weight = client_weight(self.params.weighting, client, self.setup)
         return Update(self.sketcher.sketch(u).reshape(-1), weight, {"train_loss": means["train_loss"]})
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)

@@ -28,11 +28,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .meta import BatchStream, FunctionalModel, axpy, leaves
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .weighting import client_weight
 
 
@@ -55,14 +55,12 @@ class PerFedAvgParams(FedAvgParams):
 
 
 @register
-class PerFedAvg(Algorithm):
+class PerFedAvg(SharedModelAlgorithm):
     """FedAvg's server and messages; its own local steps and personalised evaluation."""
 
     name = "perfedavg"
     Params = PerFedAvgParams
-    down = Broadcast()
     up = WeightedSum()
-    eval_down = Broadcast()
     evaluates_global = True  # w before the personalisation step
     replaces_train = {
         "lr": "algorithm.alpha and algorithm.beta",
@@ -77,33 +75,13 @@ class PerFedAvg(Algorithm):
 
     def __init__(self, params: PerFedAvgParams, setup: Setup):
         super().__init__(params, setup)
-        self.shared = SharedModel(setup)
         self.fn = FunctionalModel(setup.model)
-
-    def down_numel(self) -> int:
-        return self.shared.numel
 
     def up_numel(self) -> int:
         return self.shared.numel
 
-    # -- server: FedAvg's ------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         return self.shared.step(up.mean)
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     # -- client ---------------------------------------------------------------------------
     def local_step(self, w: list[torch.Tensor], batches: BatchStream) -> tuple[list[torch.Tensor], float]:

@@ -23,11 +23,11 @@ import math
 import torch
 from pydantic import Field
 
-from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update, pack, packed_size, unpack
+from .base import Client, Collected, Gathered, Setup, Update, pack, packed_size, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .weighting import client_weight
 
 
@@ -63,43 +63,23 @@ def dequantize(norms: torch.Tensor, levels: torch.Tensor, s: int, bucket_size: i
 
 
 @register
-class QSGD(Algorithm):
+class QSGD(SharedModelAlgorithm):
     name = "qsgd"
     Params = QSGDParams
-    down = Broadcast()
     up = Gathered(torch.uint8)
-    eval_down = Broadcast()
 
     def __init__(self, params: QSGDParams, setup: Setup):
         super().__init__(params, setup)
-        self.shared = SharedModel(setup)
         self.buckets = math.ceil(self.shared.numel / params.bucket_size)
         self.bits = bits_for(2 * params.s + 1)  # per level: l + s in 0..2s
 
     def parts(self) -> tuple[tuple[torch.dtype, int], ...]:
         return (torch.float32, self.buckets), (torch.uint8, packed_bytes(self.shared.numel, self.bits))
 
-    def down_numel(self) -> int:
-        return self.shared.numel
-
     def up_numel(self) -> int:
         return packed_size(*self.parts())
 
     # -- server ---------------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
         return self.shared.step(up.weighted_mean(self.decode, self.shared.numel))
@@ -116,6 +96,3 @@ class QSGD(Algorithm):
         norms, levels = quantize(delta, self.params.s, self.params.bucket_size, client.generator)
         packed = pack(norms, pack_codes(levels.long() + self.params.s, self.bits))
         return Update(packed, weight, {"train_loss": means["train_loss"]})
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)

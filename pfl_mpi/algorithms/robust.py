@@ -25,11 +25,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update
+from .base import Client, Collected, Gathered, Setup, Update
 from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .weighting import client_weight
 
 
@@ -59,39 +59,19 @@ def trimmed_mean(x: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 @register
-class Robust(Algorithm):
+class Robust(SharedModelAlgorithm):
     name = "robust"
     Params = RobustParams
-    down = Broadcast()
     up = Gathered()
-    eval_down = Broadcast()
 
     def __init__(self, params: RobustParams, setup: Setup):
         super().__init__(params, setup)
-        self.shared = SharedModel(setup)
         self.byzantine = Byzantine(params.byzantine, setup.seed, setup.num_clients)
-
-    def down_numel(self) -> int:
-        return self.shared.numel
 
     def up_numel(self) -> int:
         return self.shared.numel
 
     # -- server ---------------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
         return self.shared.step(self.combine(up))
@@ -115,6 +95,3 @@ class Robust(Algorithm):
         if self.params.sigma > 0:
             delta = delta + gaussian_noise(delta, self.params.sigma, self.setup.seed, client)
         return self.byzantine.apply(delta, client)
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)

@@ -2,7 +2,8 @@
 with its optimiser), and the personal ones each client keeps for itself, as one component an algorithm holds.
 
 An algorithm builds ``SharedModel(setup, personal)`` (``personal(name)``: the one-line rule of the parameters
-that never move; by default none) and delegates to it what FedAvg does with w:
+that never move; by default none) and delegates to it what FedAvg does with w (``SharedModelAlgorithm`` holds
+the hooks that only delegate, once):
 
 - client: ``state_spec``/``init_state`` (the personal parameters, the client state ``personal``), ``load``
   (w and the client's personal parameters into the model), ``update`` (load, train, keep the personal
@@ -12,7 +13,8 @@ that never move; by default none) and delegates to it what FedAvg does with w:
   ``global_state`` (``shared``).
 
 What goes up and how the server combines it stay the algorithm's: FedAvg's weighted sum of w_k - w, QSGD's
-quantised rows, signSGD's votes, FetchSGD's sketches.
+quantised rows, signSGD's votes, FetchSGD's sketches. ``SharedModelAlgorithm`` therefore declares no uplink,
+no ``aggregate`` and no ``client_update``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from pydantic import BaseModel
 
 from ..models.params import ParamLayout, split_names
-from .base import Client, Setup
+from .base import Algorithm, Broadcast, Client, Phase, Setup
 from .server_opt import ServerOptConfig, ServerOptimizer
 
 Result = TypeVar("Result")
@@ -103,3 +106,48 @@ class SharedModel:
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {"shared": self.w}
+
+
+class SharedModelAlgorithm(Algorithm):
+    """An algorithm that holds a ``SharedModel`` as ``self.shared`` (split by its ``personal``): w goes down
+    (Broadcast, to train and to evaluate), clients evaluate w with their personal parameters, the server
+    state is w and the optimiser of ``params.server_opt``. These hooks only delegate; override any of them.
+    A subclass declares its own ``up``, ``up_numel``, ``aggregate`` and ``client_update``."""
+
+    down = Broadcast()
+    eval_down = Broadcast()
+
+    def personal(self, param_name: str) -> bool:
+        """Whether a parameter stays on its client (never moves); by default none does."""
+        return False
+
+    def __init__(self, params: BaseModel, setup: Setup):
+        super().__init__(params, setup)
+        self.shared = SharedModel(setup, self.personal)
+
+    def down_numel(self) -> int:
+        return self.shared.numel
+
+    def client_state_spec(self, group: int) -> dict[str, int]:
+        return self.shared.state_spec()
+
+    def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
+        return self.shared.init_state()
+
+    def init_server(self) -> None:
+        self.shared.init_server(self.params.server_opt)
+
+    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
+        return self.shared.w
+
+    def server_state(self) -> dict[str, torch.Tensor | dict]:
+        return self.shared.server_state()
+
+    def load_server_state(self, state: dict) -> None:
+        self.shared.load_server_state(state)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.global_state()
+
+    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
+        self.shared.load(client, payload)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
+from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from .registry import register
 from .server_opt import ServerOptConfig
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 
 
 class SignSGDParams(BaseModel):
@@ -43,20 +43,14 @@ def vote_dtype(num_clients: int) -> torch.dtype:
 
 
 @register
-class SignSGD(Algorithm):
+class SignSGD(SharedModelAlgorithm):
     name = "signsgd"
     Params = SignSGDParams
-    down = Broadcast()
-    eval_down = Broadcast()
 
     def __init__(self, params: SignSGDParams, setup: Setup):
         super().__init__(params, setup)
         self.up = WeightedSum(vote_dtype(setup.num_clients))
-        self.shared = SharedModel(setup)
         self.byzantine = Byzantine(params.byzantine, setup.seed, setup.num_clients)
-
-    def down_numel(self) -> int:
-        return self.shared.numel
 
     def up_numel(self) -> int:
         return self.shared.numel
@@ -65,22 +59,10 @@ class SignSGD(Algorithm):
     def init_server(self) -> None:
         self.shared.init_server(ServerOptConfig(lr=self.params.lr))  # w <- w + lr * vote
 
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         vote = torch.sign(up.sum.to(torch.float32))
         self.shared.step(vote)
         return {"update_norm": float(vote.norm()) * self.params.lr, "vote_agreement": float(up.mean.abs().mean())}
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     # -- client ---------------------------------------------------------------------------
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
@@ -89,6 +71,3 @@ class SignSGD(Algorithm):
             u = u + gaussian_noise(u, self.params.sigma, self.setup.seed, client)
         u = self.byzantine.apply(u, client)
         return Update(torch.sign(u).to(torch.int8).to(self.up.dtype), 1.0, {"train_loss": means["train_loss"]})
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)

@@ -21,11 +21,11 @@ import torch
 from pydantic import Field
 
 from ..errors import ConfigError
-from .base import Algorithm, Broadcast, Client, Collected, Gathered, Phase, Setup, Update, pack, unpack
+from .base import Client, Collected, Gathered, Setup, Update, pack, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModel
+from .shared_model import SharedModelAlgorithm
 from .sketch import top_k
 from .weighting import client_weight
 
@@ -66,22 +66,16 @@ def decode(row: torch.Tensor, k: int, d: int) -> torch.Tensor:
 
 
 @register
-class TopK(Algorithm):
+class TopK(SharedModelAlgorithm):
     name = "topk"
     Params = TopKParams
-    down = Broadcast()
     up = Gathered(torch.uint8)
-    eval_down = Broadcast()
     client_metrics = ("train_loss", "residual_norm")
 
     def __init__(self, params: TopKParams, setup: Setup):
         super().__init__(params, setup)
-        self.shared = SharedModel(setup)
         if params.k > self.shared.numel:
             raise ConfigError("algorithm.k", f"{params.k} exceeds the model's {self.shared.numel} shared parameters")
-
-    def down_numel(self) -> int:
-        return self.shared.numel
 
     def up_numel(self) -> int:
         return payload_size(self.params.k, self.shared.numel)
@@ -93,20 +87,6 @@ class TopK(Algorithm):
         return {"residual": torch.zeros(self.shared.numel)}
 
     # -- server ---------------------------------------------------------------------------
-    def init_server(self) -> None:
-        self.shared.init_server(self.params.server_opt)
-
-    def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
-        return self.shared.w
-
-    def server_state(self) -> dict[str, torch.Tensor | dict]:
-        return self.shared.server_state()
-
-    def load_server_state(self, state: dict) -> None:
-        self.shared.load_server_state(state)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.shared.global_state()
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
         d = self.shared.numel
@@ -123,6 +103,3 @@ class TopK(Algorithm):
             residual.copy_(rest)
         metrics = {"train_loss": means["train_loss"], "residual_norm": float(residual.norm())}
         return Update(encode(index, values, self.shared.numel), weight, metrics)
-
-    def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
-        self.shared.load(client, payload)
