@@ -107,9 +107,10 @@ def test_proximal_term_and_a_trainable_subset_match_the_sequential_loop():
         assert not torch.equal(stacked["head.fc3.weight"][i], start["head.fc3.weight"])
 
 
-def test_a_clients_result_does_not_depend_on_its_block():
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "clip_norm": 1.0}], ids=["stepping-gemm", "momentum-clip"])
+def test_a_clients_result_does_not_depend_on_its_block(options):
     """Bit for bit: alone, in a block of 3 or of 5, at any position (placement cannot change results)."""
-    cfg = TrainConfig(batch_size=8, lr=0.1, momentum=0.9, clip_norm=1.0)
+    cfg = TrainConfig(batch_size=8, lr=0.1, **options)
     model, data = _model("mlp", (6,)), _clients((6,))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
 

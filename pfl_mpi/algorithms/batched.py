@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..models.nets import SplitModel
-from .training import Means, TrainConfig, epoch_batches
+from .training import Means, TrainConfig, cross_entropy, epoch_batches
 
 Stacked = dict[str, torch.Tensor]
 """Parameters by name, each ``[K, *shape]``: client i's parameters are the i-th slices."""
@@ -61,29 +61,61 @@ def stack(flats: Sequence[Stacked]) -> Stacked:
     return {name: torch.stack([f[name] for f in flats]) for name in flats[0]}
 
 
-def stacked_forward(module: nn.Module, params: Stacked, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
+class _SteppingLinear(torch.autograd.Function):
+    """A stacked Linear layer whose backward also takes plain SGD's step: the input's gradient from the weights
+    as they were, then ``w += -lr * g^T x`` and ``b += -lr * sum(g)`` in place (one GEMM, no gradient tensor)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lr: float) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.bias, ctx.lr = b, lr
+        out = torch.bmm(x, w.transpose(1, 2))
+        return out if b is None else out.add_(b.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad_x = torch.bmm(grad, w) if ctx.needs_input_grad[0] else None
+        with torch.no_grad():
+            w.baddbmm_(grad.transpose(1, 2), x, alpha=-ctx.lr)
+            if ctx.bias is not None:
+                ctx.bias.add_(grad.sum(dim=1), alpha=-ctx.lr)
+        return grad_x, None, None, None
+
+
+EXPLICIT = (nn.Sequential, nn.Linear, nn.ReLU, nn.Identity, SplitModel)
+
+
+def stacked_forward(
+    module: nn.Module, params: Stacked, x: torch.Tensor, prefix: str = "", step: float | None = None
+) -> torch.Tensor:
     """``module`` applied to K clients at once: ``x`` is ``[K, B, ...]``, ``params`` the stacked parameters of the
     whole model (names from the root). Linear layers become one batched GEMM (``baddbmm``), element-wise layers
     and flattening act on the stacked tensor, ``Sequential`` chains and a split model (``base``, ``head``) recurse;
-    any other module runs under ``vmap`` of ``functional_call``."""
+    any other module runs under ``vmap`` of ``functional_call``. ``step``: the Linear layers take plain SGD's step
+    with this lr in the backward pass (``_SteppingLinear``; only for models of ``EXPLICIT`` layers)."""
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
-            x = stacked_forward(child, params, x, f"{prefix}{name}.")
+            x = stacked_forward(child, params, x, f"{prefix}{name}.", step)
         return x
     if isinstance(module, nn.Linear):
         w, b = params[f"{prefix}weight"], params.get(f"{prefix}bias")
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        wt = w.transpose(1, 2)
-        out = torch.bmm(flat, wt) if b is None else torch.baddbmm(b.unsqueeze(1), flat, wt)
+        if step is not None:
+            out = _SteppingLinear.apply(flat, w, b, step)
+        else:
+            wt = w.transpose(1, 2)
+            out = torch.bmm(flat, wt) if b is None else torch.baddbmm(b.unsqueeze(1), flat, wt)
         return out.view(*x.shape[:-1], w.shape[1])
     if isinstance(module, nn.ReLU):
         return torch.relu(x)
     if isinstance(module, nn.Identity):
         return x
-    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+    if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1):
         return x.flatten(2)
     if type(module) is SplitModel:
-        return stacked_forward(module.head, params, stacked_forward(module.base, params, x, "base."), "head.")
+        features = stacked_forward(module.base, params, x, "base.", step)
+        return stacked_forward(module.head, params, features, "head.", step)
     own = {n[len(prefix) :]: p for n, p in params.items() if n.startswith(prefix)}
     return vmap(lambda p, xb: functional_call(module, p, (xb,)))(own, x)
 
@@ -105,18 +137,23 @@ def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
     return _PROBED[key]
 
 
-def batchable(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, *, augment=None, loss=None) -> str | None:
-    """Why these clients must train one at a time, or None when the batched loop trains them exactly."""
+def batchable(
+    model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, *, augment=None, loss=None
+) -> str | None:
+    """Why these clients must train one at a time, or None when the batched loop trains them exactly: the batched
+    loop's objective is the cross-entropy of classification (integer labels, one per sample)."""
     if cfg.optimizer != "sgd":
         return f"optimizer {cfg.optimizer}"
     if augment is not None:
         return "data augmentation"
-    if loss is not None:
+    if loss is not None or getattr(cfg, "loss", None) is not None:
         return "a custom loss"
     if any(True for _ in model.buffers()):
         return "the model has buffers"
     if x.dtype not in (torch.float32, torch.float64) or x.shape[0] == 0:
         return "inputs that are not float features"
+    if y.dtype != torch.int64 or y.dim() != 1:
+        return "targets that are not class labels"
     return _probe(model, x)
 
 
@@ -198,6 +235,18 @@ def _clip(grads: Sequence[torch.Tensor], max_norm: float) -> None:
         g.mul_(scale.view(k, *[1] * (g.dim() - 1)))
 
 
+def _plain_sgd(cfg: TrainConfig) -> bool:
+    return cfg.optimizer == "sgd" and not (cfg.momentum or cfg.weight_decay) and cfg.clip_norm is None
+
+
+def _explicit(model: nn.Module) -> bool:
+    """Whether every layer of ``model`` is one ``stacked_forward`` runs itself (and each Linear is used once)."""
+    return all(
+        isinstance(m, EXPLICIT) or (isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1))
+        for m in model.modules()
+    )
+
+
 def batched_local_training(
     model: nn.Module,
     params: Stacked,
@@ -232,7 +281,8 @@ def batched_local_training(
         plan = BatchPlan(plan.index[:, perm], plan.mask[:, perm], plan.size[:, perm], [plan.steps[i] for i in order])
     device = x_all.device
     index, mask, size = plan.index.to(device), plan.mask.to(device), plan.size.to(device)
-    optimizer = BatchedSGD([params[n] for n in names], lr, cfg)
+    fused = regulariser is None and set(names) == set(params) and _plain_sgd(cfg) and _explicit(model)
+    optimizer = None if fused else BatchedSGD([params[n] for n in names], lr, cfg)
     fixed = {n: p for n, p in params.items() if n not in set(names)}
     totals = torch.zeros(k, dtype=torch.float32, device=device)
     for s in range(index.shape[0]):
@@ -241,14 +291,16 @@ def batched_local_training(
         leaves = {n: params[n][rows].detach().requires_grad_() for n in names}
         current = {**{n: p[rows] for n, p in fixed.items()}, **leaves}
         idx = index[s, rows]
-        logits = stacked_forward(model, current, x_all[idx])
+        logits = stacked_forward(model, current, x_all[idx], step=lr if fused else None)
         ce = F.cross_entropy(logits.flatten(0, 1), y_all[idx].flatten(), reduction="none").view(active, -1)
         losses = (ce * mask[s, rows]).sum(dim=1) / size[s, rows]
         objective = losses.sum()
-        if regulariser is not None:
-            objective = objective + regulariser(leaves, rows)
-        grads = torch.autograd.grad(objective, [leaves[n] for n in names])
-        optimizer.step(grads, rows)
+        if fused:  # the backward pass steps every layer (_SteppingLinear)
+            objective.backward()
+        else:
+            if regulariser is not None:
+                objective = objective + regulariser(leaves, rows)
+            optimizer.step(torch.autograd.grad(objective, [leaves[n] for n in names]), rows)
         totals[rows] += losses.detach().float()
     means = totals.cpu().tolist()
     result: list[Means] = [Means() for _ in range(k)]
@@ -334,7 +386,7 @@ def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
                 done[i] = options
                 continue
             own = _signature(algo, client, options, names_of)
-            why = batchable(model, setup.train, client.train[0], augment=setup.augment)
+            why = batchable(model, setup.train, *client.train, augment=setup.augment, loss=_task_loss(setup))
             if own is None or why is not None or setup.model_for(client.id) is not model or own != (signature or own):
                 done[i] = algo.finish_training(client, payload, algo.local_training(client, **options))
                 continue
@@ -352,6 +404,12 @@ def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
                         p.copy_(stacks[n][j])
                 done[i] = algo.finish_training(client, payload, means[j])
         yield from done
+
+
+def _task_loss(setup):
+    """The setup's default training loss when it is not the cross-entropy of ``training.cross_entropy``."""
+    loss = getattr(setup, "loss", None) or getattr(getattr(setup, "task", None), "loss", None)
+    return None if loss is None or loss is cross_entropy else loss
 
 
 def _train_group(algo, model: nn.Module, block: list, group: list, params: Stacked, signature: tuple) -> list[Means]:
@@ -379,7 +437,7 @@ def _train_group(algo, model: nn.Module, block: list, group: list, params: Stack
 
 
 # -- how many clients per block -------------------------------------------------------------
-CPU_BUDGET_MB = 64.0  # ``auto`` on a CPU: blocks that stay near the caches (the best K was 5-25 for W1)
+CPU_BUDGET_MB = 32.0  # ``auto`` on a CPU: blocks that stay near the caches (W1: K = 20, the fastest measured)
 GPU_FRACTION = 0.5  # ``auto`` on a GPU: half of the device's memory
 MAX_AUTO = 256
 
