@@ -18,12 +18,19 @@ def register_model(name: str, factory: Callable[..., Any] | None = None):
     def add(f: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(f):
             raise TypeError(f"model {name!r}: the factory must be callable, got {type(f).__name__}")
-        if _MODELS.get(name, f) is not f:
+        if not _same(_MODELS.get(name, f), f):
             raise ValueError(f"model name {name!r} is registered twice")
         _MODELS[name] = f
         return f
 
     return add if factory is None else add(factory)
+
+
+def _same(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """The same factory, or the same function of the same file imported again (under another module name)."""
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    same_source = code_a is not None and code_b is not None and code_a.co_filename == code_b.co_filename
+    return a is b or (same_source and a.__qualname__ == b.__qualname__)
 
 
 def registered_names() -> list[str]:
