@@ -14,6 +14,8 @@ from the second round and for the first ``early_stop`` epochs; alpha_t and beta_
 
 The formulas, the streams of noise and labels, and where this departs from the authors' code (label counts,
 the teacher term's weighting, label sampling, local training, the generator's layers): docs/algorithms.md#fedgen.
+Over 150 lines: three computations (FedAvg's w, the server's fit of G, the clients' two regularisers) and the
+paper's fifteen parameters; G, its fit and the head's slice of w live in models/feature_generator.py.
 """
 
 from __future__ import annotations
