@@ -9,6 +9,10 @@ Parameters that ``personal(name)`` selects never move: each client keeps its own
 state, so FedPer and LG-FedAvg are this class with a different ``personal``. The shared model (the
 split, w, the server optimiser, the checkpoint keys) is a component, ``SharedModel``, that the other
 FedAvg-like algorithms hold too (``SharedModelAlgorithm``); they declare their own uplink and aggregate.
+
+Batched clients (``train.client_batch``): the client step is split into ``begin_training`` (load w and the
+personal parameters) and ``finish_training`` (keep the personal parameters, w_k - w), so a worker trains
+blocks of clients together (algorithms/batched.py); FedPer and LG-FedAvg inherit it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .base import Client, Update, WeightedMean, WeightedSum
 from .registry import register
 from .server_opt import ServerOptConfig
 from .shared_model import SharedModelAlgorithm
+from .training import Means
 from .weighting import Weighting, client_weight
 
 
@@ -49,7 +54,13 @@ class FedAvg(SharedModelAlgorithm):
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
         return self.shared.step(up.mean)
 
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        delta, means = self.shared.update(client, payload, self.local_training)
+    # the client step is begin_training, the library's loop, finish_training: blocks of train.client_batch
+    # clients train together (algorithms/batched.py)
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        self.shared.load(client, payload)
+        return {}
+
+    def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
+        delta = self.shared.collect(client, payload)
         weight = client_weight(self.params.weighting, client, self.setup)  # quality: scores the trained model
         return Update(delta, weight, {"train_loss": means["train_loss"]})

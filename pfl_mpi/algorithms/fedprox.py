@@ -16,6 +16,9 @@ If every sampled client of a round is dropped, the server keeps w_t (no optimise
 
 Client metrics: ``local_epochs`` (epochs actually run, 0 for a dropped client) and ``straggler``
 (1 or 0). A dropped client's ``train_loss`` is the loss of w_t on its training split.
+
+Batched clients (``train.client_batch``): a block of clients trains together, each with its own epochs and
+its proximal term (``batched.ProximalTerm``); dropped stragglers do not train.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from pydantic import Field
 
 from ..seeding import derive_seed
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
+from .batched import ProximalTerm
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
-from .training import Regulariser, evaluate
+from .training import Means, Regulariser, evaluate
 from .weighting import client_weight
 
 _STRAGGLER = 0x5354_5241  # stream tag of the straggler draws ("STRA"), apart from the runtime's tags
@@ -97,17 +101,30 @@ class FedProx(SharedModelAlgorithm):
         return self.shared.step(up.mean)
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+    # the client step is begin_training, the library's loop, finish_training: blocks of train.client_batch
+    # clients train together (algorithms/batched.py), the proximal term stacked
+    def _epochs(self, client: Client) -> int:
         straggler = self.straggler_epochs(client)
-        is_straggler = float(straggler is not None)
-        if straggler is not None and self.params.drop_stragglers:
-            self.shared.load(client, payload)
+        return self.setup.train.local_epochs if straggler is None else straggler
+
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict | Update:
+        self.shared.load(client, payload)
+        if self.params.drop_stragglers and self.straggler_epochs(client) is not None:
             loss, _ = evaluate(self.setup.model, *client.train)
-            metrics = {"train_loss": loss, "local_epochs": 0.0, "straggler": is_straggler}
+            metrics = {"train_loss": loss, "local_epochs": 0.0, "straggler": 1.0}
             return Update(torch.zeros_like(payload), 0.0, metrics)
-        epochs = self.setup.train.local_epochs if straggler is None else straggler
         mu = self.params.mu
-        regulariser = proximal_term(self.shared_params, payload, mu) if mu > 0 and self.shared_params else None
-        delta, means = self.shared.update(client, payload, self.local_training, regulariser=regulariser, epochs=epochs)
-        metrics = {"train_loss": means["train_loss"], "local_epochs": float(epochs), "straggler": is_straggler}
+        prox = (
+            ProximalTerm(self.shared_params, self.shared.names, payload, mu) if mu > 0 and self.shared_params else None
+        )
+        return {"regulariser": prox, "epochs": self._epochs(client)}
+
+    def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
+        delta = self.shared.collect(client, payload)
+        straggler = float(self.straggler_epochs(client) is not None)
+        metrics = {
+            "train_loss": means["train_loss"],
+            "local_epochs": float(self._epochs(client)),
+            "straggler": straggler,
+        }
         return Update(delta, client_weight(self.params.weighting, client, self.setup), metrics)

@@ -81,9 +81,14 @@ class SharedModel:
         ``local_training``), keep the personal parameters in the client's state: (w_k - w, what train returned)."""
         self.load(client, w)
         result = train(client, **options)
+        return self.collect(client, w), result
+
+    def collect(self, client: Client, w: torch.Tensor) -> torch.Tensor:
+        """After training (the client's trained parameters in the model): keep its personal parameters in its
+        state; w_k - w. (``update`` without the load and the training, for batched clients.)"""
         if self.has_personal:
             client.state["personal"].copy_(self.personal_layout.flatten(self.model))
-        return self.flatten() - w, result
+        return self.flatten() - w
 
     # -- server ---------------------------------------------------------------------------
     def init_server(self, opt: ServerOptConfig | None = None) -> None:

@@ -1,0 +1,95 @@
+"""Algorithms that opt in to batched clients (``train.client_batch``): a run with blocks of clients equals the
+sequential run to float tolerance, records the K it used, and resumes bit for bit."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from pfl_mpi.algorithms import batched
+from pfl_mpi.comm.serial import SerialWorld
+from pfl_mpi.runtime import Engine
+
+from .helpers import committed, tiny_config
+
+OPTED_IN = {  # algorithm -> its overrides: the features its client step batches
+    "fedavg": {"train.momentum": 0.5, "data.num_clients": 12, "clients_per_round": 9},
+    "fedper": {},
+    "lgfedavg": {},
+    "fedprox": {"algorithm.mu": 0.3, "algorithm.straggler_fraction": 0.5, "train.local_epochs": 3},
+    "fedprox-dropping": {"algorithm.straggler_fraction": 0.5, "algorithm.drop_stragglers": True},
+}
+
+
+def _cfg(case: str, out, client_batch, rounds: int = 3):
+    algorithm = case.split("-")[0]
+    sets = {"train.client_batch": client_batch, "rounds": rounds, "data.partition": "dirichlet", **OPTED_IN[case]}
+    return tiny_config(out, algorithm, **sets)
+
+
+def _run(cfg, resume: bool = False) -> Engine:
+    engine = Engine(cfg, SerialWorld(), resume=resume, show_progress=False)
+    assert engine.run() == 0
+    return engine
+
+
+def _states(path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        out = {f"global/{k}": f["global/state"][k][...] for k in f["global/state"] if k != "round"}
+        out.update({f"clients/{k}": f["clients/state"][k][...] for k in f["clients/state"] if k != "round"})
+    return out
+
+
+@pytest.fixture
+def batched_clients(monkeypatch) -> list[int]:
+    """The sizes of the blocks the batched loop trained (it is really used, not a fallback)."""
+    sizes: list[int] = []
+    train = batched.batched_local_training
+
+    def counting(model, params, data, *args, **kwargs):
+        sizes.append(len(data))
+        return train(model, params, data, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "batched_local_training", counting)
+    return sizes
+
+
+@pytest.mark.parametrize("case", OPTED_IN)
+def test_blocks_of_clients_equal_the_sequential_run(tmp_path, case, batched_clients):
+    sequential = _run(_cfg(case, tmp_path / "one.h5", 1))
+    assert batched_clients == []
+    batched = _run(_cfg(case, tmp_path / "blocks.h5", 4))
+    assert batched.algo.setup.client_batch == 4 and sequential.algo.setup.client_batch == 1
+    assert max(batched_clients) > 1
+    for name in ("train_loss", "test_loss", "test_acc"):
+        a, b = committed(tmp_path / "blocks.h5", "rounds", name), committed(tmp_path / "one.h5", "rounds", name)
+        np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=name)
+    for name in sequential.algo.client_metrics:
+        a, b = committed(tmp_path / "blocks.h5", "clients", name), committed(tmp_path / "one.h5", "clients", name)
+        np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=name)
+    one, blocks = _states(tmp_path / "one.h5"), _states(tmp_path / "blocks.h5")
+    assert set(one) == set(blocks)
+    for name, value in one.items():
+        np.testing.assert_allclose(blocks[name], value, rtol=1e-5, atol=1e-6 * np.abs(value).max(), err_msg=name)
+    with h5py.File(tmp_path / "blocks.h5") as f:
+        assert f.attrs["client_batch"] == 4
+
+
+@pytest.mark.parametrize("case", ["fedavg", "fedprox"])
+def test_a_batched_run_resumes_bit_for_bit(tmp_path, case):
+    _run(_cfg(case, tmp_path / "straight.h5", 3))
+    _run(_cfg(case, tmp_path / "resumed.h5", 3, rounds=2))
+    assert _run(_cfg(case, tmp_path / "resumed.h5", 3), resume=True).start_round == 2
+    for name in ("train_loss", "test_acc"):
+        a, b = committed(tmp_path / "resumed.h5", "rounds", name), committed(tmp_path / "straight.h5", "rounds", name)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    straight, resumed = _states(tmp_path / "straight.h5"), _states(tmp_path / "resumed.h5")
+    for name, value in straight.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def test_auto_records_the_k_it_chose(tmp_path):
+    engine = _run(_cfg("fedavg", tmp_path / "auto.h5", "auto", rounds=1))
+    with h5py.File(tmp_path / "auto.h5") as f:
+        assert f.attrs["client_batch"] == engine.algo.setup.client_batch > 1
