@@ -1,10 +1,14 @@
 """Throughput of pfl_mpi against a bare PyTorch FedAvg loop on the same workload.
 
 The workload: FedAvg, 100 clients (iid digits by default), an MLP, E = 1 local epoch, every client
-in every round. It runs twice in one invocation, one after the other:
+in every round; ``--workload w1`` is issue 15's W1 (100 clients x 200 synthetic samples of 60 features,
+MLP 60-256-256-10, batch 32). It runs three times in one invocation, one after the other:
 
 - pfl_mpi: ``mpiexec -n W+1 python -m pfl_mpi run ...`` (rank 0 server, W workers); the figures
   come from the run file (/rounds, /ranks), and the server's CPU is also sampled from /proc.
+- pfl_mpi batched: the same run with ``train.client_batch`` = ``--client-batch`` (default auto): each
+  worker trains blocks of clients together (algorithms/batched.py). Its metrics are compared with the
+  sequential run's (the largest relative difference of the rounds' train_loss and of the final test_acc).
 - bare: ``mpiexec -n W python throughput.py --bare ...``: each process trains its share of the
   same clients (same placement, tensors, model shape, batch size, epochs and lr) one after the
   other in a plain PyTorch loop (no DataLoader, no deepcopy, one optimizer), then one Allreduce
@@ -15,6 +19,7 @@ medians. Timings on a shared machine are noisy: compare the ratios of one invoca
 CPU-time ratio, which time-sharing with other processes disturbs less than wall time.
 
     .venv/bin/python benchmarks/throughput.py              # W = 2 workers
+    .venv/bin/python benchmarks/throughput.py --workload w1 --workers 1 --rounds 12
     .venv/bin/python benchmarks/throughput.py --workers 3 --rounds 30 --json /tmp/t.json
 """
 
@@ -36,6 +41,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TARGET_RATIO, TARGET_SERVER_CPU = 1.3, 0.05
+TARGET_BATCHED_SPEEDUP = 2.0  # issue 15: the batched run against the bare loop
+WORKLOAD_KEYS = ("workload", "client_batch", "workers", "rounds", "clients", "data", "hidden", "batch_size")
+WORKLOAD_KEYS += ("epochs", "lr", "seed", "repeats")
+WORKLOADS = {
+    "default": {},
+    "w1": {  # 100 clients x 200 training samples (250, 20% test), 60 features, 10 classes
+        "data": "synthetic",
+        "hidden": [256, 256],
+        "batch_size": 32,
+        "sets": ["data.synthetic.size_sigma=0", "data.synthetic.size_mean=0", "data.synthetic.size_offset=249"],
+    },
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="client learning rate")
     p.add_argument("--seed", type=int, default=0, help="run seed (data, placement)")
     p.add_argument("--repeats", type=int, default=1, help="alternate bare and pfl_mpi runs this many times")
+    p.add_argument(
+        "--workload", choices=tuple(WORKLOADS), default="default", help="w1: sets data, hidden and batch size (W1)"
+    )
+    p.add_argument("--client-batch", default="auto", help="train.client_batch of the batched run (auto, or K)")
     p.add_argument("--sample", type=float, default=0.1, help="seconds between samples of the server's CPU")
     p.add_argument(
         "--pfl-set",
@@ -61,7 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--keep", metavar="DIR", help="keep the run files here (default: a temporary directory)")
     p.add_argument("--bare", metavar="OUT", help=argparse.SUPPRESS)  # internal: run as one bare rank
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    preset = WORKLOADS[a.workload]
+    if preset:
+        a.data, a.hidden, a.batch_size = preset["data"], preset["hidden"], preset["batch_size"]
+        a.pfl_set = [*preset["sets"], *a.pfl_set]
+    return a
 
 
 def pfl_overrides(a: argparse.Namespace, out: Path) -> list[str]:
@@ -227,18 +253,20 @@ def launch(cmd: list[str], tag: str) -> float:
 def run_bare(a: argparse.Namespace, workdir: Path, i: int) -> tuple[np.ndarray, float]:
     out = workdir / f"bare{i}.json"
     flags = {"rounds": a.rounds, "clients": a.clients, "data": a.data, "hidden": a.hidden, "batch-size": a.batch_size}
-    flags.update({"epochs": a.epochs, "lr": a.lr, "seed": a.seed, "bare": out})
+    flags.update({"epochs": a.epochs, "lr": a.lr, "seed": a.seed, "workload": a.workload, "bare": out})
     args = [str(x) for k, v in flags.items() for x in (f"--{k}", *(v if isinstance(v, list) else [v]))]
     cmd = [str(BIN / "mpiexec"), "-n", str(a.workers), sys.executable, __file__, *args]
     seconds = launch(cmd, uuid.uuid4().hex)
     return np.array(json.loads(out.read_text())), seconds
 
 
-def run_pfl(a: argparse.Namespace, workdir: Path, i: int) -> tuple[dict, tuple[float, float], float]:
+def run_pfl(
+    a: argparse.Namespace, workdir: Path, i: int, client_batch: str = "1"
+) -> tuple[dict, tuple[float, float], float]:
     import h5py
 
-    out, tag = workdir / f"pfl{i}.h5", uuid.uuid4().hex
-    sets = [x for s in pfl_overrides(a, out) for x in ("--set", s)]
+    out, tag = workdir / f"pfl{i}-{client_batch}.h5", uuid.uuid4().hex
+    sets = [x for s in [*pfl_overrides(a, out), f"train.client_batch={client_batch}"] for x in ("--set", s)]
     cmd = [str(BIN / "mpiexec"), "-n", str(a.workers + 1), sys.executable, "-m", "pfl_mpi", "run", "--quiet", *sets]
     watch = ServerWatch(tag, out, a.sample)
     watch.start()
@@ -253,41 +281,77 @@ def run_pfl(a: argparse.Namespace, workdir: Path, i: int) -> tuple[dict, tuple[f
         # The server's seconds in the round's collectives; /comm's "ledger" column is left out: it holds
         # the gather of the previous round (and accumulates over rounds, see the README).
         rounds["server_comm_seconds"] = server[:, [i for i, x in enumerate(labels) if x != "ledger"]].sum(axis=1)
+        rounds["client_batch"] = np.full(len(rounds["rank_wall_seconds"]), int(f.attrs["client_batch"]))
     return rounds, watch.steady(a.rounds), seconds
 
 
+def pfl_figures(a: argparse.Namespace, runs: list[dict], usage: list, job: list, first: list) -> dict:
+    """The medians of one kind of pfl_mpi run (``runs``: its steady rounds, pooled over repeats)."""
+    r = {k: np.concatenate([p[k] for p in runs]) for k in runs[0]}
+    med, workers = np.median, slice(1, None)
+    pfl_round = med(r["rank_wall_seconds"][:, workers].max(axis=1))  # a worker's round = the round period
+    compute, aggregate, io = med(r["seconds_compute"]), med(r["seconds_aggregate"]), med(r["seconds_io"])
+    comm = med(np.maximum(r["server_comm_seconds"] - r["seconds_compute"], 0.0))  # in collectives, not computing
+    return {
+        "round_seconds": pfl_round,
+        "server_round_seconds": med(r["seconds_wall"] + r["seconds_io"]),
+        "compute_seconds": compute,
+        "comm_seconds": comm,
+        "aggregate_seconds": aggregate,
+        "io_seconds": io,
+        "other_seconds": pfl_round - compute - comm - aggregate - io,
+        "worker_cpu_seconds_per_round": med(r["rank_cpu_seconds"][:, workers].sum(axis=1)),
+        "updates_per_second": a.clients / pfl_round,
+        "server_cpu_file": med(r["server_cpu"]),
+        "server_wait_cpu": med(r["server_wait_cpu"]),
+        "server_cpu_proc": med([u[0] for u in usage]),
+        "round_seconds_from_commits": med([u[1] for u in usage]),
+        "job_seconds": med(job),
+        "first_round_seconds": med(first),
+        "client_batch": int(r["client_batch"][0]),
+    }
+
+
+def largest_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / |b| over the finite entries."""
+    keep = np.isfinite(a) & np.isfinite(b)
+    return float(np.max(np.abs(a[keep] - b[keep]) / np.maximum(np.abs(b[keep]), 1e-12), initial=0.0))
+
+
 def measure(a: argparse.Namespace) -> dict:
-    """Run both, ``repeats`` times; return the figures."""
+    """Run the three, ``repeats`` times; return the figures."""
     steady = slice(1, a.rounds - 1)
-    bare, pfl, usage, job, first = [], [], [], {"bare": [], "pfl": []}, {"bare": [], "pfl": []}
+    kinds = {"pfl": "1", "batched": a.client_batch}
+    bare, job_bare, first_bare = [], [], []
+    runs: dict = {k: {"rounds": [], "usage": [], "job": [], "first": []} for k in kinds}
+    difference = {"train_loss": 0.0, "test_acc": 0.0}
     with tempfile.TemporaryDirectory(prefix="pfl-throughput-") as tmp:
         tmp = a.keep or tmp
         Path(tmp).mkdir(parents=True, exist_ok=True)
         for i in range(a.repeats):
             b, s = run_bare(a, Path(tmp), i)
             bare.append(b[steady])
-            job["bare"].append(s)
-            first["bare"].append(b[0, :, 0].max())
-            r, u, s = run_pfl(a, Path(tmp), i)
-            pfl.append({k: v[steady] for k, v in r.items()})
-            first["pfl"].append(r["rank_wall_seconds"][0, 1:].max())
-            usage.append(u)
-            job["pfl"].append(s)
+            job_bare.append(s)
+            first_bare.append(b[0, :, 0].max())
+            full = {}
+            for kind, client_batch in kinds.items():
+                r, u, s = run_pfl(a, Path(tmp), i, client_batch)
+                full[kind] = r
+                runs[kind]["rounds"].append({k: v[steady] for k, v in r.items()})
+                runs[kind]["first"].append(r["rank_wall_seconds"][0, 1:].max())
+                runs[kind]["usage"].append(u)
+                runs[kind]["job"].append(s)
+            for name in difference:  # the batched run against the sequential one, every round
+                gap = largest_difference(full["batched"][name], full["pfl"][name])
+                difference[name] = max(difference[name], gap)
     b = np.concatenate(bare)  # [round, rank, (wall, compute, allreduce, cpu)]
-    r = {k: np.concatenate([p[k] for p in pfl]) for k in pfl[0]}
     med = np.median
     bare_round = med(b[:, :, 0].max(axis=1))
     bare_cpu = med(b[:, :, 3].sum(axis=1))
-    workers = slice(1, None)
-    pfl_round = med(r["rank_wall_seconds"][:, workers].max(axis=1))  # a worker's round = the round period
-    compute, aggregate, io = med(r["seconds_compute"]), med(r["seconds_aggregate"]), med(r["seconds_io"])
-    comm = med(np.maximum(r["server_comm_seconds"] - r["seconds_compute"], 0.0))  # in collectives, not computing
-    cpu = r["rank_cpu_seconds"]
+    figures = {k: pfl_figures(a, v["rounds"], v["usage"], v["job"], v["first"]) for k, v in runs.items()}
+    pfl, batched = figures["pfl"], figures["batched"]
     return {
-        "workload": {
-            k: getattr(a, k)
-            for k in ("workers", "rounds", "clients", "data", "hidden", "batch_size", "epochs", "lr", "seed", "repeats")
-        },
+        "workload": {k: getattr(a, k) for k in WORKLOAD_KEYS},
         "steady_rounds": int(len(b)),
         "loadavg_after": os.getloadavg(),
         "bare": {
@@ -296,34 +360,23 @@ def measure(a: argparse.Namespace) -> dict:
             "allreduce_seconds": med(b[:, :, 2].max(axis=1)),
             "cpu_seconds_per_round": bare_cpu,
             "updates_per_second": a.clients / bare_round,
-            "job_seconds": med(job["bare"]),
-            "first_round_seconds": med(first["bare"]),
+            "job_seconds": med(job_bare),
+            "first_round_seconds": med(first_bare),
         },
-        "pfl": {
-            "round_seconds": pfl_round,
-            "server_round_seconds": med(r["seconds_wall"] + r["seconds_io"]),
-            "compute_seconds": compute,
-            "comm_seconds": comm,
-            "aggregate_seconds": aggregate,
-            "io_seconds": io,
-            "other_seconds": pfl_round - compute - comm - aggregate - io,
-            "worker_cpu_seconds_per_round": med(cpu[:, workers].sum(axis=1)),
-            "updates_per_second": a.clients / pfl_round,
-            "server_cpu_file": med(r["server_cpu"]),
-            "server_wait_cpu": med(r["server_wait_cpu"]),
-            "server_cpu_proc": med([u[0] for u in usage]),
-            "round_seconds_from_commits": med([u[1] for u in usage]),
-            "job_seconds": med(job["pfl"]),
-            "first_round_seconds": med(first["pfl"]),
-        },
-        "ratio": pfl_round / bare_round,
-        "worker_cpu_ratio": med(cpu[:, workers].sum(axis=1)) / bare_cpu,
-        "overhead_share": (pfl_round - bare_round) / pfl_round,
+        "pfl": pfl,
+        "batched": batched,
+        "ratio": pfl["round_seconds"] / bare_round,
+        "worker_cpu_ratio": pfl["worker_cpu_seconds_per_round"] / bare_cpu,
+        "overhead_share": (pfl["round_seconds"] - bare_round) / pfl["round_seconds"],
+        "batched_speedup_over_bare": bare_round / batched["round_seconds"],
+        "batched_speedup_over_pfl": pfl["round_seconds"] / batched["round_seconds"],
+        "batched_compute_speedup": pfl["compute_seconds"] / batched["compute_seconds"],
+        "batched_difference": difference,
     }
 
 
 def table(f: dict) -> str:
-    b, p, ms = f["bare"], f["pfl"], lambda s: f"{1e3 * s:.1f} ms"
+    b, p, q, ms = f["bare"], f["pfl"], f["batched"], lambda s: f"{1e3 * s:.1f} ms"
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     rnd = p["round_seconds"]
     part = lambda s: f"{ms(s)} ({pct(s / rnd)})"  # noqa: E731
@@ -331,7 +384,7 @@ def table(f: dict) -> str:
     rows = [
         (
             "workload",
-            f"{w['clients']} clients x {w['epochs']} epoch, {w['data']}, MLP {w['hidden']}, "
+            f"{w['workload']}: {w['clients']} clients x {w['epochs']} epoch, {w['data']}, MLP {w['hidden']}, "
             f"B={w['batch_size']}, W={w['workers']} workers, {f['steady_rounds']} steady rounds",
         ),
         ("client updates / s: bare", f"{b['updates_per_second']:.0f}"),
@@ -366,6 +419,20 @@ def table(f: dict) -> str:
             f"{ms(b['first_round_seconds'])} / {ms(p['first_round_seconds'])}",
         ),
         ("whole job incl. start-up: bare / pfl_mpi", f"{b['job_seconds']:.1f} s / {p['job_seconds']:.1f} s"),
+        (f"batched: train.client_batch {w['client_batch']} -> K", f"{q['client_batch']}"),
+        ("client updates / s: pfl_mpi batched", f"{q['updates_per_second']:.0f}"),
+        ("round time: pfl_mpi batched (a worker's round period)", ms(q["round_seconds"])),
+        ("pfl_mpi batched compute (slowest worker's client loop)", ms(q["compute_seconds"])),
+        ("compute speed-up batched / sequential pfl_mpi", f"{f['batched_compute_speedup']:.2f}"),
+        ("round speed-up batched / sequential pfl_mpi", f"{f['batched_speedup_over_pfl']:.2f}"),
+        (
+            f"**round speed-up batched / bare** (target >= {TARGET_BATCHED_SPEEDUP})",
+            f"**{f['batched_speedup_over_bare']:.2f}**",
+        ),
+        (
+            "largest relative difference batched vs sequential: train_loss / final test_acc",
+            f"{f['batched_difference']['train_loss']:.1e} / {f['batched_difference']['test_acc']:.1e}",
+        ),
         ("load average after the runs", " ".join(f"{x:.2f}" for x in f["loadavg_after"])),
     ]
     return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
