@@ -67,6 +67,11 @@ class RunConfig(BaseModel):
         description="imported on every rank (own algorithms): module names, or paths to .py files "
         "(relative to the config file's directory; to the working directory for --set)",
     )
+    task: Literal["auto", "classification", "next_token", "regression"] = Field(
+        "auto",
+        description="what the model predicts, its default loss and its metrics (docs/tasks.md); auto: next_token "
+        "for shakespeare, classification otherwise",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -242,6 +247,9 @@ def validate(raw: dict[str, Any], base: Path | None = None, *, schema_only: bool
     cls, params = resolve(cfg.algorithm)
     cfg.algorithm = {"name": cls.name, **params.model_dump(mode="json")}
     _check_architectures(cfg, cls)
+    from .algorithms.tasks import check_task
+
+    check_task(cfg, cls)  # task, train.loss (imported after the plugins) and train.optimizer_state
     return cfg
 
 

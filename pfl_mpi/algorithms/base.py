@@ -99,7 +99,9 @@ from ..wire import (
     packed_size,
     unpack,
 )
-from .training import Augment, Means, TrainConfig, evaluate, local_training, make_optimizer
+from .optimizers import KeptState
+from .tasks import CLASSIFICATION, Task
+from .training import Augment, LossFn, Means, TrainConfig, cross_entropy, local_training, make_optimizer
 
 __all__ = [  # the message declarations and payload helpers, for algorithm files to import from here
     "Broadcast",
@@ -134,6 +136,8 @@ class Setup:
     public: PublicData | None = None  # the data set shared by every client (data.public), if any
     augment: Augment | None = None  # per-batch transform of training inputs (data augmentation), if any
     rounds: int = 1  # the run's planned rounds (learning-rate schedules over rounds)
+    task: Task = CLASSIFICATION  # the clients' default loss and the evaluation's metrics (config ``task``)
+    loss: LossFn | None = None  # the clients' training objective (``train.loss``); None: the task's loss
     client_batch: int = 1  # clients trained together (train.client_batch resolved: batched.choose_client_batch)
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
     # class frequencies over all clients' training data, known on every rank before round 1
@@ -146,6 +150,7 @@ class Setup:
         if self.groups is None:
             self.groups = np.zeros(self.num_clients, dtype=np.int64)
         self.params = list(self.model.parameters())
+        self.loss = self.loss or self.task.loss
         self._group_params = [self.params, *(list(m.parameters()) for m in self.models[1:])]
 
     @property
@@ -199,6 +204,9 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)  # must hold every name in client_metrics
 
 
+OPTIMIZER_STATE = "optimizer_state"  # the client-state name of the kept optimiser state
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -223,6 +231,8 @@ class Algorithm:
     # ``train`` keys the algorithm does not use, each with the key that applies instead (a non-default value of
     # one of them is refused before any rank starts)
     replaces_train: dict[str, str] = {}
+    # trains with a cross-entropy of its own instead of ``setup.loss``: refuses a regression task and train.loss
+    own_loss: bool = False
 
     def __init__(self, params: BaseModel, setup: Setup):
         self.params = params
@@ -248,8 +258,26 @@ class Algorithm:
         return {}
 
     def state_specs(self) -> list[dict[str, int]]:
-        """``client_state_spec`` of every architecture group, in group order."""
-        return [self.client_state_spec(g) for g in range(self.setup.num_groups)]
+        """``client_state_spec`` of every architecture group, in group order, with the kept optimiser state."""
+        return [{**self.client_state_spec(g), **self._optimizer_spec(g)} for g in range(self.setup.num_groups)]
+
+    def _kept(self, group: int) -> KeptState | None:
+        """Where the optimiser state of ``group``'s parameters sits (``train.optimizer_state: keep``), else None."""
+        if self.setup.train.optimizer_state != "keep":
+            return None
+        cache = self.__dict__.setdefault("_kept_states", {})
+        if group not in cache:
+            cache[group] = KeptState(self.setup.train, self.setup._group_params[group])
+        return cache[group]
+
+    def _optimizer_spec(self, group: int) -> dict[str, int]:
+        kept = self._kept(group)
+        return {OPTIMIZER_STATE: kept.numel} if kept is not None and kept.numel else {}
+
+    def initial_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
+        """``init_client_state`` with the kept optimiser state (zeros: no step yet), what the runtime stores."""
+        spec = self._optimizer_spec(self.setup.group_of(client_id))
+        return {**{name: torch.zeros(n) for name, n in spec.items()}, **self.init_client_state(client_id)}
 
     @classmethod
     def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
@@ -293,11 +321,23 @@ class Algorithm:
         ``loss``, ``regulariser``, ``params``, ``epochs``/``steps``, ...); the mean of each metric over the batches."""
         options.setdefault("params", self.setup.params_for(client.id))
         options.setdefault("augment", self.setup.augment)
+        regression = self.setup.task.name == "regression"
+        if "loss" not in options and self.setup.loss is not cross_entropy:  # the task's or train.loss
+            options["loss"] = self.setup.loss
+        elif "loss" in options and not self.own_loss and (self.setup.loss is not self.setup.task.loss or regression):
+            raise RuntimeError(f"{self.name} passes its own loss: declare own_loss = True (task, train.loss)")
+        kept = None
         if "optimizer" not in options:  # the train section's, at this round of the schedule
             train, lr = self.setup.train, options.pop("lr", None)
             options["optimizer"] = make_optimizer(options["params"], train, client.round, self.setup.rounds, lr)
+            kept = self._kept(self.setup.group_of(client.id))
+        if kept is not None and kept.numel:
+            kept.load(options["optimizer"], options["params"], client.state[OPTIMIZER_STATE])
         model = self.setup.model_for(client.id)
-        return local_training(model, *client.train, self.setup.train, client.generator, **options)
+        means = local_training(model, *client.train, self.setup.train, client.generator, **options)
+        if kept is not None and kept.numel:
+            kept.store(options["optimizer"], options["params"], client.state[OPTIMIZER_STATE])
+        return means
 
     def client_update(self, client: Client, payload: torch.Tensor | None) -> Update:
         """What ``client`` does with ``payload``. Default (for an algorithm that declares ``begin_training``):
@@ -337,7 +377,7 @@ class Algorithm:
     def evaluate_client(self, client: Client) -> tuple[float, float]:
         """(test loss, test accuracy) of the model ``load_for_eval`` loaded for ``client``; override for
         another inference rule (e.g. FedProto's nearest prototype)."""
-        return evaluate(self.setup.model_for(client.id), *client.test)
+        return self.setup.task.evaluate(self.setup.model_for(client.id), *client.test)
 
     def load_global_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
         """Load into ``setup.model_for(client.id)`` the server's global model, for algorithms that keep one beside the

@@ -86,6 +86,7 @@ def noise_generator(client: Client) -> torch.Generator:
 @register
 class FedGen(SharedModelAlgorithm):
     name = "fedgen"
+    own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = FedGenParams
     up = Gathered()
     client_metrics = ("train_loss", "synthetic_loss", "latent_loss")

@@ -54,6 +54,7 @@ class FedGKTParams(BaseModel):
 @register
 class FedGKT(Algorithm):
     name = "fedgkt"
+    own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = FedGKTParams
     heterogeneous = True
     down = PerClient()  # [flag, the server's logits on the client's features]

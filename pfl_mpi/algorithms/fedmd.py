@@ -50,6 +50,7 @@ class FedMDParams(BaseModel):
 @register
 class FedMD(Algorithm):
     name = "fedmd"
+    own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = FedMDParams
     heterogeneous = True
     down = Broadcast()

@@ -60,6 +60,7 @@ class FedMetaParams(BaseModel):
 @register
 class FedMeta(Algorithm):
     name = "fedmeta"
+    own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = FedMetaParams
     down = Broadcast()
     eval_down = Broadcast()

@@ -50,6 +50,7 @@ class FedProtoParams(BaseModel):
 @register
 class FedProto(Algorithm):
     name = "fedproto"
+    own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = FedProtoParams
     heterogeneous = True
     down = Broadcast()

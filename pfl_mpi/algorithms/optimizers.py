@@ -91,3 +91,56 @@ def clip_grad_norm_(grads: tuple[torch.Tensor, ...] | list[torch.Tensor], max_no
         for g in grads:
             g.mul_(scale)
     return float(norm)
+
+
+class KeptState:
+    """Where each parameter's optimiser state sits in a client's flat ``optimizer_state`` vector
+    (``train.optimizer_state: keep``), for the parameters ``params`` of one architecture group, in order.
+
+    Per parameter: sgd with momentum, its momentum buffer; adam and adamw, the step count (one float: exact up
+    to 2^24 steps) then ``exp_avg`` and ``exp_avg_sq``; nothing otherwise. A step count of 0 means no state yet:
+    the optimiser then starts fresh, exactly as with ``reset``. float32, as the optimisers keep it."""
+
+    def __init__(self, cfg: TrainConfig, params: list[torch.Tensor]):
+        adam = cfg.optimizer != "sgd"
+        self.adam, self.slots = adam, 2 if adam else (1 if cfg.momentum else 0)
+        self.offsets: dict[int, int] = {}
+        offset = 0
+        for p in params:
+            self.offsets[id(p)] = offset
+            offset += (self.slots * p.numel() + int(adam)) if self.slots else 0
+        self.numel = offset
+
+    def _parts(self, p: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(step slot or None, the numel-sized slots) of ``p`` in ``flat``, as views."""
+        start, n = self.offsets[id(p)], p.numel()
+        step = flat[start : start + 1] if self.adam else None
+        start += int(self.adam)
+        return step, [flat[start + i * n : start + (i + 1) * n] for i in range(self.slots)]
+
+    @torch.no_grad()
+    def load(self, optimizer: Optimizer, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+        """Give ``optimizer`` (over ``params``) the state kept in ``flat``."""
+        for i, p in enumerate(params):
+            step, slots = self._parts(p, flat)
+            if isinstance(optimizer, SGD):
+                if optimizer.buffers is not None:
+                    optimizer.buffers[i].copy_(slots[0].view_as(p))
+            elif float(step[0]) > 0:
+                exp_avg, exp_avg_sq = (s.view_as(p).to(p.device, copy=True) for s in slots)
+                state = {"step": step[0].clone(), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+                optimizer.optimizer.state[p] = state
+
+    @torch.no_grad()
+    def store(self, optimizer: Optimizer, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+        """Write ``optimizer``'s state of ``params`` into ``flat`` (a client's state row)."""
+        for i, p in enumerate(params):
+            step, slots = self._parts(p, flat)
+            if isinstance(optimizer, SGD):
+                if optimizer.buffers is not None:
+                    slots[0].copy_(optimizer.buffers[i].reshape(-1))
+            elif p in optimizer.optimizer.state:
+                state = optimizer.optimizer.state[p]
+                step.copy_(state["step"].reshape(1))
+                slots[0].copy_(state["exp_avg"].reshape(-1))
+                slots[1].copy_(state["exp_avg_sq"].reshape(-1))

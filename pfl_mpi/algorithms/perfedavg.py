@@ -59,6 +59,7 @@ class PerFedAvg(SharedModelAlgorithm):
     """FedAvg's server and messages; its own local steps and personalised evaluation."""
 
     name = "perfedavg"
+    own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = PerFedAvgParams
     up = WeightedSum()
     evaluates_global = True  # w before the personalisation step

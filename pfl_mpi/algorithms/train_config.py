@@ -7,6 +7,7 @@ without importing it. The optimisers these build are in optimizers.py, the loop 
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -74,7 +75,6 @@ class TrainConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="the learning rate over rounds")
     loss: str | None = Field(
         None,
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
         description="your training loss, package.module:function, called as function(outputs, targets) -> the "
         "batch's mean (imported on every rank; a plugin file's module is its file name); null = the task's loss",
     )
@@ -83,6 +83,13 @@ class TrainConfig(BaseModel):
         description="clients trained together per kernel (algorithms/batched.py): 1 = one after another; K; "
         "auto = K from the device's memory budget and the model's size; {memory_mb: M} = auto within M MB",
     )
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_spec(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+            raise ValueError(f"{value!r} must be written package.module:function")
+        return value
 
     @field_validator("client_batch")
     @classmethod

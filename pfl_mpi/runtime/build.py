@@ -6,6 +6,7 @@ import torch
 
 from ..algorithms import Algorithm, Setup, resolve
 from ..algorithms.batched import choose_client_batch
+from ..algorithms.tasks import resolve_task, training_loss
 from ..algorithms.training import TrainConfig
 from ..config import RunConfig
 from ..data import FederatedData
@@ -25,6 +26,7 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
     cls.check_models(params, models)
     check_buffers_handled(cls, models)
     check_train_keys(cls, cfg.train, cfg.finetune_epochs)
+    task = resolve_task(cfg.task, cfg.data.name)
     setup = Setup(
         models[0],
         device,
@@ -38,6 +40,8 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
         public=data.public,
         augment=data.augment,
         rounds=cfg.rounds,
+        task=task,
+        loss=training_loss(task, cfg.train.loss),
     )
     setup.client_batch = resolve_client_batch(cfg, data, models[0], device)
     return cls(params, setup)

@@ -95,7 +95,7 @@ class Engine:
         self.divergence: Exception | None = None
         self.writer: RunWriter | None = None
         if world.is_worker:
-            self.store = ClientStore(self.layout.specs, self.hosted, self.algo.init_client_state, groups)
+            self.store = ClientStore(self.layout.specs, self.hosted, self.algo.initial_client_state, groups)
             self.client_data = {k: _to_device(self.data.client(k), self.device) for k in self.hosted}
         histograms = self._label_histograms()
         self.algo.setup.label_distribution = self._label_distribution(histograms)
@@ -156,7 +156,7 @@ class Engine:
             histograms,
             self.host,
             self.layout,
-            self.algo.init_client_state,
+            self.algo.initial_client_state,
             {"client_batch": self.algo.setup.client_batch},  # train.client_batch as resolved (auto: batched.py)
         )
 

@@ -4,8 +4,9 @@ Every client is evaluated on the rank that hosts it: the algorithm's evaluation 
 ``downlink(..., "eval")``; nothing when it declares none) goes down in blocks of clients, each client loads
 its model (``load_for_eval``) and is scored (``evaluate_client``). After the last round with
 ``finetune_epochs``, each client then fine-tunes that model on its training split and is scored again
-(``FINETUNE_COLUMNS``) without changing its state. An algorithm that declares ``evaluates_global`` also has
-its global model scored on every client (``GLOBAL_COLUMNS``). The rows reach the server by one Gatherv.
+(``finetune_test_*``) without changing its state. An algorithm that declares ``evaluates_global`` also has
+its global model scored on every client (``global_test_*``). The two metrics of each score are the task's
+(``setup.task``: loss and accuracy, or MSE and RMSE). The rows reach the server by one Gatherv.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..seeding import client_generator
 from ..wire import WIRE_DTYPES
 from ..wire.plan import Plan, make_plan
 from ..wire.transport import Transport
-from .record import EVAL_COLUMNS, FINETUNE_COLUMNS, GLOBAL_COLUMNS
+from .record import EVAL_COLUMNS, extra_columns
 
 EVAL_BLOCK_BYTES = 64 << 20  # at most this much of per-client evaluation payloads at once on the server
 
@@ -48,7 +49,7 @@ class Evaluator:
         and the names of the extra columns."""
         algo = self.algo
         finetune = self.finetune_epochs if t == self.rounds - 1 else 0
-        extra = (FINETUNE_COLUMNS if finetune else ()) + (GLOBAL_COLUMNS if algo.evaluates_global else ())
+        extra = extra_columns(algo.setup.task, bool(finetune), algo.evaluates_global)
         rows: dict[int, list[float]] = {}
         for plan in self.blocks():
             mine = plan.of_rank(self.transport.world.rank)
@@ -58,6 +59,7 @@ class Evaluator:
                 row = [k, client.data.y_test.shape[0], *algo.evaluate_client(client)]
                 if finetune:
                     client.generator = client_generator(self.seed, k, self.rounds)  # a round never trained
+                    client.state = {name: v.clone() for name, v in client.state.items()}  # kept as it was
                     algo.local_training(client, epochs=finetune)
                     row += algo.evaluate_client(client)
                 if algo.evaluates_global:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..algorithms.tasks import CLASSIFICATION, Task
 from ..comm import ALGORITHM_LABELS, FIELDS, LABELS
 from ..errors import DivergenceError
 from ..network import RoundNetwork
@@ -22,9 +23,14 @@ from ..wire.protocol import evaluation_bytes, training_bytes
 
 RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
 META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
+# an evaluation row: client, test samples, then the task's two metrics (test_loss, test_acc; test_mse, test_rmse)
 EVAL_COLUMNS = ("client", "num_test", "test_loss", "test_acc")
-FINETUNE_COLUMNS = ("finetune_test_loss", "finetune_test_acc")  # after the last round's evaluation
-GLOBAL_COLUMNS = ("global_test_loss", "global_test_acc")  # the global model, where personal ones differ
+
+
+def extra_columns(task: Task, finetune: bool, global_model: bool) -> tuple[str, ...]:
+    """The evaluation's extra columns: the task's metrics after fine-tuning (after the last round's evaluation)
+    and of the global model (where personal ones differ)."""
+    return (task.columns("finetune_test_") if finetune else ()) + (task.columns("global_test_") if global_model else ())
 
 
 @dataclass
@@ -50,10 +56,14 @@ def summarise(
     evaluated: tuple[np.ndarray | None, tuple[str, ...]],
     ledgers: np.ndarray,
     workers: list[int],
+    task: Task = CLASSIFICATION,
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Round scalars, [N] per-client arrays, [P, L] comm tables and [P] rank timings of one round.
 
-    ``evaluated``: the evaluation rows (``EVAL_COLUMNS`` then the named extra columns), or None.
+    ``evaluated``: the evaluation rows (``EVAL_COLUMNS`` then the named extra columns), or None. The two metrics
+    are named after ``task`` (``test_loss``/``test_acc``, ``test_mse``/``test_rmse``); a round's value is the mean
+    over the clients weighted by test samples (RMSE: the root of that mean of the MSE), ``*_mean`` and ``*_std``
+    of the score are over clients unweighted.
     """
     evaluated, extra = evaluated
     ids = client_rows[:, 0].astype(np.int64)
@@ -70,22 +80,28 @@ def summarise(
         "world_size": ledgers.shape[0],
         "train_loss": float(np.sum(samples * client_rows[:, loss_column]) / np.sum(samples)) if len(ids) else math.nan,
     }
-    clients["test_loss"], clients["test_acc"] = np.full(num_clients, np.nan), np.full(num_clients, np.nan)
+    loss_name, score_name = task.columns()
+    clients[loss_name], clients[score_name] = np.full(num_clients, np.nan), np.full(num_clients, np.nan)
     if evaluated is not None:
-        eids, n_test, loss, acc = (evaluated[:, i] for i in range(len(EVAL_COLUMNS)))
+        eids, n_test, loss, score = (evaluated[:, i] for i in range(len(EVAL_COLUMNS)))
         eids = eids.astype(np.int64)
-        clients["test_loss"][eids], clients["test_acc"][eids] = loss, acc
+        clients[loss_name][eids], clients[score_name][eids] = loss, score
+        pooled = float(np.sum(n_test * loss) / np.sum(n_test))
         scalars.update(
-            test_loss=float(np.sum(n_test * loss) / np.sum(n_test)),
-            test_acc=float(np.sum(n_test * acc) / np.sum(n_test)),
-            test_acc_mean=float(np.mean(acc)),
-            test_acc_std=float(np.std(acc)),
+            {
+                loss_name: pooled,
+                score_name: task.pooled_score(pooled, float(np.sum(n_test * score) / np.sum(n_test))),
+                f"{score_name}_mean": float(np.mean(score)),
+                f"{score_name}_std": float(np.std(score)),
+            }
         )
         for j, name in enumerate(extra):
             values = evaluated[:, len(EVAL_COLUMNS) + j]
             clients[name] = np.full(num_clients, np.nan)
             clients[name][eids] = values
             scalars[name] = float(np.sum(n_test * values) / np.sum(n_test))
+        for loss_col, score_col in zip(extra[::2], extra[1::2], strict=True):  # RMSE: the root of the pooled MSE
+            scalars[score_col] = task.pooled_score(scalars[loss_col], scalars[score_col])
     table = ledgers[:, : len(LABELS) * len(FIELDS)].reshape(-1, len(LABELS), len(FIELDS))
     per_rank = ledgers[:, len(LABELS) * len(FIELDS) :]
     sent, received, seconds, cpu = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds", "cpu_seconds"))
@@ -108,7 +124,7 @@ def summarise(
 
 def non_finite(scalars: dict[str, float], server_state: dict[str, np.ndarray]) -> list[str]:
     """What became NaN or infinite: losses, or any floating part of the server's state."""
-    bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(scalars.get(k, 0.0))]
+    bad = [k for k in ("train_loss", "test_loss", "test_mse") if not math.isfinite(scalars.get(k, 0.0))]
     bad += [
         f"server state {k}"
         for k, v in server_state.items()
@@ -182,7 +198,7 @@ class Recorder:
         round's ``RoundNetwork`` when the network is simulated (its tables and counts are recorded)."""
         num_clients = self.algo.setup.num_clients
         scalars, per_client, comm, ranks = summarise(
-            t, num_clients, self.metric_names, client_rows, evaluated, ledgers, self.workers
+            t, num_clients, self.metric_names, client_rows, evaluated, ledgers, self.workers, self.algo.setup.task
         )
         scalars.update({k: float(v) for k, v in algorithm_metrics.items()})
         downloaded = () if network is None else network.downloaded
