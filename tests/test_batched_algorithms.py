@@ -19,6 +19,12 @@ OPTED_IN = {  # algorithm -> its overrides: the features its client step batches
     "lgfedavg": {},
     "fedprox": {"algorithm.mu": 0.3, "algorithm.straggler_fraction": 0.5, "train.local_epochs": 3},
     "fedprox-dropping": {"algorithm.straggler_fraction": 0.5, "algorithm.drop_stragglers": True},
+    "local": {"train.weight_decay": 0.01},
+    "qsgd": {},
+    "topk": {"algorithm.k": 40},
+    "signsgd": {},
+    "fetchsgd": {},
+    "robust": {},
 }
 
 

@@ -31,6 +31,7 @@ from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
 from .shared_model import SharedModelAlgorithm
 from .sketch import CountSketch, top_k
+from .training import Means
 from .weighting import Weighting, client_weight
 
 _SKETCH = 0x534B_4554  # "SKET": stream tag of the sketch's hash tables
@@ -89,7 +90,12 @@ class FetchSGD(SharedModelAlgorithm):
         self.s_e.copy_(state["s_e"])
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        u, means = self.shared.update(client, payload, self.local_training)
+    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        self.shared.load(client, payload)
+        return {}
+
+    def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
+        u = self.shared.collect(client, payload)
         weight = client_weight(self.params.weighting, client, self.setup)
         return Update(self.sketcher.sketch(u).reshape(-1), weight, {"train_loss": means["train_loss"]})

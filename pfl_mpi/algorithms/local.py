@@ -1,7 +1,8 @@
 """Local training: every client trains its own model alone. Nothing moves.
 
 The whole model is client state; evaluation uses it. The baseline that tells how much
-federation helps (or hurts) on a given split.
+federation helps (or hurts) on a given split. Batched clients (``train.client_batch``): blocks of clients
+train together (algorithms/batched.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from ..models.params import ParamLayout
 from .base import Algorithm, Client, Setup, Update
 from .registry import register
+from .training import Means
 
 
 @register
@@ -30,11 +32,14 @@ class Local(Algorithm):
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
         return {"model": self.initial.clone()}
 
-    def client_update(self, client: Client, payload: None) -> Update:
+    # the client step, split for batched clients (algorithms/batched.py)
+    def begin_training(self, client: Client, payload: None) -> dict:
         self.layout.load(self.setup.model, client.state["model"])
-        loss = self.local_training(client)["train_loss"]
+        return {}
+
+    def finish_training(self, client: Client, payload: None, means: Means) -> Update:
         client.state["model"].copy_(self.layout.flatten(self.setup.model))
-        return Update(None, 1.0, {"train_loss": loss})
+        return Update(None, 1.0, {"train_loss": means["train_loss"]})
 
     def load_for_eval(self, client: Client, payload: None) -> None:
         self.layout.load(self.setup.model, client.state["model"])

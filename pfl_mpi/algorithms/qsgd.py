@@ -28,6 +28,7 @@ from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
+from .training import Means
 from .weighting import client_weight
 
 
@@ -90,8 +91,14 @@ class QSGD(SharedModelAlgorithm):
         return dequantize(norms, levels, self.params.s, self.params.bucket_size)
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        delta, means = self.shared.update(client, payload, self.local_training)
+    # the client step is FedAvg's, split for batched clients (algorithms/batched.py; the quantiser then draws
+    # from the client's generator where the sequential loop leaves it)
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        self.shared.load(client, payload)
+        return {}
+
+    def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
+        delta = self.shared.collect(client, payload)
         weight = client_weight(self.params.weighting, client, self.setup)
         norms, levels = quantize(delta, self.params.s, self.params.bucket_size, client.generator)
         packed = pack(norms, pack_codes(levels.long() + self.params.s, self.bits))

@@ -30,6 +30,7 @@ from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
+from .training import Means
 from .weighting import client_weight
 
 
@@ -85,8 +86,13 @@ class Robust(SharedModelAlgorithm):
         return up.weighted_mean()
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        delta, means = self.shared.update(client, payload, self.local_training)
+    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        self.shared.load(client, payload)
+        return {}
+
+    def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
+        delta = self.shared.collect(client, payload)
         weight = client_weight(self.params.weighting, client, self.setup)
         return Update(self.sent_update(client, delta), weight, {"train_loss": means["train_loss"]})
 

@@ -25,6 +25,7 @@ from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from .registry import register
 from .server_opt import ServerOptConfig
 from .shared_model import SharedModelAlgorithm
+from .training import Means
 
 
 class SignSGDParams(BaseModel):
@@ -65,8 +66,13 @@ class SignSGD(SharedModelAlgorithm):
         return {"update_norm": float(vote.norm()) * self.params.lr, "vote_agreement": float(up.mean.abs().mean())}
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        u, means = self.shared.update(client, payload, self.local_training)
+    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        self.shared.load(client, payload)
+        return {}
+
+    def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
+        u = self.shared.collect(client, payload)
         if self.params.sigma > 0:
             u = u + gaussian_noise(u, self.params.sigma, self.setup.seed, client)
         u = self.byzantine.apply(u, client)

@@ -27,6 +27,7 @@ from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
 from .sketch import top_k
+from .training import Means
 from .weighting import client_weight
 
 
@@ -93,8 +94,13 @@ class TopK(SharedModelAlgorithm):
         return self.shared.step(up.weighted_mean(lambda row: decode(row, self.params.k, d), d))
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        delta, means = self.shared.update(client, payload, self.local_training)
+    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        self.shared.load(client, payload)
+        return {}
+
+    def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
+        delta = self.shared.collect(client, payload)
         weight = client_weight(self.params.weighting, client, self.setup)
         residual = client.state["residual"]
         accumulated = residual + delta if self.params.error_feedback else delta
