@@ -99,3 +99,17 @@ def test_auto_records_the_k_it_chose(tmp_path):
     engine = _run(_cfg("fedavg", tmp_path / "auto.h5", "auto", rounds=1))
     with h5py.File(tmp_path / "auto.h5") as f:
         assert f.attrs["client_batch"] == engine.algo.setup.client_batch > 1
+
+
+def test_what_the_batched_loop_cannot_run_trains_sequentially(tmp_path, batched_clients):
+    """Adam is not batched: with client_batch 4 every client trains alone, exactly as with client_batch 1."""
+    _run(tiny_config(tmp_path / "one.h5", "fedavg", **{"train.optimizer": "adam", "train.lr": 0.01}))
+    _run(
+        tiny_config(
+            tmp_path / "four.h5", "fedavg", **{"train.optimizer": "adam", "train.lr": 0.01, "train.client_batch": 4}
+        )
+    )
+    assert batched_clients == []
+    for name in ("train_loss", "test_acc"):
+        a, b = committed(tmp_path / "four.h5", "rounds", name), committed(tmp_path / "one.h5", "rounds", name)
+        np.testing.assert_array_equal(a, b, err_msg=name)

@@ -23,7 +23,8 @@ step (clipping scales with ``torch.where``), so a GPU is never made to wait.
 Results equal the sequential loop's to float rounding (the padded rows change the order of some sums);
 a client's results do not depend on which clients share its block, so placement stays invisible.
 
-What is not batched (``batchable`` says why): optimisers other than SGD, models with buffers
+What is not batched (``batchable`` says why): optimisers other than SGD or SGD state kept between rounds
+(``train.optimizer_state: keep``), models with buffers
 (batch norm's running statistics) or with operations ``vmap`` cannot batch (a probe forward decides),
 custom losses and data augmentation (its draws interleave with the permutations). Callers then use the
 sequential loop.
@@ -144,6 +145,8 @@ def batchable(
     loop's objective is the cross-entropy of classification (integer labels, one per sample)."""
     if cfg.optimizer != "sgd":
         return f"optimizer {cfg.optimizer}"
+    if getattr(cfg, "optimizer_state", None) == "keep":
+        return "optimiser state kept between rounds"
     if augment is not None:
         return "data augmentation"
     if loss is not None or getattr(cfg, "loss", None) is not None:
