@@ -250,6 +250,7 @@ def validate(raw: dict[str, Any], base: Path | None = None, *, schema_only: bool
     from .algorithms.tasks import check_task
 
     check_task(cfg, cls)  # task, train.loss (imported after the plugins) and train.optimizer_state
+    cfg.model.check_networks()  # user networks: their factories (imported after the plugins) and options
     return cfg
 
 

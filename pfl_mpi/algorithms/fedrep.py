@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..models.split import in_head
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .registry import register
@@ -57,7 +58,7 @@ class FedRep(SharedModelAlgorithm):
 
     def personal(self, param_name: str) -> bool:
         """The head is personal; the body (base) is the shared representation."""
-        return param_name.startswith("head.")
+        return in_head(self.setup.model, param_name)
 
     def __init__(self, params: FedRepParams, setup: Setup):
         super().__init__(params, setup)  # self.shared: the body shared, the head personal
