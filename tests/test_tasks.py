@@ -163,6 +163,11 @@ def in_tmp(tmp_path, monkeypatch):
         (["algorithm.name=pfedhn", "train.optimizer_state=keep"], "train.optimizer_state"),
         (["train.client_batch=4", "train.optimizer_state=keep"], "train.client_batch"),
         (["train.client_batch=4", "task=next_token"], "train.client_batch"),
+        # what Per-FedAvg, FedMeta and pFedHN's inner loop would ignore
+        (["algorithm.name=perfedavg", "train.loss=torch.nn.functional:cross_entropy"], "train.loss"),
+        (["algorithm.name=fedmeta", "train.optimizer_state=keep"], "train.optimizer_state"),
+        (["algorithm.name=pfedhn", "train.eps=1e-6"], "train: train.eps applies to adam"),
+        (["train.betas=[0.8, 0.99]"], "train: train.betas applies to adam"),
     ],
 )
 def test_new_keys_are_refused_with_exit_2_and_one_line(in_tmp, capsys, sets, key):

@@ -104,6 +104,10 @@ class TrainConfig(BaseModel):
             raise ValueError("nesterov needs optimizer sgd with momentum > 0")
         if self.momentum and self.optimizer != "sgd":
             raise ValueError(f"momentum applies to sgd; {self.optimizer} uses betas")
+        defaults = type(self).model_fields
+        for key in ("betas", "eps"):
+            if self.optimizer == "sgd" and getattr(self, key) != defaults[key].default:
+                raise ValueError(f"train.{key} applies to adam and adamw; sgd would ignore it")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must lie in [0, 1)")
         return self
