@@ -350,8 +350,14 @@ class Algorithm:
     def client_updates(self, clients: list[Client], payloads: Sequence) -> Iterator[Update]:
         """The updates of a worker's clients of a round, in ``clients`` order (what the runtime calls). An
         algorithm that declares ``begin_training``/``finish_training`` trains them in blocks of
-        ``setup.client_batch`` (``batched.train_in_blocks``); otherwise ``client_update`` one after another."""
-        if self.setup.client_batch > 1 and type(self).begin_training is not Algorithm.begin_training:
+        ``setup.client_batch`` (``batched.train_in_blocks``) unless a subclass overrides ``client_update``;
+        otherwise ``client_update`` one after another."""
+        own = type(self)
+        if (
+            self.setup.client_batch > 1
+            and own.begin_training is not Algorithm.begin_training
+            and own.client_update is Algorithm.client_update  # a class that trains otherwise keeps its own step
+        ):
             from .batched import train_in_blocks
 
             yield from train_in_blocks(self, clients, payloads)
