@@ -12,6 +12,9 @@ received. Evaluation (and the runtime's fine-tuning) uses v_k.
 The personal steps draw their minibatches from a copy of the client's generator taken before the
 global steps, so v and w see the same batches in the same order, as in the authors' code (one step
 of v and one of w on each batch). With lam = 0, v_k is therefore exactly what ``local`` trains.
+
+Batched clients (``train.client_batch``): not batched, clients train one after another: two trainings per
+client (w, then v with its pull to w).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ with the attention weights xi (``attention``: the paper's FedAMP, or HeurFedAMP'
 similarities); client i takes the proximal step w_i <- argmin F_i(w) + lambda / (2 alpha_k) ||w - u_i||^2 by the
 library loop with the proximal term as regulariser. Choices (where SGD starts, constant alpha_k, float64
 similarities, the tuned sigma and xi_ii) and the full design: docs/algorithms.md#fedamp.
+
+Batched clients (``train.client_batch``): not batched, clients train one after another: the proximal pull to
+each client's own cloud model u_i comes through its own loop.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ The formulas, the streams of noise and labels, and where this departs from the a
 the teacher term's weighting, label sampling, local training, the generator's layers): docs/algorithms.md#fedgen.
 Over 150 lines: three computations (FedAvg's w, the server's fit of G, the clients' two regularisers) and the
 paper's fifteen parameters; G, its fit and the head's slice of w live in models/feature_generator.py.
+Not batched (``train.client_batch``): clients train one after another (its loss adds the generator's samples).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ and the meta-gradient of the query loss L(theta'; D_Q):
 The reported ``train_loss`` is L(theta'; D_Q). Evaluation adapts as training does, with the client's whole
 training split as the support set: ``inner_steps`` full-batch steps (with the learned alpha for Meta-SGD),
 then the test split. Clients keep no state.
+
+Batched clients (``train.client_batch``): not batched, clients train one after another: a meta-learning inner
+loop.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ sample with the trained model. Inference: the nearest global prototype in square
 classes of the client's own training data, as the authors' code evaluates (classes without a prototype are never
 predicted; the client's head when none of its classes has one). ``test_loss`` is the cross-entropy of the
 client's own head, for want of a loss of the nearest-prototype rule.
+Not batched (``train.client_batch``): clients train one after another (its loss adds the prototype term).
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ start of each phase), one permutation per epoch from the client's generator, hea
 The authors' code also trains the head epochs first and the representation epochs last in one loop
 (``local_ep - local_rep_ep`` head epochs, ``local_rep_ep`` body epochs; 10 and 1 in the paper's image
 experiments), so ``tau_h`` = 10, ``tau_b`` = 1 are the defaults.
+
+Batched clients (``train.client_batch``): not batched, clients train one after another: the head, then the
+body, each with its own epochs.
 """
 
 from __future__ import annotations
