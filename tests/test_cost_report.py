@@ -205,3 +205,19 @@ def test_info_and_watch_show_the_simulated_clock(runs, capsys):
     stream = io.StringIO()
     assert watch(runs["topk"][0], out=stream) == 0
     assert " sim " not in stream.getvalue()
+
+
+def test_the_compression_configs_differ_only_in_name_and_algorithm():
+    """configs/compression/: the same data, clients, rounds, model, training, network and seed; only the
+    algorithm section (and the run's name) changes, so their report compares like with like."""
+    from pfl_mpi.config import load_config
+
+    paths = sorted((Path(__file__).parents[1] / "configs" / "compression").glob("*.yaml"))
+    assert [p.stem for p in paths] == ["fedavg", "fetchsgd", "qsgd", "signsgd", "topk"]
+    dumps = {}
+    for path in paths:
+        cfg = load_config(path).model_dump()
+        assert cfg["algorithm"]["name"] == path.stem and cfg["name"] == f"compression-{path.stem}"
+        assert cfg["network"]["enabled"] and cfg["data"]["name"] == "mnist1d"
+        dumps[path.stem] = {k: v for k, v in cfg.items() if k not in ("name", "algorithm", "output")}
+    assert all(dump == dumps["fedavg"] for dump in dumps.values())

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from .cost import NO_NETWORK, cumulative  # noqa: E402
 from .groups import Group, series  # noqa: E402
@@ -342,7 +342,10 @@ def cost(groups: list[Group], path: Path, target: float | None = None) -> Path:
         drawn = len(missing[what]) < len(groups)
         if drawn and what != "seconds":
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
+            low, high = ax.get_xlim()
+            if high < 100 * low:  # under two decades: label 1 and 3 of each, else decades only
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide
         if drawn and target is not None:
             ax.axhline(target, color="0.35", ls=":", lw=1.2)
         if missing[what]:
