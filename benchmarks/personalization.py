@@ -7,6 +7,7 @@ MLP, the same rounds, sampling and client SGD (train.*), 3 seeds. Each run execu
 
     .venv/bin/python benchmarks/personalization.py                  # all configs, seeds 0 1 2
     .venv/bin/python benchmarks/personalization.py --configs fedavg-synthetic default --seeds 0
+    .venv/bin/python benchmarks/personalization.py --set train.client_batch=auto   # batched clients
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def run_one(config: Path, seed: int, args: argparse.Namespace, out: Path) -> dic
     """Run one config with the common settings; return its figures read back from the file."""
     sets = {**common_settings(config), "seed": seed, "rounds": args.rounds, "eval_every": args.rounds}
     sets["output"] = str(out)
+    sets.update(dict(item.split("=", 1) for item in args.sets))
     cmd = [sys.executable, "-m", "pfl_mpi", "run", str(config), "-n", str(args.ranks), "--quiet", "--overwrite"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
@@ -100,6 +102,14 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=4, help="MPI ranks per run (server + workers)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures as JSON")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more setting for every run, e.g. train.client_batch=auto (repeatable)",
+    )
     args = parser.parse_args()
 
     configs = sorted((ROOT / "configs").glob("*.yaml"))

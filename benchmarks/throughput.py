@@ -371,6 +371,7 @@ def measure(a: argparse.Namespace) -> dict:
         "batched_speedup_over_bare": bare_round / batched["round_seconds"],
         "batched_speedup_over_pfl": pfl["round_seconds"] / batched["round_seconds"],
         "batched_compute_speedup": pfl["compute_seconds"] / batched["compute_seconds"],
+        "batched_cpu_speedup_over_bare": bare_cpu / batched["worker_cpu_seconds_per_round"],
         "batched_difference": difference,
     }
 
@@ -429,6 +430,8 @@ def table(f: dict) -> str:
             f"**round speed-up batched / bare** (target >= {TARGET_BATCHED_SPEEDUP})",
             f"**{f['batched_speedup_over_bare']:.2f}**",
         ),
+        ("CPU s per round of all W workers: pfl_mpi batched", f"{q['worker_cpu_seconds_per_round']:.3f}"),
+        ("worker CPU speed-up batched / bare", f"{f['batched_cpu_speedup_over_bare']:.2f}"),
         (
             "largest relative difference batched vs sequential: train_loss / final test_acc",
             f"{f['batched_difference']['train_loss']:.1e} / {f['batched_difference']['test_acc']:.1e}",
