@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -124,3 +125,43 @@ class RecordingWorld(SerialWorld):
     def gather_rows(self, row, label):
         self.calls.append(("gather_rows", label, row.dtype, row.nbytes))
         return super().gather_rows(row, label)
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every living process below it, parents before their children (from /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and alive(int(entry)):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    found, frontier = [root], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parent.items() if p == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every process below it, the deepest first: no process of the job gets to react
+    (mpiexec runs in a session of its own, so a process group kill would not reach it or the ranks)."""
+    import signal
+
+    for pid in reversed(process_tree(root)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

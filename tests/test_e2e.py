@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from .helpers import committed
+from .helpers import committed, kill_tree
 
 PLUGINS = str(Path(__file__).parent / "plugins")
 TINY = [
@@ -178,7 +177,7 @@ def test_resume_after_kill_gives_the_same_result(tmp_path):
     try:
         _wait_for_rounds(broken, 3, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # kill -9 of every process of the job
         proc.wait()
     with h5py.File(broken, "r", locking=False) as f:
         done = int(f.attrs["rounds_completed"])

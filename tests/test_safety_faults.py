@@ -21,6 +21,8 @@ import pytest
 from pfl_mpi.store import RunWriter
 from pfl_mpi.store.run_file import check_reopenable
 
+from .helpers import alive, process_tree
+
 TINY = ["--set", "data.num_clients=8", "--set", "clients_per_round=4", "--set", "model.name=logreg"]
 TINY += ["--set", "train.batch_size=32", "--set", "device=cpu", "--set", "eval_every=5", "--quiet"]
 _MPI = ("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA", "PFL_MPI_")
@@ -32,34 +34,6 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_MPI)}
     env["OMP_NUM_THREADS"] = "1"
     return env
-
-
-def _alive(pid: int) -> bool:
-    """Running and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and every living process below it."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _alive(int(entry)):
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    found, frontier = [root], [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parent.items() if p == pid]
-        found += children
-        frontier += children
-    return found
 
 
 def _rank_of(pid: int) -> int | None:
@@ -89,7 +63,7 @@ def _wait(condition, what: str) -> None:
 
 
 def _target(launcher: subprocess.Popen, kind: str) -> int:
-    tree = _tree(launcher.pid)
+    tree = process_tree(launcher.pid)
     if kind == "launcher":
         return launcher.pid
     if kind == "mpiexec":
@@ -112,15 +86,15 @@ def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path
     try:
         _wait(lambda: _committed(out) >= 2 or launcher.poll() is not None, "two committed rounds")
         assert launcher.poll() is None, launcher.communicate()
-        _wait(lambda: len(_tree(launcher.pid)) >= 5, "launcher, mpiexec, proxy and 3 ranks")
-        processes = _tree(launcher.pid)
+        _wait(lambda: len(process_tree(launcher.pid)) >= 5, "launcher, mpiexec, proxy and 3 ranks")
+        processes = process_tree(launcher.pid)
         os.kill(_target(launcher, kind), signum)
         if kind != "launcher" or signum != signal.SIGKILL:
             _, err = launcher.communicate(timeout=DEADLINE)
             assert launcher.returncode != 0
-        _wait(lambda: not any(_alive(p) for p in processes), "every process of the job to end")
+        _wait(lambda: not any(alive(p) for p in processes), "every process of the job to end")
     finally:
-        for pid in _tree(launcher.pid) if launcher.poll() is None else ():
+        for pid in process_tree(launcher.pid) if launcher.poll() is None else ():
             os.kill(pid, signal.SIGKILL)
         launcher.wait()
 
