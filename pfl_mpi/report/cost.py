@@ -18,6 +18,7 @@ import numpy as np
 
 from .groups import Group, mean_std
 from .load import Run
+from .tables import markdown_table
 
 NO_NETWORK = "no simulated network"
 NOT_REACHED = "not reached"
@@ -142,8 +143,6 @@ def cost_table(groups: list[Group], target: float | None = None) -> str:
     """Per group (mean ± sample std over its runs): final accuracy, protocol bytes down and up over the run,
     simulated time (total, mean per round) and, with ``target``, the round, bytes and simulated time at which
     the test accuracy first reached it."""
-    from .tables import markdown_table
-
     header = ["group", "n", "final test acc", "protocol bytes down", "protocol bytes up", "simulated time (s)"]
     header.append("simulated s per round")
     if target is not None:
