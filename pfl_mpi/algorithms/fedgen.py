@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..models.feature_generator import FeatureGenerator, FlatHead, fit_generator, label_weights
+from ..models.split import require_base_head
 from ..seeding import derive_seed
 from .base import Client, Collected, Gathered, Phase, Setup, Update
 from .fedavg import FedAvgParams
@@ -91,6 +92,10 @@ class FedGen(SharedModelAlgorithm):
     Params = FedGenParams
     up = Gathered()
     client_metrics = ("train_loss", "synthetic_loss", "latent_loss")
+
+    @classmethod
+    def check_models(cls, params: FedGenParams, models: list[nn.Module]) -> None:
+        require_base_head(models, cls.name)  # G samples the base's output space; the heads are fitted on it
 
     def __init__(self, params: FedGenParams, setup: Setup):
         super().__init__(params, setup)  # self.shared: w, moved as in FedAvg
