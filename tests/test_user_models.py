@@ -15,8 +15,10 @@ from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_models, split_names
 from pfl_mpi.models.registry import registered
+from pfl_mpi.report.models import export_models
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.build import build_algorithm
+from pfl_mpi.store import read_client_states
 
 from .helpers import tiny_config
 
@@ -59,6 +61,13 @@ algorithm:
         (["model.name=tiny_resnet_bn", "algorithm.name=fedrep"], "model.buffers", "fedrep does not handle"),
         (["model.name=tiny_resnet_bn", "algorithm.name=fedprox"], "model.buffers", "fedprox does not handle"),
         (["algorithm.name=fedproto"], "model.name", "base and head modules"),
+        (["algorithm.name=fedgen"], "model.name", "base and head modules"),
+        (["model.architectures=[{}, {name: mlp, width: 3}]"], "model.architectures.1.width", "Extra inputs"),
+        (
+            ["algorithm.name=fedproto", "model.architectures=[{}, {name: tiny_resnet_gn, depth: 3}]"],
+            "model.architectures.1.depth",
+            "unknown key",
+        ),
     ],
 )
 def test_bad_model_keys_exit_2_with_one_line(tmp_path, monkeypatch, capsys, sets, key, words):
@@ -166,3 +175,23 @@ def test_exported_networks_reproduce_the_recorded_accuracy(tmp_path, algorithm, 
         client = data.client(k)
         assert evaluate(fresh, client.x_test, client.y_test)[1] == acc[k]
     assert evaluate(load_network(path, state), client.x_test, client.y_test)[1] == acc[-1]
+
+
+def test_user_and_builtin_networks_mix_as_architecture_groups(tmp_path):
+    """FedProto over a user network with base/head modules and a built-in MLP: one state table per group, and
+    each client's exported network is its own model from the last snapshot."""
+    two = "[{name: tiny_split, width: 16}, {name: mlp, hidden: [16]}]"
+    sets = {**USER, "model.name": "tiny_split", "model.architectures": two, "state_every": 1}
+    cfg = tiny_config(tmp_path / "hetero.h5", "fedproto", **sets)
+    path = _run(cfg)
+    files, round = export_models(path, tmp_path / "nets")
+    assert round == 1 and len(files) == cfg.data.num_clients
+    data = load_federated(cfg.data, cfg.seed)
+    nets = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)
+    assert [type(n).__name__ for n in nets] == ["SplitNet", "SplitModel"]
+    states = read_client_states(path, "model")
+    for k, flat in enumerate(states):
+        net = nets[k % 2]
+        net.load_state_dict(torch.load(tmp_path / "nets" / f"client_{k}.pt", weights_only=True))
+        assert len(flat) == sum(p.numel() for p in net.parameters())
+        assert np.array_equal(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy(), flat)

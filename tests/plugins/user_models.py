@@ -62,3 +62,25 @@ register_model("tiny_resnet_gn", resnet_gn)
 
 def not_a_module(input_shape, num_classes: int):
     return "a string"
+
+
+class SplitNet(nn.Module):
+    """``head(base(x))`` with a flat embedding of ``feature_dim``: what FedProto, FedGKT and FedGen need."""
+
+    def __init__(self, input_shape, num_classes: int, width: int):
+        super().__init__()
+        channels = input_shape[0] if len(input_shape) == 3 else 1
+        self.base = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(2, width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(width, num_classes)
+        self.feature_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base(x))
+
+
+@register_model("tiny_split")
+def split_net(input_shape, num_classes: int, width: int = 16) -> nn.Module:
+    return SplitNet(input_shape, num_classes, width)
