@@ -80,6 +80,11 @@ def test_printed_rounds_match_the_file(tmp_path):
         assert down == pytest.approx(protocol_down[i] / 1000, abs=0.05)
     assert f"wrote {out}" in run.stdout
     assert f"final test accuracy {test_acc[-1]:.4f}" in run.stdout
+    totals = {name: committed(out, "rounds", name).sum() for name in ("protocol_bytes_down", "protocol_bytes_up")}
+    assert (
+        f"protocol bytes (the clients' downloads and uploads): down {totals['protocol_bytes_down']:.3e}, "
+        f"up {totals['protocol_bytes_up']:.3e}" in run.stdout
+    )
     # the report of this real 2-rank run states the bytes the file holds
     report = pfl("report", str(out), "-o", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr

@@ -21,10 +21,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, ConfigError, Interrupted
 from ..runtime.cluster import Stopper, launch_mismatch, launcher_rank, requeued
 from ..store.writer import RunFileWriteError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NAME = "run"
 HELP = "run an experiment (under mpiexec, with -n P, or as one process)"
@@ -232,7 +236,8 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         return 1
 
 
-def _summary(metrics: dict[str, float], totals: tuple[float, float], path: Path) -> str:
+def _summary(metrics: dict[str, float], rounds: dict[str, np.ndarray], path: Path) -> str:
+    """The lines printed after the last round (``rounds``: the run file's per-round table)."""
     acc = metrics.get("test_acc", math.nan)
     lines = [f"done: {int(metrics['round']) + 1} rounds, wrote {path}"]
     if not math.isnan(acc):
@@ -240,9 +245,24 @@ def _summary(metrics: dict[str, float], totals: tuple[float, float], path: Path)
             f"  final test accuracy {acc:.4f} (client mean {metrics['test_acc_mean']:.4f} "
             f"+- {metrics['test_acc_std']:.4f}), test loss {metrics['test_loss']:.4f}"
         )
+    if not math.isnan(metrics.get("test_rmse", math.nan)):  # task regression
+        lines.append(
+            f"  final test RMSE {metrics['test_rmse']:.4f} (client mean {metrics['test_rmse_mean']:.4f} "
+            f"+- {metrics['test_rmse_std']:.4f}), test MSE {metrics['test_mse']:.4f}"
+        )
     if "finetune_test_acc" in metrics:
         lines.append(f"  after local fine-tuning: test accuracy {metrics['finetune_test_acc']:.4f}")
-    lines.append(f"  bytes moved by the algorithm: down {totals[0]:.3e}, up {totals[1]:.3e}")
+    if "protocol_bytes_down" in rounds:
+        lines.append(
+            f"  protocol bytes (the clients' downloads and uploads): down {rounds['protocol_bytes_down'].sum():.3e}, "
+            f"up {rounds['protocol_bytes_up'].sum():.3e}, evaluation down {rounds['protocol_bytes_eval'].sum():.3e}"
+        )
+    if "simulated_time" in rounds:
+        lines.append(f"  simulated time: {rounds['simulated_time'][-1]:.1f} s")
+    lines.append(
+        f"  transport bytes (this simulation's MPI messages): down {rounds['bytes_down'].sum():.3e}, "
+        f"up {rounds['bytes_up'].sum():.3e}"
+    )
     return "\n".join(lines)
 
 
@@ -404,10 +424,7 @@ def _run_ranks(args: argparse.Namespace, world, prepared, stopper: Stopper) -> i
         from ..store import read_summary
 
         rounds = read_summary(cfg.output_path).rounds
-        print(
-            _summary(engine.last_metrics, (rounds["bytes_down"].sum(), rounds["bytes_up"].sum()), cfg.output_path),
-            flush=True,
-        )
+        print(_summary(engine.last_metrics, rounds, cfg.output_path), flush=True)
     return code
 
 
