@@ -201,7 +201,7 @@ def test_info_and_watch_show_the_simulated_clock(runs, capsys):
     assert watch(path, out=stream) == 0
     lines = stream.getvalue().splitlines()[:4]
     for t, line in enumerate(lines):
-        assert line.endswith(f"  sim {per[t]:.2f} s (clock {r['simulated_time'][t]:.1f} s)")
+        assert f"  sim {per[t]:.2f} s (clock {r['simulated_time'][t]:.1f} s)  mpi " in line
     stream = io.StringIO()
     assert watch(runs["topk"][0], out=stream) == 0
     assert " sim " not in stream.getvalue()

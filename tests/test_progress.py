@@ -55,8 +55,8 @@ def test_round_line_shows_round_accuracy_bytes_and_time():
 
 
 def test_round_line_shows_the_simulated_clock_when_the_network_is_simulated():
-    line = round_line(30, _metrics(4, simulated_time=123.456))
-    assert line.endswith("  up 2.5 MB  sim 123.5 s  mpi 625.6 kB  0.12 s")
+    line = round_line(30, _metrics(4, simulated_round_seconds=4.567, simulated_time=123.456))
+    assert line.endswith("  up 2.5 MB  sim 4.57 s (clock 123.5 s)  mpi 625.6 kB  0.12 s")
 
 
 def test_not_a_terminal_gives_exactly_one_plain_line_per_round():

@@ -1,7 +1,7 @@
 """Follow a running job's file: print each newly committed round, stop when the run has ended.
 
-Each line is the run's progress line (``runtime/progress.round_line``), followed, for a run with the
-simulated network, by the round's simulated seconds and the simulated clock.
+Each line is the run's progress line (``runtime/progress.round_line``; with the simulated network it
+shows the round's simulated seconds and the simulated clock).
 The writer keeps the file open (no SWMR) and flushes after each round, so every poll opens it
 afresh, read-only and without the file lock, reads ``rounds_completed`` first and then rows up to it,
 and treats a failed or short read as "not yet" (the file may not exist yet, or be caught mid-write);
@@ -38,14 +38,6 @@ def poll(path: str | Path, seen: int) -> tuple[str, int, int, list[dict[str, flo
     return status, planned, done, rows
 
 
-def watch_line(planned: int, metrics: dict[str, float]) -> str:
-    """The run's progress line, and with the simulated network the round's simulated seconds and the clock."""
-    line = round_line(planned, metrics)
-    if "simulated_time" in metrics:
-        line += f"  sim {metrics['simulated_round_seconds']:.2f} s (clock {metrics['simulated_time']:.1f} s)"
-    return line
-
-
 def watch(
     path: str | Path,
     interval: float = 2.0,
@@ -69,7 +61,7 @@ def watch(
                 seen = 0
                 continue
             for metrics in rows:
-                print(watch_line(planned, metrics), file=out, flush=True)
+                print(round_line(planned, metrics), file=out, flush=True)
             idle = idle + 1 if status == "running" and not rows and holder(path) is None else 0
             seen = done
             if status != "running":

@@ -2,9 +2,9 @@
 
 The line (``round_line``) is also what ``pfl-mpi watch`` prints for a running job's file. It shows
 the round (1-based), the training loss, the test accuracy on evaluation rounds (and after local
-fine-tuning on the last round, when on), the protocol bytes down and up, the simulated clock (with a
-simulated network), the MPI bytes of the simulation and the round's wall
-time. The bar is drawn on the stream it checked (stdout), so a redirected stdout never receives
+fine-tuning on the last round, when on), the protocol bytes down and up, the round's simulated
+seconds and the simulated clock (with a simulated network), the MPI bytes of the simulation and the
+round's wall time. The bar is drawn on the stream it checked (stdout), so a redirected stdout never receives
 bar control characters. Under an MPI launcher (``-n P``, mpiexec) rank 0's stdout is a pipe to the
 launcher, which copies it to its own stdout: when that is a terminal, rank 0 draws the bar too,
 sized to that terminal (read from /proc on Linux); either a bar or lines, never both.
@@ -86,8 +86,8 @@ def round_line(total: int, m: dict[str, float]) -> str:
         parts.append(f"finetuned_acc {m['finetune_test_acc']:.4f}")
     if "protocol_bytes_down" in m:  # what the round's clients downloaded and uploaded (the protocol ledger)
         parts += [f"down {_fmt_bytes(m['protocol_bytes_down'])}", f"up {_fmt_bytes(m['protocol_bytes_up'])}"]
-    if "simulated_time" in m:  # the simulated network's clock at the end of the round
-        parts.append(f"sim {m['simulated_time']:.1f} s")
+    if "simulated_time" in m:  # the simulated network: how long the server waited, and its clock since the start
+        parts.append(f"sim {m['simulated_round_seconds']:.2f} s (clock {m['simulated_time']:.1f} s)")
     transport = m["bytes_down"] + m["bytes_up"] + m.get("bytes_other", 0.0)
     parts += [f"mpi {_fmt_bytes(transport)}", f"{m['seconds_wall']:.2f} s"]  # what the simulation moved
     return "  ".join(parts)
