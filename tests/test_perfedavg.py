@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pfl_mpi.algorithms import Client, Setup, WeightedMean
+from pfl_mpi.algorithms.meta import FunctionalModel, hvp_exact, hvp_finite_difference
 from pfl_mpi.algorithms.perfedavg import PerFedAvg, PerFedAvgParams
 from pfl_mpi.algorithms.training import TrainConfig
 from pfl_mpi.comm.serial import SerialWorld
@@ -94,10 +96,11 @@ def test_fo_local_steps_equal_a_hand_computed_two_step_update():
     assert by_samples.client_update(_client(data), _flat(w0)).weight == 6.0
 
 
-def test_hf_differs_from_fo_by_the_hessian_vector_correction():
+@pytest.mark.parametrize("hvp", ["exact", "scaled", "paper"])
+def test_hf_differs_from_fo_by_the_hessian_vector_correction(hvp):
     alpha, beta, delta = 0.5, 0.5, 1e-3
     data = _data(6)
-    fo, hf = (_algo(variant=v, alpha=alpha, beta=beta, tau=1, delta=delta) for v in ("fo", "hf"))
+    fo, hf = (_algo(variant=v, alpha=alpha, beta=beta, tau=1, delta=delta, hvp=hvp) for v in ("fo", "hf"))
     w0 = _initial(fo)
     up_fo = fo.client_update(_client(data), _flat(w0)).payload
     up_hf = hf.client_update(_client(data), _flat(w0)).payload
@@ -118,6 +121,56 @@ def test_hf_differs_from_fo_by_the_hessian_vector_correction():
     assert hvp.norm() > 1e-2 * u.norm()  # the correction is not negligible here
     torch.testing.assert_close(correction, hvp, rtol=0, atol=2e-3 * float(hvp.abs().max()))
     torch.testing.assert_close(up_fo, -beta * u, rtol=1e-5, atol=1e-6)
+
+
+# -- the Hessian-vector products -------------------------------------------------------------
+def _hessian_times(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The full Hessian of the batch loss (torch.autograd.functional.hessian on the flat parameters) times v."""
+    params = [p.detach() for p in model.parameters()]
+    shapes = [p.shape for p in params]
+
+    def loss(flat):
+        parts = flat.split([s.numel() for s in shapes])
+        return _loss([c.view(s) for c, s in zip(parts, shapes, strict=True)], x, y)
+
+    return torch.autograd.functional.hessian(loss, _flat(params)) @ v
+
+
+def _unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [c.view(t.shape) for c, t in zip(v.split([t.numel() for t in like]), like, strict=True)]
+
+
+def test_exact_hvp_equals_the_full_hessian_times_the_vector():
+    model, data = _net(), _data(6)
+    w = [p.detach().clone() for p in model.parameters()]
+    v = torch.randn(sum(t.numel() for t in w), generator=torch.Generator().manual_seed(3))
+    got = _flat(hvp_exact(FunctionalModel(model), w, _unflat(v, w), data.x_train, data.y_train))
+    expected = _hessian_times(model, data.x_train, data.y_train, v)
+    assert expected.norm() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_finite_difference_hvp_approaches_the_exact_one_on_a_smooth_model_and_scaling_keeps_it_there():
+    model, data = _net(), _data(6)
+    fn, x, y = FunctionalModel(model), data.x_train, data.y_train
+    w = [p.detach().clone() for p in model.parameters()]
+    v = torch.randn(sum(t.numel() for t in w), generator=torch.Generator().manual_seed(3))
+    v = v / v.norm()
+
+    def error(scale: float, delta: float, scaled: bool) -> float:
+        exact = _flat(hvp_exact(fn, w, _unflat(scale * v, w), x, y))
+        estimate = _flat(hvp_finite_difference(fn, w, _unflat(scale * v, w), x, y, delta, scaled))
+        return float((estimate - exact).norm() / exact.norm())
+
+    # a unit vector: both estimators probe w +- delta v; the central difference's error falls as delta does
+    errors = [error(1.0, d, scaled) for d in (1e-1, 1e-2) for scaled in (False, True)]
+    assert errors[1] == pytest.approx(errors[0], rel=0.05) and errors[3] == pytest.approx(errors[2], rel=0.05)
+    assert errors[2] < 0.05 * errors[0] and errors[2] < 1e-3
+    # a long vector: the paper's probes move delta ||v|| = 1 away and miss; the scaled ones stay delta away
+    assert error(1e3, 1e-3, scaled=False) > 0.1
+    assert error(1e3, 1e-3, scaled=True) < 1e-3
+    zero = hvp_finite_difference(fn, w, _unflat(0 * v, w), x, y, 1e-3, scaled=True)
+    assert all(not t.any() for t in zero)
 
 
 # -- evaluation --------------------------------------------------------------------------------

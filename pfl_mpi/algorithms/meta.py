@@ -80,6 +80,41 @@ def axpy(a: float, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> Te
         return [y + a * x for x, y in zip(xs, ys, strict=True)]
 
 
+def hvp_exact(
+    fn: FunctionalModel, w: Sequence[torch.Tensor], v: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> Tensors:
+    """grad^2 f(w; x, y) v by double backward: the gradient of <grad f(w), v> with respect to ``w`` (detached)."""
+    w = leaves(w)
+    _, g = fn.grad(w, x, y, create_graph=True)
+    dot = sum((gi * vi.detach()).sum() for gi, vi in zip(g, v, strict=True))
+    return [h.detach() for h in torch.autograd.grad(dot, w)]
+
+
+def hvp_finite_difference(
+    fn: FunctionalModel,
+    w: Sequence[torch.Tensor],
+    v: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    delta: float,
+    scaled: bool,
+) -> Tensors:
+    """Central-difference estimate [grad f(w + r v) - grad f(w - r v)] / (2 r) of grad^2 f(w; x, y) v.
+
+    ``scaled``: r = delta / ||v||, so that the points probed lie at distance delta from w whatever the size of v;
+    else r = delta (Per-FedAvg's estimator, whose probes move delta ||v|| away and cross a ReLU network's kinks
+    once ||v|| is large). A zero v gives zeros.
+    """
+    norm = float(torch.sqrt(sum((vi.detach().double() ** 2).sum() for vi in v)))
+    if norm == 0.0:
+        return [torch.zeros_like(vi) for vi in v]
+    r = delta / norm if scaled else delta
+    _, g_plus = fn.grad(leaves(axpy(r, v, w)), x, y)
+    _, g_minus = fn.grad(leaves(axpy(-r, v, w)), x, y)
+    with torch.no_grad():
+        return [(gp - gm) / (2 * r) for gp, gm in zip(g_plus, g_minus, strict=True)]
+
+
 class BatchStream:
     """Minibatches of one client's training split, drawn from its generator.
 

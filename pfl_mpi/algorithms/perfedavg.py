@@ -11,9 +11,14 @@ order from the client's training split with its generator (:class:`~pfl_mpi.algo
     w~ = w - alpha grad f(w; D)                              (the inner, personalising step)
     u  = grad f(w~; D')
     FO: w <- w - beta u                                       (the Hessian term dropped)
-    HF: w <- w - beta (u - alpha d),  d = [grad f(w + delta u; D'') - grad f(w - delta u; D'')] / (2 delta)
+    HF: w <- w - beta (u - alpha d),  d = grad^2 f(w; D'') u, the Hessian-vector product, computed by ``hvp``:
 
-where d is the paper's finite-difference estimate of the Hessian-vector product grad^2 f(w; D'') u.
+    exact:  by double backward (the gradient of <grad f(w; D''), u>; the default)
+    scaled: [grad f(w + r u; D'') - grad f(w - r u; D'')] / (2 r) with r = delta / ||u||
+    paper:  the same with r = delta, the paper's estimator
+
+(meta.hvp_exact, meta.hvp_finite_difference). The paper's probes lie delta ||u|| from w: on a ReLU network with
+a large u they cross kinks and the estimate can be off by its own size (docs/algorithms.md#per-fedavg).
 (FO draws no D''.) The reported ``train_loss`` is the mean over the steps of f(w~; D'), the meta-objective.
 
 Evaluation personalises as the paper evaluates: from w, ``eval_steps`` steps w <- w - alpha grad f(w; D)
@@ -30,7 +35,7 @@ from pydantic import Field
 
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
-from .meta import BatchStream, FunctionalModel, axpy, leaves
+from .meta import BatchStream, FunctionalModel, axpy, hvp_exact, hvp_finite_difference, leaves
 from .registry import register
 from .shared_model import SharedModelAlgorithm
 from .weighting import client_weight
@@ -38,12 +43,17 @@ from .weighting import client_weight
 
 class PerFedAvgParams(FedAvgParams):
     variant: Literal["fo", "hf"] = Field(
-        "hf", description="fo: first-order (gradient at w~ applied to w); hf: Hessian-free (finite-difference HVP)"
+        "hf", description="fo: first-order (gradient at w~ applied to w); hf: with the Hessian term (algorithm.hvp)"
     )
     alpha: float = Field(0.01, gt=0, description="inner (personalisation) step size alpha")
     beta: float = Field(0.001, gt=0, description="outer (meta) step size beta of each local step")
     tau: int = Field(10, ge=1, description="local steps per round (tau), each on fresh batches D, D', D''")
-    delta: float = Field(0.001, gt=0, description="hf only: finite-difference step delta of the HVP estimate")
+    hvp: Literal["exact", "scaled", "paper"] = Field(
+        "exact",
+        description="hf only: Hessian-vector product by double backward (exact), or a central difference with "
+        "probes delta from w (scaled) or delta * ||u|| from w (paper, the paper's estimator)",
+    )
+    delta: float = Field(0.001, gt=0, description="hf with hvp scaled or paper: finite-difference step delta")
     eval_steps: int = Field(1, ge=0, description="gradient steps with alpha on the training split before the test")
     eval_full_batch: bool = Field(
         False, description="evaluation steps on the whole training split instead of train.batch_size minibatches"
@@ -95,10 +105,12 @@ class PerFedAvg(SharedModelAlgorithm):
         meta_loss, u = fn.grad(w_tilde, x2, y2)
         if p.variant == "hf":
             x3, y3 = batches.next()
-            _, g_plus = fn.grad(leaves(axpy(p.delta, u, w)), x3, y3)
-            _, g_minus = fn.grad(leaves(axpy(-p.delta, u, w)), x3, y3)
+            if p.hvp == "exact":
+                d = hvp_exact(fn, w, u, x3, y3)
+            else:
+                d = hvp_finite_difference(fn, w, u, x3, y3, p.delta, scaled=p.hvp == "scaled")
             with torch.no_grad():
-                u = [ui - p.alpha * (gp - gm) / (2 * p.delta) for ui, gp, gm in zip(u, g_plus, g_minus, strict=True)]
+                u = [ui - p.alpha * di for ui, di in zip(u, d, strict=True)]
         return leaves(axpy(-p.beta, u, w)), float(meta_loss.detach())
 
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
