@@ -27,7 +27,7 @@ from pfl_mpi.models import build_models
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.build import check_buildable
 from pfl_mpi.seeding import client_generator, derive_seed
-from pfl_mpi.store import read_clients
+from pfl_mpi.store import read_client_states, read_clients
 from pfl_mpi.store.nested import flatten_state, unflatten_state
 
 from .helpers import RecordingWorld, committed, tiny_config
@@ -67,6 +67,7 @@ def _build(cfg, **params):
         models=models,
         groups=groups,
         train_sizes=data.train_sizes,
+        test_sizes=data.test_sizes,
     )
     algo = cls(p, setup)
     algo.init_server()
@@ -107,23 +108,29 @@ def _torch_kd(student, teacher, temperature):
 
 def test_uplink_bytes_scale_with_samples_not_parameters(tmp_path):
     """Two client models whose sizes differ 30-fold with one feature size send the same bytes; two clients of
-    different sizes send bytes in the ratio of their training samples: n_k (d + C + 1) float32 each."""
+    different sizes send bytes by their samples: n_k (d + C + 1) + m_k (d + 1) float32 for n_k training and m_k
+    test samples (without the test rows, ``server_test: false``, in the ratio of their training samples)."""
     sets = {"data.partition": "quantity", "model.head_layers": 1}
     payloads, numels = {}, {}
     for width in (4, 512):
         cfg = tiny_config(tmp_path / "x.h5", "fedgkt", **{"model.hidden": f"[{width}, {D}]", **SMALL, **sets})
         algo, data = _build(cfg)
-        sizes = data.train_sizes
+        sizes, tests = data.train_sizes, data.test_sizes
         a, b = int(np.argmin(sizes)), int(np.argmax(sizes))
-        assert sizes[b] > 2 * sizes[a]
+        assert sizes[b] > 2 * sizes[a] and tests[a] > 0
         numels[width] = algo.personal.layouts[0].numel
         _, rows, _ = _round(algo, data, {}, [a, b], t=0)
         payloads[width] = [r.numel() * r.element_size() for r in rows]
         for k, row in zip((a, b), rows, strict=True):
-            assert row.dtype == torch.float32 and row.numel() == algo.up_numel_of(k) == sizes[k] * (D + C + 1)
+            expected = sizes[k] * (D + C + 1) + tests[k] * (D + 1)
+            assert row.dtype == torch.float32 and row.numel() == algo.up_numel_of(k) == expected
     assert numels[512] > 30 * numels[4]
-    assert payloads[4] == payloads[512] == [4 * int(sizes[k]) * (D + C + 1) for k in (a, b)]
-    assert payloads[4][1] / payloads[4][0] == pytest.approx(sizes[b] / sizes[a])
+    assert payloads[4] == payloads[512] == [4 * int(sizes[k] * (D + C + 1) + tests[k] * (D + 1)) for k in (a, b)]
+    algo, data = _build(cfg, server_test=False)
+    _, rows, _ = _round(algo, data, {}, [a, b], t=0)
+    expected = [int(sizes[k]) * (D + C + 1) for k in (a, b)]
+    assert [r.numel() for r in rows] == [algo.up_numel_of(k) for k in (a, b)] == expected
+    assert rows[1].numel() / rows[0].numel() == pytest.approx(sizes[b] / sizes[a])
 
 
 def test_each_client_sends_features_logits_and_labels_of_every_training_sample_in_order(tmp_path):
@@ -133,11 +140,15 @@ def test_each_client_sends_features_logits_and_labels_of_every_training_sample_i
     _, rows, _ = _round(algo, data, states, [2, 3], t=0)  # an MLP client and a CNN client
     for k, row in zip((2, 3), rows, strict=True):
         x, y = data.client(k).x_train, data.client(k).y_train
+        x_test, y_test = data.client(k).x_test, data.client(k).y_test
         model = _model_of(algo, states, k).eval()
         with torch.no_grad():
             features = model.base(x)
             expected = torch.cat([features, model(x), y.float()[:, None]], dim=1)
-        np.testing.assert_allclose(row.reshape(len(y), D + C + 1).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+            expected_test = torch.cat([model.base(x_test), y_test.float()[:, None]], dim=1)
+        train, test = row[: len(y) * (D + C + 1)], row[len(y) * (D + C + 1) :]
+        np.testing.assert_allclose(train.reshape(len(y), D + C + 1).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(test.reshape(len(y_test), D + 1).numpy(), expected_test.numpy(), atol=1e-6)
 
 
 # -- the server ---------------------------------------------------------------------------------------
@@ -173,7 +184,8 @@ def test_the_server_model_trains_on_the_gathered_features(tmp_path, optimizer, l
             nesterov=True,
             weight_decay=p.server_weight_decay,
         )
-    table = torch.cat([rows[clients.index(k)].reshape(-1, D + C + 1) for k in sorted(clients)])
+    n = {k: int(data.train_sizes[k]) * (D + C + 1) for k in clients}  # the training rows (the test rows follow)
+    table = torch.cat([rows[clients.index(k)][: n[k]].reshape(-1, D + C + 1) for k in sorted(clients)])
     h, z, y = table[:, :D], table[:, D : D + C], table[:, D + C].long()
     with torch.no_grad():
         ce_before = float(F.cross_entropy(reference(h), y))
@@ -290,6 +302,35 @@ def test_unequal_feature_sizes_are_refused_before_the_run(tmp_path):
         check_buildable(cfg, load_federated(cfg.data, cfg.seed))
 
 
+def test_the_recorded_server_test_accuracy_is_the_server_models_on_the_clients_test_features(tmp_path):
+    """rounds/server_test_acc (the paper's accuracy) recomputed from the file's snapshots: the round's server model
+    on base_k(x_test) of each of the round's clients, with k's model after that round; beside it, test_acc is the
+    clients' own small models."""
+    cfg = _config(tmp_path / "x.h5", rounds=2, clients_per_round=4, state_every=1)
+    assert Engine(cfg, SerialWorld(), show_progress=False).run() == 0
+    algo, data = _build(cfg)
+    with h5py.File(cfg.output_path) as f:
+        recorded, loss = float(f["rounds/server_test_acc"][-1]), float(f["rounds/server_test_loss"][-1])
+        own = float(f["rounds/test_acc"][-1])
+        algo.server_layout.load(algo.server, torch.from_numpy(f["global/state/server_model"][-1]))
+    states = read_client_states(cfg.output_path, "model")
+    sampled = np.flatnonzero(read_clients(cfg.output_path, "participated")[-1])
+    correct, losses, count = 0, 0.0, 0
+    algo.server.eval()
+    for k in sampled:
+        model = _model_of(algo, {int(k): {"model": torch.from_numpy(states[k])}}, int(k)).eval()
+        x, y = data.client(int(k)).x_test, data.client(int(k)).y_test
+        with torch.no_grad():
+            out = algo.server(model.base(x))
+        correct += int((out.argmax(1) == y).sum())
+        losses += float(F.cross_entropy(out, y, reduction="sum"))
+        count += len(y)
+    assert len(sampled) == 4 and count > 0
+    assert recorded == pytest.approx(correct / count, abs=1e-6)
+    assert loss == pytest.approx(losses / count, rel=1e-5)
+    assert recorded != own  # two different models' scores, recorded apart
+
+
 # -- state and resume ---------------------------------------------------------------------------------
 
 
@@ -346,11 +387,12 @@ def test_a_serial_run_moves_per_sample_rows_up_and_logits_down(tmp_path):
     cfg = _config(tmp_path / "x.h5", rounds=3, clients_per_round=4, **{"data.partition": "quantity"})
     world = RecordingWorld()
     assert Engine(cfg, world, show_progress=False).run() == 0
-    sizes = load_federated(cfg.data, cfg.seed).train_sizes
+    data = load_federated(cfg.data, cfg.seed)
     sampled = read_clients(cfg.output_path, "participated").astype(bool)
-    n = [int(sizes[row].sum()) for row in sampled]
+    n = [int(data.train_sizes[row].sum()) for row in sampled]
+    n_test = [int(data.test_sizes[row].sum()) for row in sampled]
     moved = {label: [b for lab, b in world.moved if lab == label] for label in ("up", "down")}
-    assert moved["up"] == [4 * m * (D + C + 1) for m in n]
+    assert moved["up"] == [4 * (m * (D + C + 1) + m_test * (D + 1)) for m, m_test in zip(n, n_test, strict=True)]
     assert moved["down"] == [4 * (m * C + 4) for m in n]  # 4 clients: their logits and one flag each
 
 
@@ -364,8 +406,10 @@ def test_a_two_rank_run_records_the_per_sample_bytes_in_the_ledger(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert run.returncode == 0, run.stderr
     with h5py.File(out) as f:
-        sizes = f["partition/train_sizes"][...]
-    n = [int(sizes[row].sum()) for row in read_clients(out, "participated").astype(bool)]
-    assert committed(out, "rounds", "bytes_up").tolist() == [4 * m * (D + C + 1) for m in n]
+        sizes, tests = f["partition/train_sizes"][...], f["partition/test_sizes"][...]
+    sampled = read_clients(out, "participated").astype(bool)
+    n, n_test = [int(sizes[row].sum()) for row in sampled], [int(tests[row].sum()) for row in sampled]
+    expected = [4 * (m * (D + C + 1) + m_test * (D + 1)) for m, m_test in zip(n, n_test, strict=True)]
+    assert committed(out, "rounds", "bytes_up").tolist() == expected
     assert committed(out, "rounds", "bytes_down").tolist() == [4 * (m * C + 3) for m in n]
     assert np.isfinite(committed(out, "rounds", "test_acc")).all()

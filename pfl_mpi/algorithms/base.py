@@ -133,6 +133,7 @@ class Setup:
     groups: np.ndarray | None = None  # int [num_clients]
     # training samples of every client, int [num_clients], known on every rank (per-client payload sizes)
     train_sizes: np.ndarray | None = None
+    test_sizes: np.ndarray | None = None  # test samples of every client (what ``client.test`` holds), int [num_clients]
     public: PublicData | None = None  # the data set shared by every client (data.public), if any
     augment: Augment | None = None  # per-batch transform of training inputs (data augmentation), if any
     rounds: int = 1  # the run's planned rounds (learning-rate schedules over rounds)
@@ -228,6 +229,9 @@ class Algorithm:
     heterogeneous: bool = False
     # whether a global model beside the personal ones is evaluated too (``load_global_for_eval``)
     evaluates_global: bool = False
+    # names of further (loss, score) pairs that ``evaluate_client`` returns after its own two, recorded as
+    # evaluation metrics like test_loss and test_acc (FedProto: its clients' own heads beside the nearest prototype)
+    eval_metrics: tuple[str, ...] = ()
     # ``train`` keys the algorithm does not use, each with the key that applies instead (a non-default value of
     # one of them is refused before any rank starts)
     replaces_train: dict[str, str] = {}
@@ -380,9 +384,9 @@ class Algorithm:
         """Load into ``setup.model_for(client.id)`` the parameters this client would use."""
         raise NotImplementedError
 
-    def evaluate_client(self, client: Client) -> tuple[float, float]:
-        """(test loss, test accuracy) of the model ``load_for_eval`` loaded for ``client``; override for
-        another inference rule (e.g. FedProto's nearest prototype)."""
+    def evaluate_client(self, client: Client) -> tuple[float, ...]:
+        """(test loss, test accuracy) of the model ``load_for_eval`` loaded for ``client``, then one value per
+        name of ``eval_metrics``; override for another inference rule (e.g. FedProto's nearest prototype)."""
         return self.setup.task.evaluate(self.setup.model_for(client.id), *client.test)
 
     def load_global_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:

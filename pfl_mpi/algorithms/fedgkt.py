@@ -2,9 +2,11 @@
 CNNs at the Edge"): small client models and a large server model teach each other by distillation.
 
 Moves (float32): up, Gathered: a row [H_i, Z_i, y_i] per training sample of client k (features, client logits,
-label); down, PerClient: [flag, S_k], the server's logits on k's features of its last round (flag 0: none yet).
-Computes: client k trains its own model (its state) on CE + alpha KL_T(S_k || f(x)); the server trains its model
-(``models/fedgkt_server.py``) on the round's rows with CE + server_alpha KL_T(Z || g(H)), then keeps g(H_k).
+label), then (``server_test``) a row [H_j, y_j] per test sample; down, PerClient: [flag, S_k], the server's logits
+on k's features of its last round (flag 0: none yet). Computes: client k trains its own model (its state) on
+CE + alpha KL_T(S_k || f(x)); the server trains its model (``models/fedgkt_server.py``) on the round's rows with
+CE + server_alpha KL_T(Z || g(H)), keeps g(H_k), and scores g on the test rows (``server_test_acc``, the paper's
+accuracy; ``test_acc`` is the clients' own small models).
 Departs from the authors' code (FedML) in when server logits are computed, the server's shuffling, its loss
 weights and the clients' optimiser: docs/algorithms.md#fedgkt, with the full design.
 """
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.fedgkt_server import server_mlp
+from ..models.fedgkt_server import feature_rows, server_mlp, server_optimizer, split_rows
 from ..models.params import ParamLayout
 from ..models.split import require_base_head
 from ..seeding import derive_seed
@@ -49,6 +51,9 @@ class FedGKTParams(BaseModel):
     logit_memory: Literal["all", "last_round"] = Field(
         "all", description="server logits kept to send: of every client's last round (all), or of the last round's"
     )
+    server_test: bool = Field(
+        True, description="clients also send [H, y] of their test samples; the server scores g on them (server_test_*)"
+    )
 
 
 @register
@@ -66,6 +71,7 @@ class FedGKT(Algorithm):
         self.classes, self.dim = setup.num_classes, int(setup.models[0].feature_dim)
         self.personal = PersonalModels(setup)
         self.samples = [int(n) for n in setup.train_sizes]  # training samples per client: rows up, logits down
+        self.tests = [int(n) for n in setup.test_sizes] if params.server_test else [0] * setup.num_clients
 
     @classmethod
     def check_models(cls, params: BaseModel, models: list[torch.nn.Module]) -> None:
@@ -77,7 +83,7 @@ class FedGKT(Algorithm):
 
     # -- sizes and state ------------------------------------------------------------------
     def up_numel_of(self, client: int) -> int:
-        return self.samples[client] * (self.dim + self.classes + 1)
+        return self.samples[client] * (self.dim + self.classes + 1) + self.tests[client] * (self.dim + 1)
 
     def down_numel_of(self, client: int) -> int:
         return self.samples[client] * self.classes + 1 if self.params.alpha > 0 else 0
@@ -93,11 +99,8 @@ class FedGKT(Algorithm):
         p = self.params
         self.server = server_mlp(self.dim, p.server_hidden, self.classes, derive_seed(self.setup.seed, _SERVER_INIT))
         self.server_layout = ParamLayout(self.server, [n for n, _ in self.server.named_parameters()])
-        params, lr, wd, momentum = list(self.server.parameters()), p.server_lr, p.server_weight_decay, p.server_momentum
-        if p.server_optimizer == "adam":  # the authors' optimisers: Adam with AMSGrad, or SGD with Nesterov momentum
-            self.server_opt = torch.optim.Adam(params, lr=lr, weight_decay=wd, amsgrad=True)
-        else:  # torch refuses Nesterov without momentum: then plain SGD, the same step
-            self.server_opt = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=momentum, nesterov=momentum > 0)
+        params, wd = list(self.server.parameters()), p.server_weight_decay
+        self.server_opt = server_optimizer(params, p.server_optimizer, p.server_lr, wd, p.server_momentum)
         self.server_step = TorchOptimizer(self.server_opt, params)  # the library loop's ``step(grads)`` on it
         self.logits: dict[int, torch.Tensor] = {}  # client -> the server's logits on its features [n_k, C]
 
@@ -109,24 +112,24 @@ class FedGKT(Algorithm):
         return out
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
-        """Train g on the round's rows (in client id order); record its accuracy on them; keep S_k = g(H_k) per k."""
-        parts = [self.split_rows(row, k) for k, row in zip(up.clients, up.rows, strict=True)]
-        h, z, y = (torch.cat(column) for column in zip(*parts, strict=True))
+        """Train g on the round's rows (in client id order); score it on them and on the test rows; keep g(H_k)."""
+        sizes = self.dim, self.classes
+        parts = [split_rows(row, self.samples[k], *sizes) for k, row in zip(up.clients, up.rows, strict=True)]
+        h, z, y, h_test, y_test = (torch.cat(column) for column in zip(*parts, strict=True))
         metrics = self.train_server(round, h, z, y)
         if self.params.logit_memory == "last_round":
             self.logits.clear()
         with torch.no_grad():
             self.server.eval()
             metrics["server_acc"] = float((self.server(h).argmax(dim=1) == y).float().mean()) if y.numel() else 0.0
+            if self.params.server_test and y_test.numel():  # pooled over the round's test samples, as test_acc
+                out = self.server(h_test)
+                metrics["server_test_loss"] = float(F.cross_entropy(out, y_test))
+                metrics["server_test_acc"] = float((out.argmax(dim=1) == y_test).float().mean())
             if self.params.alpha > 0:
-                for k, (h_k, _, _) in zip(up.clients, parts, strict=True):
-                    self.logits[k] = self.server(h_k).contiguous()
+                for k, part in zip(up.clients, parts, strict=True):
+                    self.logits[k] = self.server(part[0]).contiguous()
         return {**metrics, "uplink_samples": float(y.numel())}
-
-    def split_rows(self, row: Tensor, client: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(features [n_k, d], client logits [n_k, C], labels [n_k]) of one client's uplink."""
-        rows, d, c = row.reshape(self.samples[client], -1), self.dim, self.classes
-        return rows[:, :d], rows[:, d : d + c], rows[:, d + c].round().long()
 
     def train_server(self, round: int, h: Tensor, z: Tensor, y: Tensor) -> dict[str, float]:
         """``epochs_server`` epochs of the library loop on (h, z, y); the last epoch's mean CE and KD per batch."""
@@ -165,7 +168,10 @@ class FedGKT(Algorithm):
         means = self.local_training(client, loss=distillation(teacher, self.params.alpha, self.params.temperature))
         self.personal.save(client, model)
         metrics = {name: means[name] for name in self.client_metrics}
-        return Update(feature_rows(model, *client.train), float(client.num_train), metrics)
+        rows = [feature_rows(model, *client.train)]
+        if self.params.server_test:  # the test samples' [H, y], for the server's score only
+            rows.append(feature_rows(model, *client.test, logits=False))
+        return Update(torch.cat(rows), float(client.num_train), metrics)
 
     def load_for_eval(self, client: Client, payload: None) -> None:
         self.personal.load(client)
@@ -189,14 +195,3 @@ def distillation(
         return ce + alpha * kd if alpha else ce, {"train_loss": ce.to(dtype), "kd_loss": kd.to(dtype)}
 
     return loss
-
-
-@torch.no_grad()
-def feature_rows(model: torch.nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> Tensor:
-    """The uplink: one row [base(x_i), head(base(x_i)), y_i] per sample, in order, flat float32 on the CPU."""
-    model.eval()
-    rows = []
-    for x_b, y_b in zip(x.split(batch), y.split(batch), strict=True):
-        features = model.base(x_b)
-        rows.append(torch.cat([features, model.head(features), y_b.to(features.dtype)[:, None]], dim=1))
-    return torch.cat(rows).flatten().to(device="cpu", dtype=torch.float32) if rows else torch.zeros(0)

@@ -6,7 +6,7 @@ import torch
 
 from ..algorithms import Algorithm, Setup, resolve
 from ..algorithms.batched import choose_client_batch
-from ..algorithms.tasks import resolve_task, training_loss
+from ..algorithms.tasks import model_outputs, resolve_task, training_loss
 from ..algorithms.training import TrainConfig
 from ..config import RunConfig
 from ..data import FederatedData
@@ -21,12 +21,13 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
     The models are initialised from ``cfg.seed`` (``build_models``); raises ``ConfigError`` naming the key
     when the algorithm cannot use them or its parameters do not fit the model or the data."""
     device = device or torch.device("cpu")
-    models = [m.to(device) for m in build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed)]
+    task = resolve_task(cfg.task, cfg.data.name)
+    outputs = model_outputs(task, data.num_classes)
+    models = [m.to(device) for m in build_models(cfg.model, data.input_shape, outputs, cfg.seed)]
     cls, params = resolve(cfg.algorithm)
     cls.check_models(params, models)
     check_buffers_handled(cls, models)
     check_train_keys(cls, cfg.train, cfg.finetune_epochs)
-    task = resolve_task(cfg.task, cfg.data.name)
     setup = Setup(
         models[0],
         device,
@@ -37,6 +38,7 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
         models=models,
         groups=cfg.model.groups(data.num_clients),
         train_sizes=data.train_sizes,
+        test_sizes=data.test_sizes,
         public=data.public,
         augment=data.augment,
         rounds=cfg.rounds,
