@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from pfl_mpi.algorithms import Client, Collected, Setup, resolve
-from pfl_mpi.algorithms.pfedhn import learn_novel_embedding
+from pfl_mpi.algorithms.novel_clients import learn_novel_embedding
 from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
@@ -82,7 +82,7 @@ def test_only_generated_parameters_move_never_phi(tmp_path, name, prefix):
     assert max(nbytes for _, nbytes in world.moved) < 4 * phi_numel / 2  # phi (or half of it) never moves
     with h5py.File(cfg.output_path) as f:
         assert f["global/state/phi"].shape[1] == phi_numel
-        assert set(f["clients/state"]) == ({"round", "head"} if prefix else {"round"})
+        assert set(f["clients/state"]) == ({"round", "head", "head_momentum"} if prefix else {"round"})
 
 
 def test_mpi_run_records_4_bytes_per_parameter_per_client(tmp_path):
@@ -130,6 +130,60 @@ def test_client_sends_theta_minus_its_k_local_steps(tmp_path):
         expected = theta[i] - _independent_local_steps(cfg, data, theta[i], k, 0)
         torch.testing.assert_close(update.payload, expected, rtol=0, atol=1e-6)
         assert update.payload.norm() > 0
+
+
+def _authors_pc_rounds(cfg, data, theta: torch.Tensor, k: int, rounds: int, shared: bool):
+    """The authors' pFedHN-PC client, with torch.optim: per round, a fresh SGD on the generated base whose gradient
+    is clipped, and the head's own SGD, created once and kept across rounds, unclipped (``shared``: one clipped SGD
+    on both, fresh every round). Returns the base after each round (each starting from ``theta``), the head and
+    the head optimiser's momentum buffers (flat)."""
+    p = resolve(cfg.algorithm)[1]
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    base = [q for n, q in model.named_parameters() if n.startswith("base.")]
+    head = [q for n, q in model.named_parameters() if n.startswith("head.")]
+    sgd = {"lr": p.inner_lr, "momentum": p.inner_momentum, "weight_decay": p.inner_weight_decay}
+    head_opt = torch.optim.SGD(head, **sgd)
+    x, y = data.client(k).x_train, data.client(k).y_train
+    bases = []
+    for t in range(rounds):
+        torch.nn.utils.vector_to_parameters(theta.clone(), base)
+        opt = torch.optim.SGD(base + head if shared else base, **sgd)
+        generator = client_generator(cfg.seed, k, t)
+        for _ in range(p.inner_steps):
+            idx = torch.randperm(len(y), generator=generator)[: cfg.train.batch_size]
+            opt.zero_grad()
+            head_opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            torch.nn.utils.clip_grad_norm_(base + head if shared else base, p.inner_grad_clip)
+            opt.step()
+            if not shared:
+                head_opt.step()
+        bases.append(torch.nn.utils.parameters_to_vector(base).detach())
+    buffers = [head_opt.state[q]["momentum_buffer"].reshape(-1) for q in head if q in head_opt.state]
+    return bases, torch.nn.utils.parameters_to_vector(head).detach(), torch.cat(buffers) if buffers else None
+
+
+@pytest.mark.parametrize("head_optimizer", ["own", "shared"])
+def test_pc_head_trains_with_its_own_kept_optimiser_and_only_the_base_is_clipped(tmp_path, head_optimizer):
+    """Three rounds of one client from the same theta against the authors' loop: with ``own`` the head's momentum
+    carries over between rounds (client state) and its gradient is never clipped; ``shared`` is one clipped SGD."""
+    overrides = {"algorithm.inner_steps": 6, "algorithm.inner_lr": 0.05, "algorithm.inner_grad_clip": 0.2}
+    cfg, data, algo = _algorithm(tmp_path, "pfedhn-pc", **overrides, **{"algorithm.head_optimizer": head_optimizer})
+    k, rounds = 3, 3
+    (theta,) = algo.downlink(0, [k], "train")
+    state = algo.init_client_state(k)
+    updates = [algo.client_update(_client(cfg, data, algo, k, t, state), theta.clone()).payload for t in range(rounds)]
+    bases, head, momentum = _authors_pc_rounds(cfg, data, theta, k, rounds, shared=head_optimizer == "shared")
+    for update, base in zip(updates, bases, strict=True):
+        torch.testing.assert_close(update, theta - base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(state["head"], head, rtol=0, atol=1e-6)
+    assert ("head_momentum" in state) == (head_optimizer == "own")
+    if head_optimizer == "own":  # the kept momentum is the head's torch.optim buffer, and it is not zero
+        torch.testing.assert_close(state["head_momentum"], momentum, rtol=0, atol=1e-6)
+        assert momentum.abs().sum() > 0
+    other, _, _ = _authors_pc_rounds(cfg, data, theta, k, rounds, shared=head_optimizer != "shared")
+    assert (other[-1] - bases[-1]).abs().max() > 1e-4  # the two rules differ on this client
 
 
 @pytest.mark.parametrize("grad_clip", [50.0, 1e-3], ids=["unclipped", "clipped"])
@@ -187,7 +241,7 @@ def test_pc_heads_are_personal_and_used_with_the_generated_base(tmp_path):
     assert engine.run() == 0
     algo, model = engine.algo, engine.algo.setup.model
     head_numel = _target_numel(model, "head.")
-    assert algo.client_state_spec(0) == {"head": head_numel}
+    assert algo.client_state_spec(0) == {"head": head_numel, "head_momentum": head_numel}
     initial = algo.init_client_state(0)["head"].numpy()
     with h5py.File(cfg.output_path) as f:
         heads = f["clients/state/head"][-1]

@@ -5,11 +5,14 @@ Gathered: delta_i = theta_i - theta_i~ after the client's local steps. phi (the 
 embeddings v_i) stays on rank 0. Computes: a client runs ``inner_steps`` clipped SGD steps of the library loop, each
 on a fresh random minibatch; the server backpropagates the deltas through the graph kept from ``downlink``,
 g = (1/|S|) sum_i J_i^T delta_i, clips ||g|| and takes one SGD step on phi. pFedHN-PC generates only the feature
-extractor (``base.*``); each client's classifier (``head.*``) is its state and never moves. Novel clients:
-:func:`learn_novel_embedding`. The full design: docs/algorithms.md#pfedhn-and-pfedhn-pc.
+extractor (``base.*``); each client's classifier (``head.*``) is its state and never moves, trained by its own
+unclipped SGD whose momentum the client keeps between rounds (the authors' code; ``head_optimizer``). Novel
+clients: ``novel_clients.learn_novel_embedding``. The full design: docs/algorithms.md#pfedhn-and-pfedhn-pc.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,8 +22,9 @@ from ..models.params import ParamLayout, split_names
 from ..models.split import in_head
 from ..seeding import derive_seed
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
+from .grouped_optimizer import Grouped
 from .registry import register
-from .training import SGD, clip_grad_norm_, evaluate
+from .training import SGD
 
 _HYPERNETWORK_SEED = 0x4846  # stream tag of the hypernetwork's initialisation
 
@@ -46,6 +50,11 @@ class PFedHNParams(BaseModel):
     inner_momentum: float = Field(0.9, ge=0, lt=1, description="local SGD momentum, reset every round")
     inner_weight_decay: float = Field(5e-5, ge=0, description="local SGD weight decay")
     inner_grad_clip: float = Field(50.0, gt=0, description="largest L2 norm of a local gradient")
+    head_optimizer: Literal["own", "shared"] = Field(
+        "own",
+        description="pfedhn-pc: the head's own SGD (inner lr, momentum, weight decay; unclipped), its momentum kept "
+        "by the client between rounds, as the authors' code; shared: in the base's clipped SGD, reset every round",
+    )
 
 
 @register
@@ -76,6 +85,11 @@ class PFedHN(Algorithm):
         self.layout = ParamLayout(setup.model, generated)  # theta: what the hypernetwork generates
         self.personal_layout = ParamLayout(setup.model, personal)
         self.initial_personal = self.personal_layout.flatten(setup.model)
+        named = list(setup.model.named_parameters())
+        self.groups = [p for n, p in named if not self.personal(n)], [p for n, p in named if self.personal(n)]
+        own = params.head_optimizer == "own" and params.inner_momentum > 0  # momentum 0: nothing to keep
+        self.head_numels = [p.numel() for p in self.groups[1]]
+        self.momentum_numel = sum(self.head_numels) if own else 0
 
     # -- sizes and state ------------------------------------------------------------------
     def down_numel(self) -> int:
@@ -85,10 +99,12 @@ class PFedHN(Algorithm):
         return self.layout.numel
 
     def client_state_spec(self, group: int) -> dict[str, int]:
-        return {"head": self.personal_layout.numel} if self.personal_layout.numel else {}
+        spec = {"head": self.personal_layout.numel, "head_momentum": self.momentum_numel}
+        return {name: n for name, n in spec.items() if n}
 
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        return {"head": self.initial_personal.clone()} if self.personal_layout.numel else {}
+        state = {"head": self.initial_personal.clone(), "head_momentum": torch.zeros(self.momentum_numel)}
+        return {name: t for name, t in state.items() if t.numel()}
 
     # -- server ---------------------------------------------------------------------------
     @property
@@ -145,13 +161,25 @@ class PFedHN(Algorithm):
             self.personal_layout.load(self.setup.model, client.state["head"])
 
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        """``inner_steps`` clipped SGD steps on all the model's parameters, each on a fresh random minibatch."""
+        """``inner_steps`` SGD steps, each on a fresh random minibatch: clipped on the generated parameters; the
+        head's own (kept momentum) with ``head_optimizer: own``, else in the same clipped step."""
         self._load(client, payload)
-        p, params = self.params, self.setup.params
-        optimizer = SGD(params, p.inner_lr, p.inner_momentum, p.inner_weight_decay, clip=p.inner_grad_clip)
+        p, (base, head) = self.params, self.groups
+        sgd = p.inner_lr, p.inner_momentum, p.inner_weight_decay
+        if head and p.head_optimizer == "own":
+            params, head_sgd = base + head, SGD(head, *sgd)
+            optimizer = Grouped(SGD(base, *sgd, clip=p.inner_grad_clip), head_sgd, split=len(base))
+            kept = client.state["head_momentum"].split(self.head_numels) if self.momentum_numel else []
+            for buf, value in zip(head_sgd.buffers or [], kept, strict=True):
+                buf.copy_(value.view_as(buf))
+        else:
+            params = self.setup.params
+            optimizer = SGD(params, *sgd, clip=p.inner_grad_clip)
         means = self.local_training(client, params=params, steps=p.inner_steps, optimizer=optimizer)
         if self.personal_layout.numel:
             client.state["head"].copy_(self.personal_layout.flatten(self.setup.model))
+        if self.momentum_numel:
+            client.state["head_momentum"].copy_(torch.cat([b.reshape(-1) for b in head_sgd.buffers]))
         return Update(payload - self.layout.flatten(self.setup.model), 1.0, {"train_loss": means["train_loss"]})
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
@@ -164,34 +192,3 @@ class PFedHNPC(PFedHN):
 
     def personal(self, param_name: str) -> bool:
         return in_head(self.setup.model, param_name)
-
-
-def learn_novel_embedding(algorithm: PFedHN, client: Client, steps: int, lr: float) -> tuple[torch.Tensor, list[float]]:
-    """Generalisation to a novel client (the paper's experiment): phi frozen, only a new embedding v is learned.
-
-    Each step is the federated protocol for that one client: theta = h(v; phi) goes down, the client runs its
-    local steps (``client_update``: a PC client also trains its head, in ``client.state``), delta comes up, and
-    only v moves: v <- v - lr * clip(J_v^T delta). v starts at the mean of the learned embeddings. Runs in one
-    process, on the server's ``algorithm`` (``init_server`` done) with the client's data at hand.
-
-    Returns v ``[embedding_dim]`` and the client's training loss under h(v) before each step and after the last.
-    """
-    hnet = algorithm.hnet
-    v = hnet.embeddings.weight.detach().mean(dim=0, keepdim=True).clone().requires_grad_(True)
-    model, losses = algorithm.setup.model, []
-
-    def loss_of(theta: torch.Tensor) -> float:
-        algorithm.load_for_eval(client, theta)
-        return evaluate(model, *client.train)[0]
-
-    for _ in range(steps):
-        theta = hnet.generate(v)[0]
-        losses.append(loss_of(theta.detach()))
-        delta = algorithm.client_update(client, theta.detach()).payload
-        (grad,) = torch.autograd.grad(theta, v, grad_outputs=delta.to(theta.dtype))
-        with torch.no_grad():
-            clip_grad_norm_([grad], algorithm.params.grad_clip)
-            v -= lr * grad
-    with torch.no_grad():
-        losses.append(loss_of(hnet.generate(v)[0]))
-    return v.detach()[0], losses
