@@ -20,9 +20,15 @@ from pfl_mpi.algorithms.tasks import (
 )
 from pfl_mpi.algorithms.training import Batch, cross_entropy, evaluate
 from pfl_mpi.comm import FIELDS, LABELS
+from pfl_mpi.comm.serial import SerialWorld
+from pfl_mpi.data import load_federated
+from pfl_mpi.models import build_model
+from pfl_mpi.report import tables
+from pfl_mpi.report.load import load_run
+from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.record import EVAL_COLUMNS, META_COLUMNS, RANK_FIELDS, extra_columns, summarise
 from pfl_mpi.seeding import client_generator
-from tests.helpers import build_algorithm, tiny_config
+from tests.helpers import build_algorithm, committed, last_global_state, tiny_config
 from tests.plugins import user_losses
 from tests.test_cli import _MPI_PREFIXES, TINY
 
@@ -179,3 +185,25 @@ def test_new_keys_are_refused_with_exit_2_and_one_line(in_tmp, capsys, sets, key
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"pfl-mpi: config error: {key}"), err
     assert not (in_tmp / "runs").exists()
+
+
+def test_a_regression_run_records_mse_and_rmse_of_its_global_model(tmp_path):
+    """task: regression on digits: a one-output network regresses the label as a number; the file records
+    test_mse (the global model's squared error over every client's test samples, recomputed here) and
+    test_rmse, no accuracy; the report's tables read them."""
+    cfg = tiny_config(tmp_path / "reg.h5", **{"task": "regression", "train.lr": 0.01, "state_every": 1})
+    assert Engine(cfg, SerialWorld(), show_progress=False).run() == 0
+    data = load_federated(cfg.data, cfg.seed)
+    model = build_model(cfg.model, data.input_shape, 1)
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(last_global_state(cfg.output_path)), model.parameters())
+    squared, n = 0.0, 0
+    with torch.no_grad():
+        for k in range(data.num_clients):
+            c = data.client(k)
+            squared += float(((model(c.x_test).reshape(-1).double() - c.y_test.double()) ** 2).sum())
+            n += c.y_test.numel()
+    mse, rmse = committed(cfg.output_path, "rounds", "test_mse"), committed(cfg.output_path, "rounds", "test_rmse")
+    assert mse[-1] == pytest.approx(squared / n, rel=1e-5) and rmse[-1] == pytest.approx(math.sqrt(mse[-1]), rel=1e-12)
+    run = load_run(cfg.output_path)
+    assert "test_acc" not in run.rounds and "test_loss" not in run.rounds and run.score == "test_rmse"
+    assert tables.summarise(run)["final_acc"] == rmse[-1] and "final test rmse" in tables.comparison_table([run])

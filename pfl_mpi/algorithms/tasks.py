@@ -5,8 +5,9 @@
 - ``next_token``: outputs ``[B, V]`` (the next token of each sequence, LEAF's Shakespeare) or ``[B, T, V]`` (one
   prediction per position), targets int ``[B]`` or ``[B, T]``; cross-entropy and accuracy per token
   (``test_loss``, ``test_acc``: the mean over every predicted token).
-- ``regression``: outputs with as many values per sample as the targets (``[B]``, ``[B, 1]`` or ``[B, D]``),
-  float targets; mean squared error, root mean squared error (``test_mse``, ``test_rmse``).
+- ``regression``: outputs with as many values per sample as the targets (``[B]``, ``[B, 1]`` or ``[B, D]``);
+  mean squared error, root mean squared error (``test_mse``, ``test_rmse``). The built-in data sets have
+  integer labels: the network is then built with one output and regresses the label as a number.
 
 The config's ``task`` picks one (``auto``: ``next_token`` for Shakespeare, else ``classification``). A user loss
 (``train.loss: package.module:function``) replaces the training objective only: ``function(outputs, targets)``
@@ -44,7 +45,7 @@ def token_cross_entropy(model: torch.nn.Module, batch: Batch) -> tuple[torch.Ten
 def squared_error(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean squared error of the outputs (reshaped to the targets' shape)."""
     out = model(batch.x)
-    loss = F.mse_loss(out.reshape(batch.y.shape), batch.y)
+    loss = F.mse_loss(out.reshape(batch.y.shape), batch.y.to(out.dtype))
     return loss, {"train_loss": loss}
 
 
@@ -74,9 +75,9 @@ def evaluate_regression(
     model.eval()
     sq_sum = 0.0
     for start in range(0, x.shape[0], batch_size):
-        target = y[start : start + batch_size]
-        out = model(x[start : start + batch_size]).reshape(target.shape)
-        sq_sum += float(F.mse_loss(out, target, reduction="sum"))
+        out = model(x[start : start + batch_size])
+        target = y[start : start + batch_size].to(out.dtype)
+        sq_sum += float(F.mse_loss(out.reshape(target.shape), target, reduction="sum"))
     mse = sq_sum / max(y.numel(), 1)
     return mse, math.sqrt(mse)
 
@@ -108,6 +109,12 @@ TASKS: dict[str, Task] = {
 }
 CLASSIFICATION = TASKS["classification"]
 TOKEN_DATA = ("shakespeare",)  # data sets whose samples are token sequences: task auto -> next_token
+
+
+def model_outputs(task: Task, num_classes: int) -> int:
+    """The outputs the network is built with (its ``num_classes`` argument): one value for regression on a data
+    set's integer labels (the label as a number), else one per class."""
+    return 1 if task.name == "regression" else num_classes
 
 
 def task_name(task: str, data_name: str) -> str:

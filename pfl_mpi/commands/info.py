@@ -42,6 +42,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 f"(client mean {r['test_acc_mean'][i]:.4f} +- {r['test_acc_std'][i]:.4f}), "
                 f"test loss {r['test_loss'][i]:.4f}"
             )
+        rmse = [i for i, v in enumerate(r.get("test_rmse", [])) if not math.isnan(v)]  # task regression
+        if rmse:
+            i = rmse[-1]
+            print(
+                f"  last evaluation (round {i + 1}): test RMSE {r['test_rmse'][i]:.4f} "
+                f"(client mean {r['test_rmse_mean'][i]:.4f} +- {r['test_rmse_std'][i]:.4f}), "
+                f"test MSE {r['test_mse'][i]:.4f}"
+            )
         print(f"  last train loss {r['train_loss'][-1]:.4f}")
         if "protocol_bytes_down" in r:
             print(

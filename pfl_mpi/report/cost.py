@@ -81,7 +81,7 @@ def to_target(run: Run, target: float) -> Reached:
 
 def final_accuracy(run: Run) -> float:
     ev = run.evaluated()
-    return float(run.rounds["test_acc"][ev[-1]]) if len(ev) else math.nan
+    return float(run.rounds[run.score][ev[-1]]) if len(ev) else math.nan
 
 
 def run_row(run: Run, target: float | None = None) -> dict[str, object]:

@@ -46,9 +46,19 @@ class Run:
         """1-based round numbers, as the progress lines count them."""
         return np.arange(1, self.rounds_completed + 1)
 
+    @property
+    def score(self) -> str:
+        """The task's score metric: ``test_acc`` (classification, next token) or ``test_rmse`` (regression)."""
+        return "test_rmse" if "test_rmse" in self.rounds else "test_acc"
+
+    @property
+    def loss_metric(self) -> str:
+        """The task's test loss: ``test_loss`` or ``test_mse`` (regression)."""
+        return "test_mse" if self.score == "test_rmse" else "test_loss"
+
     def evaluated(self) -> np.ndarray:
         """0-based indices of the rounds with an evaluation."""
-        acc = self.rounds.get("test_acc", np.full(self.rounds_completed, np.nan))
+        acc = self.rounds.get(self.score, np.full(self.rounds_completed, np.nan))
         return np.flatnonzero(~np.isnan(acc))
 
 

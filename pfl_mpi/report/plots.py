@@ -89,13 +89,14 @@ def accuracy_loss(groups: list[Group], path: Path) -> Path:
     styles = [("test accuracy / test loss", {"ls": "-", "marker": "o", "ms": 3})]
     for group, colour in zip(groups, colours, strict=True):
         runs = group.runs
-        _band(acc_ax, x, [_metric(r, "test_acc") for r in runs], colour)
-        if any("global_test_acc" in r.rounds for r in runs):
-            _band(acc_ax, x, [_metric(r, "global_test_acc") for r in runs], colour, "s:", band=False)
+        score, loss = runs[0].score, runs[0].loss_metric  # the task's: test_acc/test_loss, test_rmse/test_mse
+        _band(acc_ax, x, [_metric(r, score) for r in runs], colour)
+        if any(f"global_{score}" in r.rounds for r in runs):
+            _band(acc_ax, x, [_metric(r, f"global_{score}") for r in runs], colour, "s:", band=False)
             styles.append(("global model accuracy", {"ls": ":", "marker": "s", "ms": 3}))
-        _band(loss_ax, x, [_metric(r, "test_loss") for r in runs], colour)
+        _band(loss_ax, x, [_metric(r, loss) for r in runs], colour)
         _band(loss_ax, x, [_metric(r, "train_loss") for r in runs], colour, "--", band=False)
-        fine = [_metric(r, "finetune_test_acc") for r in runs]
+        fine = [_metric(r, f"finetune_{score}") for r in runs]
         mean, std, count = series(fine)
         if np.any(count > 0):
             i = int(np.flatnonzero(count > 0)[-1])
@@ -103,6 +104,8 @@ def accuracy_loss(groups: list[Group], path: Path) -> Path:
             styles.append(("after fine-tuning", {"ls": "", "marker": "*", "ms": 10}))
     styles.append(("train loss of the sampled clients", {"ls": "--"}))
     acc_ax.set(ylabel="test accuracy (fraction, weighted by test samples)", title="Test accuracy")
+    if all(r.score == "test_rmse" for g in groups for r in g.runs):  # task regression
+        acc_ax.set(ylabel="test RMSE (root of the MSE weighted by test samples)", title="Test RMSE")
     loss_ax.set(ylabel="loss (nats)", title="Loss: test (solid), train (dashed)")
     for ax in (acc_ax, loss_ax):
         _round_axis(ax, groups)
@@ -122,7 +125,7 @@ def client_accuracy(groups: list[Group], path: Path) -> Path:
     for group, colour in zip(groups, colours, strict=True):
         last, quantiles = [], []
         for run in group.runs:
-            acc, ev = run.clients.get("test_acc"), run.evaluated()
+            acc, ev = run.clients.get(run.score), run.evaluated()
             if acc is None or not len(ev):
                 continue
             final = acc[ev[-1]]
@@ -255,7 +258,7 @@ def comparison(groups: list[Group], path: Path) -> Path:
         finals = []
         for run in group.runs:
             ev = run.evaluated()
-            finals.append(run.rounds["test_acc"][ev[-1]] if len(ev) else np.nan)
+            finals.append(run.rounds[run.score][ev[-1]] if len(ev) else np.nan)
         jitter = np.linspace(-0.15, 0.15, len(finals)) if len(finals) > 1 else [0.0]
         acc_ax.plot(finals, i + np.asarray(jitter), "o", ms=4, color=colour, markeredgecolor="black", mew=0.5)
     acc_ax.set_yticks(y, [g.legend for g in groups], fontsize=8)
@@ -310,7 +313,7 @@ def _cost_curve(ax, runs: list[Run], what: str, colour) -> bool:
         x = getattr(cumulative(run), what)
         if x is not None:
             xs.append(x)
-            accs.append(_metric(run, "test_acc"))
+            accs.append(_metric(run, run.score))
     if not xs:
         return False
     x_mean = series(xs)[0]

@@ -44,16 +44,16 @@ def summarise(run: Run) -> dict[str, object]:
         "final_client_mean": math.nan,
         "finetune_acc": math.nan,
     }
-    if len(ev):
-        acc = r["test_acc"][ev]
-        best = int(ev[int(np.argmax(acc))])
+    if len(ev):  # the task's score: accuracy (best: highest) or, for regression, RMSE (best: lowest)
+        acc, lowest = r[run.score][ev], run.score == "test_rmse"
+        best = int(ev[int(np.argmin(acc) if lowest else np.argmax(acc))])
         row.update(
             final_acc=float(acc[-1]),
-            best_acc=float(acc.max()),
+            best_acc=float(r[run.score][best]),
             best_round=best + 1,
-            final_client_mean=float(r["test_acc_mean"][ev[-1]]),
+            final_client_mean=float(r[f"{run.score}_mean"][ev[-1]]),
         )
-    ft = r.get("finetune_test_acc")
+    ft = r.get(f"finetune_{run.score}")
     if ft is not None and np.any(~np.isnan(ft)):
         row["finetune_acc"] = float(ft[~np.isnan(ft)][-1])
     algo = sum(float(r[k].sum()) for k in ("bytes_down", "bytes_up") if k in r)
@@ -71,9 +71,16 @@ def protocol_fields(run: Run) -> list[str]:
 
 
 def _columns(runs: list[Run]) -> list[tuple[str, str]]:
-    """COLUMNS and a column per ``protocol_bytes_*`` field that any of the runs has."""
+    """COLUMNS (titled RMSE rather than acc when every run is a regression) and a column per
+    ``protocol_bytes_*`` field that any of the runs has."""
     extra = sorted({name for run in runs for name in protocol_fields(run)})
-    return [*COLUMNS, *((name, name.replace("_", " ")) for name in extra)]
+    return [*((k, score_title(t, runs)) for k, t in COLUMNS), *((name, name.replace("_", " ")) for name in extra)]
+
+
+def score_title(title: str, runs: list[Run]) -> str:
+    """``title`` with "acc" read as "rmse" when every run's task is a regression (``Run.score``)."""
+    regression = bool(runs) and all(run.score == "test_rmse" for run in runs)
+    return title.replace(" acc", " rmse") if regression else title
 
 
 def _cell(value: object) -> str:
@@ -145,7 +152,8 @@ def group_table(groups: list[Group]) -> str:
     stats = group_statistics(groups)
     extra = [k for k in (stats[0] if stats else {}) if k.startswith("protocol_bytes_")]
     columns = [*STATISTICS, *((k, k.replace("_", " "), ".4g") for k in extra)]
-    header = ["group", "n", "seeds", "rounds", *(title for _, title, _ in columns)]
+    runs = [run for g in groups for run in g.runs]
+    header = ["group", "n", "seeds", "rounds", *(score_title(title, runs) for _, title, _ in columns)]
     rows = [
         [s["group"], s["n"], s["seeds"] or "-", s["rounds"], *(_mean_std_cell(s[k], fmt) for k, _, fmt in columns)]
         for s in stats
