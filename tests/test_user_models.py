@@ -153,7 +153,14 @@ def test_fedbn_rule_keeps_each_clients_statistics(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "algorithm,sets", [("fedavg", {"model.name": "tiny_resnet_bn"}), ("fedper", {"model.head": "[fc]"})]
+    "algorithm,sets",
+    [
+        ("fedavg", {"model.name": "tiny_resnet_bn"}),
+        ("fedper", {"model.head": "[fc]"}),
+        ("lgfedavg", {"model.name": "tiny_resnet_bn"}),
+        ("ditto", {}),
+        ("local", {}),
+    ],
 )
 def test_exported_networks_reproduce_the_recorded_accuracy(tmp_path, algorithm, sets):
     from pfl_mpi.cli import main
@@ -166,11 +173,11 @@ def test_exported_networks_reproduce_the_recorded_accuracy(tmp_path, algorithm, 
         acc = f["clients/test_acc"][-1]
     data = load_federated(cfg.data, cfg.seed)
     files = sorted((tmp_path / "nets").glob("client_*.pt"))
-    assert (tmp_path / "nets" / "global.pt").is_file()
-    assert len(files) == (data.num_clients if algorithm == "fedper" else 0)
+    assert (tmp_path / "nets" / "global.pt").is_file() == (algorithm != "local")
+    assert len(files) == (0 if algorithm == "fedavg" else data.num_clients)
     fresh = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed + 1)[0]  # other initial values
     for k in range(data.num_clients):
-        state = tmp_path / "nets" / (f"client_{k}.pt" if algorithm == "fedper" else "global.pt")
+        state = tmp_path / "nets" / ("global.pt" if algorithm == "fedavg" else f"client_{k}.pt")
         fresh.load_state_dict(torch.load(state, weights_only=True))
         client = data.client(k)
         assert evaluate(fresh, client.x_test, client.y_test)[1] == acc[k]
