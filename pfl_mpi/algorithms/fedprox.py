@@ -33,7 +33,7 @@ from .batched import ProximalTerm
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
-from .training import Means, Regulariser, evaluate
+from .training import Means, Regulariser
 from .weighting import client_weight
 
 _STRAGGLER = 0x5354_5241  # stream tag of the straggler draws ("STRA"), apart from the runtime's tags
@@ -110,7 +110,7 @@ class FedProx(SharedModelAlgorithm):
     def begin_training(self, client: Client, payload: torch.Tensor) -> dict | Update:
         self.shared.load(client, payload)
         if self.params.drop_stragglers and self.straggler_epochs(client) is not None:
-            loss, _ = evaluate(self.setup.model, *client.train)
+            loss, _ = self.setup.task.evaluate(self.setup.model, *client.train)
             metrics = {"train_loss": loss, "local_epochs": 0.0, "straggler": 1.0}
             return Update(torch.zeros_like(payload), 0.0, metrics)
         mu = self.params.mu

@@ -46,7 +46,6 @@ from typing import Literal
 import torch
 
 from .base import Client, Setup
-from .training import evaluate
 
 Weighting = Literal["samples", "uniform", "quality", "label_kl"]
 
@@ -68,7 +67,7 @@ def client_weight(strategy: Weighting, client: Client, setup: Setup | None = Non
     if strategy in NEEDS_SETUP and setup is None:
         raise ValueError(f"weighting {strategy!r} needs the Setup: call client_weight(strategy, client, setup)")
     if strategy == "quality":
-        loss, _ = evaluate(setup.model, *client.train)
+        loss, _ = setup.task.evaluate(setup.model, *client.train)  # the task's loss
         return n * math.exp(-loss)
     if strategy == "label_kl":
         return n * math.exp(
