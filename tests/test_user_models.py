@@ -56,6 +56,7 @@ algorithm:
         (["algorithm.name=fedper"], "model.head", "declares no head"),
         (["algorithm.name=fedper", "model.head=[fcc]"], "model.head", "'fcc' selects no parameter"),
         (["algorithm.name=lgfedavg"], "model.head", "declares no head"),
+        (["model.name=wrong_head"], "model.head", "'classifier' selects no parameter of WrongHead"),
         (["model.buffers=always"], "model.buffers", "shared"),
         (["model.name=tiny_resnet_bn", "model.buffers=refuse"], "model.buffers", "9 buffers"),
         (["model.name=tiny_resnet_bn", "algorithm.name=fedrep"], "model.buffers", "fedrep does not handle"),

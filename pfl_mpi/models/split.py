@@ -56,10 +56,11 @@ def in_head(model: nn.Module, name: str) -> bool:
 
 
 def check_head(model: nn.Module, key: str = "model.head") -> None:
-    """Every declared prefix must select at least one parameter (only when ``model.head`` was set)."""
-    prefixes = getattr(model, HEAD_ATTR, None)
-    if prefixes is None:
+    """Every declared prefix (``model.head`` or ``head_prefixes()``) must select at least one parameter; a
+    network that declares no head passes (an algorithm that needs one refuses it)."""
+    if getattr(model, HEAD_ATTR, None) is None and not callable(getattr(model, "head_prefixes", None)):
         return
+    prefixes = head_prefixes(model)
     names = [n for n, _ in model.named_parameters()]
     for p in prefixes:
         if not any(under(n, p) for n in names):

@@ -60,6 +60,16 @@ def resnet_bn(input_shape, num_classes: int, width: int = 8, blocks: int = 1) ->
 register_model("tiny_resnet_gn", resnet_gn)
 
 
+class WrongHead(TinyResNet):
+    def head_prefixes(self) -> list[str]:
+        return ["classifier"]
+
+
+@register_model("wrong_head")
+def wrong_head(input_shape, num_classes: int) -> nn.Module:
+    return WrongHead(input_shape, num_classes, 4, 1, lambda c: nn.GroupNorm(2, c))
+
+
 def not_a_module(input_shape, num_classes: int):
     return "a string"
 
