@@ -22,12 +22,17 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .training import Batch, LossFn, cross_entropy, evaluate
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from .base import Algorithm
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``criterion(outputs, targets) -> scalar``: a user loss (``train.loss``), the mean over the batch."""
@@ -162,7 +167,6 @@ def criterion_loss(fn: Criterion) -> LossFn:
         value = fn(model(batch.x), batch.y)
         return value, {"train_loss": value}
 
-    loss.criterion = fn  # type: ignore[attr-defined]
     return loss
 
 
@@ -171,7 +175,7 @@ def training_loss(task: Task, spec: str | None) -> LossFn:
     return task.loss if spec is None else criterion_loss(import_loss(spec))
 
 
-def check_task(cfg, cls) -> None:
+def check_task(cfg: RunConfig, cls: type[Algorithm]) -> None:
     """Refuse, with one line naming the key, what the algorithm ``cls`` cannot honour: a regression task or a
     ``train.loss`` when it trains with a cross-entropy of its own (``own_loss``), ``train.optimizer_state: keep``
     when it runs its own optimiser (``replaces_train`` names ``optimizer``). Imports ``train.loss``."""
