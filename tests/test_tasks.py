@@ -167,8 +167,7 @@ def in_tmp(tmp_path, monkeypatch):
         (["algorithm.name=fedmd", "task=regression"], "task"),
         (["train.optimizer_state=kept"], "train.optimizer_state"),
         (["algorithm.name=pfedhn", "train.optimizer_state=keep"], "train.optimizer_state"),
-        (["train.client_batch=4", "train.optimizer_state=keep"], "train.client_batch"),
-        (["train.client_batch=4", "task=next_token"], "train.client_batch"),
+        (["train.client_batch=4", "task=regression"], "train.client_batch"),
         # what Per-FedAvg, FedMeta and pFedHN's inner loop would ignore
         (["algorithm.name=perfedavg", "train.loss=torch.nn.functional:cross_entropy"], "train.loss"),
         (["algorithm.name=fedmeta", "train.optimizer_state=keep"], "train.optimizer_state"),

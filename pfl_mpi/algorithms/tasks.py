@@ -186,9 +186,8 @@ def check_task(cfg: RunConfig, cls: type[Algorithm]) -> None:
         if cls.own_loss:
             raise ConfigError("train.loss", f"{cls.name} trains with a loss of its own; remove train.loss")
         import_loss(cfg.train.loss)
-    plain = task == "classification" and cfg.train.loss is None and cfg.train.optimizer_state == "reset"
-    if cfg.train.client_batch != 1 and not plain:
-        raise ConfigError("train.client_batch", "batched clients train classification with a fresh SGD only; set 1")
+    if cfg.train.client_batch != 1 and task == "regression":  # (keep, train.loss: batched.py trains them alone)
+        raise ConfigError("train.client_batch", "batched clients train a cross-entropy; set 1 for task regression")
     if cfg.train.optimizer_state == "keep" and "optimizer" in cls.replaces_train:
         instead = cls.replaces_train["optimizer"]
         raise ConfigError("train.optimizer_state", f"{cls.name} does not use the train optimiser; set {instead}")
