@@ -15,20 +15,18 @@ from the second round and for the first ``early_stop`` epochs; alpha_t and beta_
 The formulas, the streams of noise and labels, and where this departs from the authors' code (label counts,
 the teacher term's weighting, label sampling, local training, the generator's layers): docs/algorithms.md#fedgen.
 Over 150 lines: three computations (FedAvg's w, the server's fit of G, the clients' two regularisers) and the
-paper's fifteen parameters; G, its fit and the head's slice of w live in models/feature_generator.py.
+paper's fifteen parameters; G, its fit (GeneratorFit) and the head's slice of w are models/feature_generator.py's.
 Not batched (``train.client_batch``): clients train one after another (its loss adds the generator's samples).
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..models.feature_generator import FeatureGenerator, FlatHead, fit_generator, label_weights
+from ..models.feature_generator import FeatureGenerator, FlatHead, GeneratorFit, label_weights
 from ..models.split import require_base_head
 from ..seeding import derive_seed
 from .base import Client, Collected, Gathered, Phase, Setup, Update
@@ -119,10 +117,8 @@ class FedGen(SharedModelAlgorithm):
         super().init_server()
         p = self.params
         self.generator = self._new_generator()  # on the CPU, as rank 0 is
-        self.gen_optimizer = torch.optim.Adam(
-            self.generator.parameters(), lr=p.ensemble_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=p.weight_decay
-        )
-        self.server_head = copy.deepcopy(self.setup.model.head).cpu().eval()
+        fit = (p.ensemble_lr, p.ensemble_lr_decay, p.weight_decay)
+        self.gen_fit = GeneratorFit(self.generator, self.setup.model.head, *fit)
 
     def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         return torch.cat([self.shared.w, self.generator.flat()])
@@ -139,21 +135,16 @@ class FedGen(SharedModelAlgorithm):
             return dict.fromkeys(("generator_teacher_loss", "generator_diversity_loss", "ensemble_acc"), 0.0)
         heads = [self.head.params(row) for row in models]
         rng = torch.Generator().manual_seed(derive_seed(self.setup.seed, _SERVER_STEPS, round))
-        for group in self.gen_optimizer.param_groups:
-            group["lr"] = p.ensemble_lr * p.ensemble_lr_decay**round
         alpha, labels = label_weights(counts).float(), (totals / totals.sum()).float()
         fit = (p.generator_steps, p.generator_batch_size, p.ensemble_alpha, p.ensemble_eta)
-        return fit_generator(self.generator, self.gen_optimizer, self.server_head, heads, alpha, labels, rng, *fit)
+        return self.gen_fit.fit(round, heads, alpha, labels, rng, *fit)
 
     def server_state(self) -> dict[str, torch.Tensor | dict]:
-        adam = self.gen_optimizer.state_dict()["state"]  # empty before the generator's first step
-        return {**super().server_state(), "generator": self.generator.flat(), "generator_adam": adam}
+        return {**super().server_state(), **self.gen_fit.state()}
 
     def load_server_state(self, state: dict) -> None:
         super().load_server_state(state)
-        self.generator.load_flat(state["generator"].reshape(-1))
-        groups = self.gen_optimizer.state_dict()["param_groups"]  # configuration, not state
-        self.gen_optimizer.load_state_dict({"state": state.get("generator_adam", {}), "param_groups": groups})
+        self.gen_fit.load_state(state)
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {**super().global_state(), "generator": self.generator.flat()}

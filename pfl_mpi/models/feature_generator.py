@@ -3,6 +3,7 @@ fit it to the clients' heads (Zhu, Hong and Zhou, ICML 2021; the layers are thos
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -129,3 +130,30 @@ def fit_generator(
     generator.eval()
     teacher, diversity, accuracy = (sums / steps).tolist()
     return {"generator_teacher_loss": teacher, "generator_diversity_loss": diversity, "ensemble_acc": accuracy}
+
+
+class GeneratorFit:
+    """The server's side of G: G, the Adam that fits it (learning rate ``lr * lr_decay**round``), the head that
+    scores its samples, and their checkpoint (G's flat state, Adam's per-parameter state)."""
+
+    def __init__(self, generator: FeatureGenerator, head: nn.Module, lr: float, lr_decay: float, weight_decay: float):
+        self.generator, self.lr, self.lr_decay = generator, lr, lr_decay
+        self.optimizer = torch.optim.Adam(
+            generator.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
+        )
+        self.head = copy.deepcopy(head).cpu().eval()
+
+    def fit(self, round: int, heads: list[dict[str, torch.Tensor]], *args) -> dict[str, float]:
+        """``fit_generator(G, Adam, head, heads, *args)`` at round ``round``'s learning rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * self.lr_decay**round
+        return fit_generator(self.generator, self.optimizer, self.head, heads, *args)
+
+    def state(self) -> dict[str, torch.Tensor | dict]:
+        adam = self.optimizer.state_dict()["state"]  # empty before the generator's first step
+        return {"generator": self.generator.flat(), "generator_adam": adam}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.load_flat(state["generator"].reshape(-1))
+        groups = self.optimizer.state_dict()["param_groups"]  # configuration, not state
+        self.optimizer.load_state_dict({"state": state.get("generator_adam", {}), "param_groups": groups})
