@@ -20,6 +20,8 @@ OPTED_IN = {  # algorithm -> its overrides: the features its client step batches
     "fedprox": {"algorithm.mu": 0.3, "algorithm.straggler_fraction": 0.5, "train.local_epochs": 3},
     "fedprox-dropping": {"algorithm.straggler_fraction": 0.5, "algorithm.drop_stragglers": True},
     "local": {"train.weight_decay": 0.01},
+    "fedrep": {"algorithm.tau_h": 2, "algorithm.tau_b": 1},
+    "ditto": {"algorithm.lam": 0.5, "algorithm.personal_epochs": 2},
     "qsgd": {},
     "topk": {"algorithm.k": 40},
     "signsgd": {},
@@ -82,7 +84,7 @@ def test_blocks_of_clients_equal_the_sequential_run(tmp_path, case, batched_clie
         assert f.attrs["client_batch"] == 4
 
 
-@pytest.mark.parametrize("case", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("case", ["fedavg", "fedprox", "ditto"])
 def test_a_batched_run_resumes_bit_for_bit(tmp_path, case):
     _run(_cfg(case, tmp_path / "straight.h5", 3))
     _run(_cfg(case, tmp_path / "resumed.h5", 3, rounds=2))

@@ -75,7 +75,8 @@ How the later algorithms fit (sketches):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -344,24 +345,32 @@ class Algorithm:
         return means
 
     def client_update(self, client: Client, payload: torch.Tensor | None) -> Update:
-        """What ``client`` does with ``payload``. Default (for an algorithm that declares ``begin_training``):
-        ``begin_training``, the library's loop with its options, ``finish_training``."""
-        options = self.begin_training(client, payload)
-        if not isinstance(options, dict):
-            return options
-        return self.finish_training(client, payload, self.local_training(client, **options))
+        """What ``client`` does with ``payload``. Default (for an algorithm that declares ``client_steps``, or
+        ``begin_training``/``finish_training``): its steps, each training through the library's loop."""
+        steps, means = self.client_steps(client, payload), None
+        while True:
+            try:
+                options = steps.send(means)
+            except StopIteration as done:
+                return done.value
+            means = self.train_with(client, options)
+
+    def train_with(self, client: Client, options: dict) -> Means:
+        """``local_training`` with the options a client step yields (``generator``: train from that generator
+        instead of the client's own)."""
+        if "generator" in options:
+            options = dict(options)
+            client = dataclasses.replace(client, generator=options.pop("generator"))
+        return self.local_training(client, **options)
 
     def client_updates(self, clients: list[Client], payloads: Sequence) -> Iterator[Update]:
         """The updates of a worker's clients of a round, in ``clients`` order (what the runtime calls). An
-        algorithm that declares ``begin_training``/``finish_training`` trains them in blocks of
-        ``setup.client_batch`` (``batched.train_in_blocks``) unless a subclass overrides ``client_update``;
+        algorithm that declares ``client_steps`` (or ``begin_training``/``finish_training``) trains them in
+        blocks of ``setup.client_batch`` (``batched.train_in_blocks``) unless it overrides ``client_update``;
         otherwise ``client_update`` one after another."""
         own = type(self)
-        if (
-            self.setup.client_batch > 1
-            and own.begin_training is not Algorithm.begin_training
-            and own.client_update is Algorithm.client_update  # a class that trains otherwise keeps its own step
-        ):
+        declares = own.client_steps is not Algorithm.client_steps or own.begin_training is not Algorithm.begin_training
+        if self.setup.client_batch > 1 and declares and own.client_update is Algorithm.client_update:
             from .batched import train_in_blocks
 
             yield from train_in_blocks(self, clients, payloads)
@@ -369,15 +378,26 @@ class Algorithm:
         for client, payload in zip(clients, payloads, strict=True):
             yield self.client_update(client, payload)
 
+    def client_steps(self, client: Client, payload: torch.Tensor | None) -> Generator[dict, Means, Update]:
+        """Batched clients (opt-in, ``algorithms/batched.py``): the client's step as a generator that loads into
+        ``setup.model_for(client.id)`` the parameters a training starts from, yields the options of that
+        ``local_training`` call (plus ``generator``, optionally), receives its means (the trained parameters then
+        in the model), and so on; it returns the client's Update. It must not read what other clients left in the
+        model. Default: ``begin_training``, one training, ``finish_training``."""
+        options = self.begin_training(client, payload)
+        if not isinstance(options, dict):
+            return options
+        means = yield options
+        return self.finish_training(client, payload, means)
+
     def begin_training(self, client: Client, payload: torch.Tensor | None) -> dict | Update:
-        """Batched clients (opt-in, ``algorithms/batched.py``): load into ``setup.model_for(client.id)`` the
-        parameters ``client`` starts from and return the options of its ``local_training`` call, or its Update
-        when it does not train this round. Must not read what other clients left in the model."""
+        """A one-training client step (see ``client_steps``): load the parameters ``client`` starts from and
+        return the options of its ``local_training`` call, or its Update when it does not train this round."""
         raise NotImplementedError
 
     def finish_training(self, client: Client, payload: torch.Tensor | None, means: Means) -> Update:
-        """Batched clients: after local training (the client's trained parameters in its model, ``means`` the
-        loop's result), keep what persists in ``client.state`` and return what goes up."""
+        """After that training (the client's trained parameters in its model, ``means`` the loop's result): keep
+        what persists in ``client.state`` and return what goes up."""
         raise NotImplementedError
 
     def load_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:

@@ -32,7 +32,7 @@ sequential loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -350,7 +350,7 @@ class ProximalTerm:
         return term
 
 
-BATCHED_OPTIONS = {"epochs", "lr", "params", "regulariser"}
+BATCHED_OPTIONS = {"epochs", "generator", "lr", "params", "regulariser"}
 
 
 def _signature(algo, client, options: dict, names_of: dict[int, str]) -> tuple | None:
@@ -367,45 +367,61 @@ def _signature(algo, client, options: dict, names_of: dict[int, str]) -> tuple |
     return names, options.get("lr"), kind
 
 
+def _advance(steps: Generator, means: Means | None) -> tuple[dict | None, object]:
+    """Run a client's steps to its next training: (its options, None), or (None, its Update) when it is done."""
+    try:
+        return steps.send(means), None
+    except StopIteration as done:
+        return None, done.value
+
+
 def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
     """``algo``'s updates of ``clients`` (in order), blocks of ``setup.client_batch`` clients trained together.
 
-    Per client: ``begin_training`` loads its start into the model and returns its ``local_training`` options
-    (or its Update, when it does not train); its start is copied into the block's stacks. Clients whose options
-    the batched loop cannot run (see ``batchable``, ``BATCHED_OPTIONS``) train at once, one at a time, as in the
-    sequential path. After the block trains, each client's trained parameters are loaded into the model and
-    ``finish_training`` returns its Update."""
-    setup, size = algo.setup, algo.setup.client_batch
-    for block in blocks(list(zip(clients, payloads, strict=True)), size):
-        done: list = [None] * len(block)
-        group: list[tuple[int, dict]] = []
+    Each client's ``client_steps`` runs to its first training: it loads its start into the model and yields the
+    options, and its start is copied into the block's stacks. Clients whose options the batched loop cannot run
+    (see ``batchable``, ``BATCHED_OPTIONS``) or that differ from the block's (trained parameters, lr,
+    regulariser) train at once, alone, as in the sequential path. The block trains; each client's trained
+    parameters are loaded into the model and its steps resume with its means, up to its next training (a
+    further pass of the block: FedRep's body after its head, Ditto's v after w) or its Update."""
+    setup = algo.setup
+    for block in blocks(list(zip(clients, payloads, strict=True)), setup.client_batch):
         model = setup.model_for(block[0][0].id)
         names_of = {id(p): n for n, p in model.named_parameters()}
-        stacks = {n: p.new_empty(len(block), *p.shape) for n, p in model.named_parameters()}
-        signature = None
-        for i, (client, payload) in enumerate(block):
-            options = algo.begin_training(client, payload)
-            if not isinstance(options, dict):  # the client's Update: it does not train this round
-                done[i] = options
-                continue
-            own = _signature(algo, client, options, names_of)
-            why = batchable(model, setup.train, *client.train, augment=setup.augment, loss=_task_loss(setup))
-            if own is None or why is not None or setup.model_for(client.id) is not model or own != (signature or own):
-                done[i] = algo.finish_training(client, payload, algo.local_training(client, **options))
-                continue
-            signature = own
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    stacks[n][len(group)].copy_(p)
-            group.append((i, options))
-        if group:
-            means = _train_group(algo, model, block, group, {n: t[: len(group)] for n, t in stacks.items()}, signature)
-            for j, (i, _) in enumerate(group):
-                client, payload = block[i]
+        steps = [algo.client_steps(client, payload) for client, payload in block]
+        done: list = [None] * len(block)
+        waiting = list(range(len(block)))  # clients whose steps have not started
+        resumed: list[tuple] = []  # (client, the means of its last training, its trained parameters)
+        while waiting or resumed:
+            group: list[tuple[int, dict]] = []
+            stacks = {n: p.new_empty(len(block), *p.shape) for n, p in model.named_parameters()}
+            signature = None
+            for i, means, trained in [(i, None, None) for i in waiting] + resumed:
+                if trained is not None:
+                    with torch.no_grad():
+                        for n, p in model.named_parameters():
+                            p.copy_(trained[n])
+                options, done[i] = _advance(steps[i], means)
+                while options is not None:  # a training the block cannot share: alone, now
+                    client = block[i][0]
+                    own = _signature(algo, client, options, names_of)
+                    why = batchable(model, setup.train, *client.train, augment=setup.augment, loss=_task_loss(setup))
+                    alike = setup.model_for(client.id) is model and own == (signature or own)
+                    if own is not None and why is None and alike:
+                        break
+                    options, done[i] = _advance(steps[i], algo.train_with(client, options))
+                if options is None:
+                    continue
+                signature = own
                 with torch.no_grad():
                     for n, p in model.named_parameters():
-                        p.copy_(stacks[n][j])
-                done[i] = algo.finish_training(client, payload, means[j])
+                        stacks[n][len(group)].copy_(p)
+                group.append((i, options))
+            waiting, resumed = [], []
+            if group:
+                params = {n: t[: len(group)] for n, t in stacks.items()}
+                means = _train_group(algo, model, block, group, params, signature)
+                resumed = [(i, means[j], {n: t[j] for n, t in params.items()}) for j, (i, _) in enumerate(group)]
         yield from done
 
 
@@ -430,7 +446,7 @@ def _train_group(algo, model: nn.Module, block: list, group: list, params: Stack
         model,
         params,
         [c.train for c in clients],
-        [c.generator for c in clients],
+        [options.get("generator", c.generator) for c, (_, options) in zip(clients, group, strict=True)],
         cfg,
         step,
         trainable=names,

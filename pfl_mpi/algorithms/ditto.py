@@ -13,22 +13,22 @@ The personal steps draw their minibatches from a copy of the client's generator 
 global steps, so v and w see the same batches in the same order, as in the authors' code (one step
 of v and one of w on each batch). With lam = 0, v_k is therefore exactly what ``local`` trains.
 
-Batched clients (``train.client_batch``): not batched, clients train one after another: two trainings per
-client (w, then v with its pull to w).
+Batched clients (``train.client_batch``): a block of clients trains its w's together, then its v's.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Generator
 
 import torch
 from pydantic import Field
 
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
+from .batched import ProximalTerm
 from .fedavg import FedAvgParams
-from .fedprox import proximal_term
 from .registry import register
 from .shared_model import SharedModelAlgorithm
+from .training import Means
 from .weighting import client_weight
 
 
@@ -73,20 +73,23 @@ class Ditto(SharedModelAlgorithm):
         return self.shared.step(up.mean)
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
+    def client_steps(self, client: Client, payload: torch.Tensor) -> Generator[dict, Means, Update]:
+        """w's local training (FedAvg's), then v's from a copy of the generator taken before: two trainings that
+        batched clients run block by block."""
         personal_generator = torch.Generator()
         personal_generator.set_state(client.generator.get_state())
-        delta, means = self.shared.update(client, payload, self.local_training)  # the global update: FedAvg's
+        self.shared.load(client, payload)
+        means = yield {}  # the global update: FedAvg's
+        delta = self.shared.collect(client, payload)
         weight = client_weight(self.params.weighting, client, self.setup)
 
         lam = self.params.lam
         self.shared.load(client, client.state["v"])
-        regulariser = proximal_term(self.shared_params, payload, lam) if lam > 0 else None
+        regulariser = ProximalTerm(self.shared_params, self.shared.names, payload, lam) if lam > 0 else None
         epochs = self.params.personal_epochs or self.setup.train.local_epochs
-        personal = dataclasses.replace(client, generator=personal_generator)
-        loss = self.local_training(personal, regulariser=regulariser, epochs=epochs)["train_loss"]
+        personal = yield {"regulariser": regulariser, "epochs": epochs, "generator": personal_generator}
         client.state["v"].copy_(self.shared.flatten())
-        return Update(delta, weight, {"train_loss": means["train_loss"], "personal_train_loss": loss})
+        return Update(delta, weight, {"train_loss": means["train_loss"], "personal_train_loss": personal["train_loss"]})
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.shared.load(client, client.state["v"])

@@ -33,22 +33,10 @@ from .batched import ProximalTerm
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
-from .training import Means, Regulariser
+from .training import Means
 from .weighting import client_weight
 
 _STRAGGLER = 0x5354_5241  # stream tag of the straggler draws ("STRA"), apart from the runtime's tags
-
-
-def proximal_term(params: list[torch.nn.Parameter], anchor: torch.Tensor, coefficient: float) -> Regulariser:
-    """The regulariser (coefficient / 2) * ||params - anchor||^2; ``anchor`` is flat, in ``params`` order."""
-    anchor = anchor.to(device=params[0].device, dtype=params[0].dtype)
-    targets = [a.view(p.shape) for p, a in zip(params, anchor.split([p.numel() for p in params]), strict=True)]
-    half = 0.5 * coefficient
-
-    def term() -> torch.Tensor:
-        return half * sum((p - a).square().sum() for p, a in zip(params, targets, strict=True))
-
-    return term
 
 
 class FedProxParams(FedAvgParams):

@@ -21,11 +21,12 @@ The authors' code also trains the head epochs first and the representation epoch
 (``local_ep - local_rep_ep`` head epochs, ``local_rep_ep`` body epochs; 10 and 1 in the paper's image
 experiments), so ``tau_h`` = 10, ``tau_b`` = 1 are the defaults.
 
-Batched clients (``train.client_batch``): not batched, clients train one after another: the head, then the
-body, each with its own epochs.
+Batched clients (``train.client_batch``): a block of clients trains its heads together, then its bodies.
 """
 
 from __future__ import annotations
+
+from collections.abc import Generator
 
 import torch
 from pydantic import Field
@@ -35,6 +36,7 @@ from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
+from .training import Means
 from .weighting import Weighting, client_weight
 
 
@@ -76,19 +78,19 @@ class FedRep(SharedModelAlgorithm):
         return self.shared.step(up.mean)
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        delta, loss = self.shared.update(client, payload, self.train_head_then_body)
-        return Update(delta, client_weight(self.params.weighting, client, self.setup), {"train_loss": loss})
-
-    def train_head_then_body(self, client: Client) -> float:
-        """``tau_h`` epochs on the head, then ``tau_b`` on the body; the mean batch loss over both phases."""
+    def client_steps(self, client: Client, payload: torch.Tensor) -> Generator[dict, Means, Update]:
+        """Load w and the head, ``tau_h`` epochs on the head, then ``tau_b`` on the body (two trainings that
+        batched clients run block by block); the train loss is the mean batch loss over both phases."""
         p = self.params
+        self.shared.load(client, payload)
         head_loss = body_loss = 0.0
         if p.tau_h:
-            head_loss = self.local_training(client, params=self.head_params, epochs=p.tau_h)["train_loss"]
+            head_loss = (yield {"params": self.head_params, "epochs": p.tau_h})["train_loss"]
         if p.tau_b and self.body_params:
-            body_loss = self.local_training(client, params=self.body_params, epochs=p.tau_b)["train_loss"]
+            body_loss = (yield {"params": self.body_params, "epochs": p.tau_b})["train_loss"]
         body_epochs = p.tau_b if self.body_params else 0
         # every epoch has the same number of batches: the mean batch loss over both phases
         epochs = p.tau_h + body_epochs
-        return (p.tau_h * head_loss + body_epochs * body_loss) / epochs if epochs else 0.0
+        loss = (p.tau_h * head_loss + body_epochs * body_loss) / epochs if epochs else 0.0
+        delta = self.shared.collect(client, payload)
+        return Update(delta, client_weight(self.params.weighting, client, self.setup), {"train_loss": loss})
