@@ -17,7 +17,7 @@ SETS = {"data.num_clients": 14, "clients_per_round": 11, "data.partition": "diri
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedper", "fedprox"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedper", "fedprox", "fedrep"])
 def test_batched_results_do_not_depend_on_the_ranks(algorithm, mpi_tmp_path):
     """P ranks with blocks of 3 against one process with blocks of 3 and one process without blocks: the first
     round's per-client results are bit for bit the same (a client's result does not depend on its block); later
