@@ -20,7 +20,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.build import build_algorithm
 from pfl_mpi.store import read_client_states
 
-from .helpers import tiny_config
+from .helpers import committed, tiny_config
 
 PLUGIN = Path(__file__).parent / "plugins" / "user_models.py"
 GN = "user_models:resnet_gn"
@@ -203,3 +203,65 @@ def test_user_and_builtin_networks_mix_as_architecture_groups(tmp_path):
         net.load_state_dict(torch.load(tmp_path / "nets" / f"client_{k}.pt", weights_only=True))
         assert len(flat) == sum(p.numel() for p in net.parameters())
         assert np.array_equal(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy(), flat)
+
+
+def test_fedbn_run_killed_mid_run_resumes_to_the_straight_result(tmp_path):
+    """SIGKILL a 2-rank run of a BatchNorm network with per-client buffers (Adam, cosine schedule) after two
+    rounds, resume it in one process: the rounds and every client's statistics equal a straight run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pfl_mpi.config import load_config
+
+    cfg_file = tmp_path / "fedbn.yaml"
+    cfg_file.write_text(
+        YAML.replace("name: user\n", "name: fedbn\nstate_every: 1\n").replace(
+            f"  name: {GN}\n", "  name: tiny_resnet_bn\n  buffers: personal\n"
+        )
+        + "train:\n  optimizer: adam\n  lr: 0.01\n  batch_size: 16\n"
+        + "  schedule: {name: cosine, period: 20, min_factor: 0.1}\n",
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA"))}
+    broken = tmp_path / "broken.h5"
+    run = [sys.executable, "-m", "pfl_mpi", "run", str(cfg_file), "--quiet"]
+    proc = subprocess.Popen(
+        [*run, "-n", "2", "--out", str(broken), "--set", "rounds=1000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        done = 0
+        while done < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            try:
+                with h5py.File(broken, "r", locking=False) as f:
+                    done = int(f.attrs["rounds_completed"])
+            except (OSError, KeyError):
+                pass
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with h5py.File(broken, "r", locking=False) as f:
+        done = int(f.attrs["rounds_completed"])
+    assert 2 <= done < 1000
+    rounds = done + 3  # the kill may land after one more round's commit
+    resumed = load_config(cfg_file, [f"rounds={rounds}", f"output={broken}"])  # here, on one process
+    engine = Engine(resumed, SerialWorld(), resume=True, show_progress=False)
+    assert 2 <= engine.start_round < rounds and engine.run() == 0
+    straight = load_config(cfg_file, [f"rounds={rounds}", f"output={tmp_path / 'straight.h5'}"])
+    _run(straight)
+    for name in ("train_loss", "test_acc"):
+        a, b = committed(broken, "rounds", name), committed(straight.output_path, "rounds", name)
+        assert len(a) == len(b) == rounds
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    with h5py.File(broken) as f, h5py.File(straight.output_path) as g:
+        assert f.attrs["status"] == "completed"
+        np.testing.assert_allclose(f["clients/state/personal"][-1], g["clients/state/personal"][-1], atol=1e-5)
+        np.testing.assert_allclose(f["global/state/shared"][-1], g["global/state/shared"][-1], atol=1e-5)
