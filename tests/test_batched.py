@@ -3,6 +3,8 @@ library's loop; a client's result does not depend on its block; ``auto`` stays w
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -158,15 +160,36 @@ def test_auto_fits_the_memory_budget():
     assert choose_client_batch(TrainConfig(client_batch="auto"), model, torch.device("cpu"), sample, 64) > 1
 
 
-def test_the_estimate_covers_what_a_block_holds():
-    """The bytes of a block's stacked parameters, momentum buffers and concatenated data stay below K estimates."""
-    cfg = TrainConfig(batch_size=8, momentum=0.9)
-    model, data = _model("mlp", (6,)), _clients((6,))
+def _peak_bytes(run) -> int:
+    """The peak of torch's CPU allocations while ``run()`` runs, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    held = peak = 0
+    for event in events:
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("net,shape", [("mlp", (6,)), ("cnn2d", (1, 8, 8))], ids=["mlp", "cnn2d"])
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "clip_norm": 1.0}], ids=["plain", "momentum-clip"])
+def test_a_block_that_auto_chose_stays_within_the_budget(net, shape, options):
+    """Measured: what a block of the K that auto chose allocates (its stacks, data copy, batch plan, activations,
+    gradients and buffers) peaks below the budget, and below K times the per-client estimate."""
+    model, data = _model(net, shape), _clients(shape)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stacked = stack([start] * len(data))
-    held = 3 * sum(t.numel() * t.element_size() for t in stacked.values())  # stack, gradients, momentum
-    held += sum(x.numel() * x.element_size() + y.numel() * 4 for x, y in data)
-    assert held <= len(data) * client_bytes(model, cfg, data[0][0][:1], max(SIZES))
+    for mb in (0.1, 0.4, 3.0):
+        cfg = TrainConfig(batch_size=8, client_batch={"memory_mb": mb}, **options)
+        k = choose_client_batch(cfg, model, torch.device("cpu"), data[0][0][:1], max(SIZES))
+        block = [data[i % len(data)] for i in range(k)]
+        gens = [torch.Generator().manual_seed(i) for i in range(k)]
+        peak = _peak_bytes(partial(batched_local_training, model, stack([start] * k), block, gens, cfg, cfg.lr))
+        peak += k * sum(p.numel() * p.element_size() for p in start.values())  # the stacks, made before
+        assert peak <= k * client_bytes(model, cfg, data[0][0][:1], max(SIZES))
+        assert k == 1 or peak <= mb * 2**20, (k, peak)
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "many", "{memory_mb: -1}"])
