@@ -9,6 +9,7 @@ CE + server_alpha KL_T(Z || g(H)), keeps g(H_k), and scores g on the test rows (
 accuracy; ``test_acc`` is the clients' own small models).
 Departs from the authors' code (FedML) in when server logits are computed, the server's shuffling, its loss
 weights and the clients' optimiser: docs/algorithms.md#fedgkt, with the full design.
+Not batched (``train.client_batch``): clients train one after another (a distillation loss).
 """
 
 from __future__ import annotations

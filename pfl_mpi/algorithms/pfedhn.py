@@ -8,6 +8,7 @@ g = (1/|S|) sum_i J_i^T delta_i, clips ||g|| and takes one SGD step on phi. pFed
 extractor (``base.*``); each client's classifier (``head.*``) is its state and never moves, trained by its own
 unclipped SGD whose momentum the client keeps between rounds (the authors' code; ``head_optimizer``). Novel
 clients: ``novel_clients.learn_novel_embedding``. The full design: docs/algorithms.md#pfedhn-and-pfedhn-pc.
+Not batched (``train.client_batch``): clients train one after another (inner steps, own optimiser).
 """
 
 from __future__ import annotations
