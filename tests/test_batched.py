@@ -8,14 +8,8 @@ from functools import partial
 import pytest
 import torch
 
-from pfl_mpi.algorithms.batched import (
-    ProximalTerm,
-    batched_local_training,
-    choose_client_batch,
-    client_bytes,
-    plan_batches,
-    stack,
-)
+from pfl_mpi.algorithms.batched import ProximalTerm, batched_local_training, plan_batches, stack
+from pfl_mpi.algorithms.client_batch import choose_client_batch, client_bytes
 from pfl_mpi.algorithms.training import TrainConfig, local_training, make_optimizer
 from pfl_mpi.config import load_config
 from pfl_mpi.errors import ConfigError

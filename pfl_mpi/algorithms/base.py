@@ -140,7 +140,7 @@ class Setup:
     rounds: int = 1  # the run's planned rounds (learning-rate schedules over rounds)
     task: Task = CLASSIFICATION  # the clients' default loss and the evaluation's metrics (config ``task``)
     loss: LossFn | None = None  # the clients' training objective (``train.loss``); None: the task's loss
-    client_batch: int = 1  # clients trained together (train.client_batch resolved: batched.choose_client_batch)
+    client_batch: int = 1  # clients trained together (train.client_batch resolved: client_batch.choose_client_batch)
     params: list[torch.nn.Parameter] = field(init=False)  # model.parameters(), listed once
     # class frequencies over all clients' training data, known on every rank before round 1
     label_distribution: torch.Tensor = field(init=False)
@@ -366,12 +366,12 @@ class Algorithm:
     def client_updates(self, clients: list[Client], payloads: Sequence) -> Iterator[Update]:
         """The updates of a worker's clients of a round, in ``clients`` order (what the runtime calls). An
         algorithm that declares ``client_steps`` (or ``begin_training``/``finish_training``) trains them in
-        blocks of ``setup.client_batch`` (``batched.train_in_blocks``) unless it overrides ``client_update``;
+        blocks of ``setup.client_batch`` (``client_blocks.train_in_blocks``) unless it overrides ``client_update``;
         otherwise ``client_update`` one after another."""
         own = type(self)
         declares = own.client_steps is not Algorithm.client_steps or own.begin_training is not Algorithm.begin_training
         if self.setup.client_batch > 1 and declares and own.client_update is Algorithm.client_update:
-            from .batched import train_in_blocks
+            from .client_blocks import train_in_blocks
 
             yield from train_in_blocks(self, clients, payloads)
             return

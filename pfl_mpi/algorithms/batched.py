@@ -27,12 +27,13 @@ What is not batched (``batchable`` says why): optimisers other than SGD or SGD s
 (``train.optimizer_state: keep``), models with buffers
 (batch norm's running statistics) or with operations ``vmap`` cannot batch (a probe forward decides),
 custom losses and data augmentation (its draws interleave with the permutations). Callers then use the
-sequential loop.
+sequential loop. Algorithms reach this loop through ``client_blocks.train_in_blocks``; ``client_batch``
+chooses K.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..models.nets import SplitModel
-from .training import Means, TrainConfig, cross_entropy, epoch_batches
+from .training import Means, TrainConfig, epoch_batches
 
 Stacked = dict[str, torch.Tensor]
 """Parameters by name, each ``[K, *shape]``: client i's parameters are the i-th slices."""
@@ -317,7 +318,7 @@ def batched_local_training(
     return result
 
 
-# -- algorithms: blocks of clients ---------------------------------------------------------
+# -- regularisers ---------------------------------------------------------------------------
 class ProximalTerm:
     """The regulariser (coefficient / 2) * ||params - anchor||^2 (FedProx's proximal term, Ditto's pull to w), in
     both loops: called with no argument it is the sequential loop's regulariser of ``params``; the batched loop
@@ -348,161 +349,3 @@ class ProximalTerm:
             return (halves[rows] * squares).sum()
 
         return term
-
-
-BATCHED_OPTIONS = {"epochs", "generator", "lr", "params", "regulariser"}
-
-
-def _signature(algo, client, options: dict, names_of: dict[int, str]) -> tuple | None:
-    """What the clients of one block must share (trained names, lr, kind of regulariser), or None when this
-    client's options need the sequential loop."""
-    if set(options) - BATCHED_OPTIONS:
-        return None
-    regulariser = options.get("regulariser")
-    if regulariser is not None and not isinstance(regulariser, ProximalTerm):
-        return None
-    params = options.get("params", algo.setup.params_for(client.id))
-    names = tuple(names_of[id(p)] for p in params)
-    kind = None if regulariser is None else tuple(regulariser.names)
-    return names, options.get("lr"), kind
-
-
-def _advance(steps: Generator, means: Means | None) -> tuple[dict | None, object]:
-    """Run a client's steps to its next training: (its options, None), or (None, its Update) when it is done."""
-    try:
-        return steps.send(means), None
-    except StopIteration as done:
-        return None, done.value
-
-
-def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
-    """``algo``'s updates of ``clients`` (in order), blocks of ``setup.client_batch`` clients trained together.
-
-    Each client's ``client_steps`` runs to its first training: it loads its start into the model and yields the
-    options, and its start is copied into the block's stacks. Clients whose options the batched loop cannot run
-    (see ``batchable``, ``BATCHED_OPTIONS``) or that differ from the block's (trained parameters, lr,
-    regulariser) train at once, alone, as in the sequential path. The block trains; each client's trained
-    parameters are loaded into the model and its steps resume with its means, up to its next training (a
-    further pass of the block: FedRep's body after its head, Ditto's v after w) or its Update."""
-    setup = algo.setup
-    for block in blocks(list(zip(clients, payloads, strict=True)), setup.client_batch):
-        model = setup.model_for(block[0][0].id)
-        names_of = {id(p): n for n, p in model.named_parameters()}
-        steps = [algo.client_steps(client, payload) for client, payload in block]
-        done: list = [None] * len(block)
-        waiting = list(range(len(block)))  # clients whose steps have not started
-        resumed: list[tuple] = []  # (client, the means of its last training, its trained parameters)
-        while waiting or resumed:
-            group: list[tuple[int, dict]] = []
-            stacks = {n: p.new_empty(len(block), *p.shape) for n, p in model.named_parameters()}
-            signature = None
-            for i, means, trained in [(i, None, None) for i in waiting] + resumed:
-                if trained is not None:
-                    with torch.no_grad():
-                        for n, p in model.named_parameters():
-                            p.copy_(trained[n])
-                options, done[i] = _advance(steps[i], means)
-                while options is not None:  # a training the block cannot share: alone, now
-                    client = block[i][0]
-                    own = _signature(algo, client, options, names_of)
-                    why = batchable(model, setup.train, *client.train, augment=setup.augment, loss=_task_loss(setup))
-                    alike = setup.model_for(client.id) is model and own == (signature or own)
-                    if own is not None and why is None and alike:
-                        break
-                    options, done[i] = _advance(steps[i], algo.train_with(client, options))
-                if options is None:
-                    continue
-                signature = own
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        stacks[n][len(group)].copy_(p)
-                group.append((i, options))
-            waiting, resumed = [], []
-            if group:
-                params = {n: t[: len(group)] for n, t in stacks.items()}
-                means = _train_group(algo, model, block, group, params, signature)
-                resumed = [(i, means[j], {n: t[j] for n, t in params.items()}) for j, (i, _) in enumerate(group)]
-        yield from done
-
-
-def _task_loss(setup):
-    """The setup's default training loss when it is not the cross-entropy of ``training.cross_entropy``."""
-    loss = getattr(setup, "loss", None) or getattr(getattr(setup, "task", None), "loss", None)
-    return None if loss is None or loss is cross_entropy else loss
-
-
-def _train_group(algo, model: nn.Module, block: list, group: list, params: Stacked, signature: tuple) -> list[Means]:
-    """Train the block's clients ``group`` ((position, options) pairs) together; their means."""
-    from .optimizers import lr_factor
-
-    setup, cfg = algo.setup, algo.setup.train
-    names, lr, kind = signature
-    first = block[group[0][0]][0]
-    step = (cfg.lr if lr is None else lr) * lr_factor(cfg.schedule, first.round, setup.rounds)
-    clients = [block[i][0] for i, _ in group]
-    epochs = [options.get("epochs", cfg.local_epochs) for _, options in group]
-    regulariser = None if kind is None else ProximalTerm.stacked([options["regulariser"] for _, options in group])
-    return batched_local_training(
-        model,
-        params,
-        [c.train for c in clients],
-        [options.get("generator", c.generator) for c, (_, options) in zip(clients, group, strict=True)],
-        cfg,
-        step,
-        trainable=names,
-        epochs=epochs,
-        regulariser=regulariser,
-    )
-
-
-# -- how many clients per block -------------------------------------------------------------
-CPU_BUDGET_MB = 32.0  # ``auto`` on a CPU: blocks that stay near the caches (W1: K = 20, the fastest measured)
-GPU_FRACTION = 0.5  # ``auto`` on a GPU: half of the device's memory
-MAX_AUTO = 256
-
-
-def client_bytes(model: nn.Module, cfg: TrainConfig, sample: torch.Tensor, max_samples: int) -> int:
-    """An upper estimate of what one more client costs a block, in bytes: its parameters four times (the stack,
-    the gradients, the momentum buffer, the autograd leaves), the activations of a batch three times (outputs,
-    their gradients, what autograd saves), its data (the block's concatenated copy) and its batch plan."""
-    numel = sum(p.numel() for p in model.parameters())
-    activations = [0]
-
-    def count(_module, _inputs, output) -> None:
-        if isinstance(output, torch.Tensor):
-            activations[0] += output[0].numel()  # per sample
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(sample[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    item = 4
-    per_sample = item * (int(sample[0].numel()) + 1)
-    steps = cfg.local_epochs * -(-max_samples // cfg.batch_size)
-    plan = steps * cfg.batch_size * (8 + item) + steps * item
-    return item * (4 * numel + 3 * cfg.batch_size * activations[0]) + per_sample * max_samples + plan
-
-
-def budget_bytes(cfg: TrainConfig, device: torch.device) -> int:
-    """The memory a block may use: ``client_batch.memory_mb``, else the device's default."""
-    memory = getattr(cfg.client_batch, "memory_mb", None)
-    if memory is not None:
-        return int(memory * 2**20)
-    if device.type == "cuda":
-        return int(GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory)
-    return int(CPU_BUDGET_MB * 2**20)
-
-
-def choose_client_batch(
-    cfg: TrainConfig, model: nn.Module, device: torch.device, sample: torch.Tensor, max_samples: int
-) -> int:
-    """K for ``train.client_batch``: the integer as given, or (``auto``) the most clients whose block fits the
-    budget (``budget_bytes``), at least 1 and at most ``MAX_AUTO``. A pure function of the configuration, the model
-    and the device's kind and size, so every rank on like devices chooses the same K."""
-    if isinstance(cfg.client_batch, int):
-        return cfg.client_batch
-    per_client = client_bytes(model, cfg, sample.to(device), max_samples)
-    return max(1, min(MAX_AUTO, budget_bytes(cfg, device) // per_client))

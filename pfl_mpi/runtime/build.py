@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..algorithms import Algorithm, Setup, resolve
-from ..algorithms.batched import choose_client_batch
+from ..algorithms.client_batch import choose_client_batch
 from ..algorithms.tasks import model_outputs, resolve_task, training_loss
 from ..algorithms.training import TrainConfig
 from ..config import RunConfig

@@ -1,0 +1,60 @@
+"""How many clients a block holds: ``train.client_batch`` as K (``auto``: the most clients whose block fits a
+memory budget). See docs/batched.md, "Choosing K"."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .training import TrainConfig
+
+CPU_BUDGET_MB = 32.0  # ``auto`` on a CPU: blocks that stay near the caches (W1: K = 20, the fastest measured)
+GPU_FRACTION = 0.5  # ``auto`` on a GPU: half of the device's memory
+MAX_AUTO = 256
+
+
+def client_bytes(model: nn.Module, cfg: TrainConfig, sample: torch.Tensor, max_samples: int) -> int:
+    """An upper estimate of what one more client costs a block, in bytes: its parameters four times (the stack,
+    the gradients, the momentum buffer, the autograd leaves), the activations of a batch three times (outputs,
+    their gradients, what autograd saves), its data (the block's concatenated copy) and its batch plan."""
+    numel = sum(p.numel() for p in model.parameters())
+    activations = [0]
+
+    def count(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            activations[0] += output[0].numel()  # per sample
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    item = 4
+    per_sample = item * (int(sample[0].numel()) + 1)
+    steps = cfg.local_epochs * -(-max_samples // cfg.batch_size)
+    plan = steps * cfg.batch_size * (8 + item) + steps * item
+    return item * (4 * numel + 3 * cfg.batch_size * activations[0]) + per_sample * max_samples + plan
+
+
+def budget_bytes(cfg: TrainConfig, device: torch.device) -> int:
+    """The memory a block may use: ``client_batch.memory_mb``, else the device's default."""
+    memory = getattr(cfg.client_batch, "memory_mb", None)
+    if memory is not None:
+        return int(memory * 2**20)
+    if device.type == "cuda":
+        return int(GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+    return int(CPU_BUDGET_MB * 2**20)
+
+
+def choose_client_batch(
+    cfg: TrainConfig, model: nn.Module, device: torch.device, sample: torch.Tensor, max_samples: int
+) -> int:
+    """K for ``train.client_batch``: the integer as given, or (``auto``) the most clients whose block fits the
+    budget (``budget_bytes``), at least 1 and at most ``MAX_AUTO``. A pure function of the configuration, the model
+    and the device's kind and size, so every rank on like devices chooses the same K."""
+    if isinstance(cfg.client_batch, int):
+        return cfg.client_batch
+    per_client = client_bytes(model, cfg, sample.to(device), max_samples)
+    return max(1, min(MAX_AUTO, budget_bytes(cfg, device) // per_client))
