@@ -34,7 +34,7 @@ def _generators() -> list[torch.Generator]:
     return [torch.Generator().manual_seed(100 + i) for i in range(len(SIZES))]
 
 
-def _sequential(model, start, data, cfg, *, anchor=None, mu=0.0):
+def _sequential(model, start, data, cfg, *, anchors=None, mus=None):
     """Each client alone through ``local_training``: (its parameters, its mean loss)."""
     out = []
     for i, (x, y) in enumerate(data):
@@ -43,7 +43,7 @@ def _sequential(model, start, data, cfg, *, anchor=None, mu=0.0):
                 p.copy_(start[n])
         params = list(model.parameters())
         names = [n for n, _ in model.named_parameters()]
-        reg = ProximalTerm(params, names, anchor, mu) if anchor is not None else None
+        reg = ProximalTerm(params, names, anchors[i], mus[i]) if anchors is not None else None
         means = local_training(
             model, x, y, cfg, _generators()[i], epochs=EPOCHS[i], regulariser=reg, optimizer=make_optimizer(params, cfg)
         )
@@ -83,11 +83,13 @@ def test_proximal_term_and_a_trainable_subset_match_the_sequential_loop():
     model, data = _model("mlp", (6,)), _clients((6,))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = [n for n, _ in model.named_parameters()]
-    anchor = torch.cat([p.reshape(-1) for p in start.values()]) + 0.3
-    expected = _sequential(model, start, data, cfg, anchor=anchor, mu=0.7)
+    flat = torch.cat([p.reshape(-1) for p in start.values()])
+    anchors = [flat + 0.3 * i for i in range(len(data))]  # each client its own anchor and coefficient
+    mus = [0.2 + 0.3 * i for i in range(len(data))]
+    expected = _sequential(model, start, data, cfg, anchors=anchors, mus=mus)
     stacked = stack([start] * len(data))
     params = list(model.parameters())
-    terms = [ProximalTerm(params, names, anchor, 0.7) for _ in data]
+    terms = [ProximalTerm(params, names, a, mu) for a, mu in zip(anchors, mus, strict=True)]
     means = batched_local_training(
         model, stacked, data, _generators(), cfg, cfg.lr, epochs=EPOCHS, regulariser=ProximalTerm.stacked(terms)
     )

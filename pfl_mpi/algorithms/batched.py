@@ -49,7 +49,9 @@ Stacked = dict[str, torch.Tensor]
 
 BatchedRegulariser = Callable[[Stacked, slice], torch.Tensor]
 """``regulariser(params, rows) -> scalar``: the sum over the clients ``rows`` of the block of their regularisers,
-given the trained parameters of exactly those clients (``params[name]`` is ``[len(rows), *shape]``)."""
+given the trained parameters of exactly those clients (``params[name]`` is ``[len(rows), *shape]``). The batched
+loop orders a block's clients by steps: a regulariser whose terms differ between clients also has
+``permuted(order)``, the same regulariser with its clients in that order (``StackedProximal``)."""
 
 
 def blocks(items: Sequence, size: int) -> Iterator[list]:
@@ -283,6 +285,8 @@ def batched_local_training(
         for name in params:
             params[name].copy_(params[name][perm.to(params[name].device)])
         plan = BatchPlan(plan.index[:, perm], plan.mask[:, perm], plan.size[:, perm], [plan.steps[i] for i in order])
+        if regulariser is not None and hasattr(regulariser, "permuted"):
+            regulariser = regulariser.permuted(perm)
     device = x_all.device
     index, mask, size = plan.index.to(device), plan.mask.to(device), plan.size.to(device)
     fused = regulariser is None and set(names) == set(params) and _plain_sgd(cfg) and _explicit(model)
@@ -336,16 +340,26 @@ class ProximalTerm:
         return half * sum((p - a).square().sum() for p, a in zip(self.params, self.targets, strict=True))
 
     @staticmethod
-    def stacked(terms: Sequence[ProximalTerm]) -> BatchedRegulariser:
+    def stacked(terms: Sequence[ProximalTerm]) -> StackedProximal:
         """The sum of the terms of a block's clients (client i's term on the i-th slices)."""
         names = terms[0].names
         targets = {n: torch.stack([t.targets[j] for t in terms]) for j, n in enumerate(names)}
         halves = torch.tensor([0.5 * t.coefficient for t in terms], dtype=targets[names[0]].dtype)
-        halves = halves.to(targets[names[0]].device)
+        return StackedProximal(targets, halves.to(targets[names[0]].device))
 
-        def term(params: Stacked, rows: slice) -> torch.Tensor:
-            k = rows.stop - rows.start
-            squares = sum((params[n] - targets[n][rows]).square().reshape(k, -1).sum(dim=1) for n in names)
-            return (halves[rows] * squares).sum()
 
-        return term
+class StackedProximal:
+    """A block's proximal terms (a :data:`BatchedRegulariser`): client i is pulled towards ``targets[name][i]``
+    with the coefficient ``2 * halves[i]``."""
+
+    def __init__(self, targets: Stacked, halves: torch.Tensor):
+        self.targets, self.halves = targets, halves
+
+    def permuted(self, order: torch.Tensor) -> StackedProximal:
+        """The same terms with the clients in ``order`` (the batched loop orders a block by steps)."""
+        return StackedProximal({n: t[order.to(t.device)] for n, t in self.targets.items()}, self.halves[order])
+
+    def __call__(self, params: Stacked, rows: slice) -> torch.Tensor:
+        k = rows.stop - rows.start
+        squares = sum((params[n] - t[rows]).square().reshape(k, -1).sum(dim=1) for n, t in self.targets.items())
+        return (self.halves[rows] * squares).sum()
