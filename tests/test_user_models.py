@@ -20,7 +20,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.build import build_algorithm
 from pfl_mpi.store import read_client_states
 
-from .helpers import committed, tiny_config
+from .helpers import committed, kill_tree, tiny_config
 
 PLUGIN = Path(__file__).parent / "plugins" / "user_models.py"
 GN = "user_models:resnet_gn"
@@ -205,11 +205,27 @@ def test_user_and_builtin_networks_mix_as_architecture_groups(tmp_path):
         assert np.array_equal(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy(), flat)
 
 
+def _wait_for_unlock(path: Path, limit: float = 60) -> None:
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + limit
+    with open(path, "rb") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
 def test_fedbn_run_killed_mid_run_resumes_to_the_straight_result(tmp_path):
     """SIGKILL a 2-rank run of a BatchNorm network with per-client buffers (Adam, cosine schedule) after two
     rounds, resume it in one process: the rounds and every client's statistics equal a straight run's."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -246,8 +262,9 @@ def test_fedbn_run_killed_mid_run_resumes_to_the_straight_result(tmp_path):
             except (OSError, KeyError):
                 pass
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
+    _wait_for_unlock(broken)  # the killed ranks are gone once nobody holds the file's lock
     with h5py.File(broken, "r", locking=False) as f:
         done = int(f.attrs["rounds_completed"])
     assert 2 <= done < 1000
