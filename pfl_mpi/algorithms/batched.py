@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..models.nets import SplitModel
-from .training import Means, TrainConfig, epoch_batches
+from .training import Means, TrainConfig
 
 Stacked = dict[str, torch.Tensor]
 """Parameters by name, each ``[K, *shape]``: client i's parameters are the i-th slices."""
@@ -128,8 +128,11 @@ _PROBED: dict[int, str | None] = {}
 
 
 def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
-    """Why ``model`` cannot be run under vmap (None: it can); decided once per model by a forward of 2 clients."""
+    """Why ``model`` cannot be batched (None: it can): it has buffers, or ``stacked_forward`` fails on it;
+    decided once per model by a forward of 2 clients."""
     key = id(model)
+    if key not in _PROBED and any(True for _ in model.buffers()):
+        _PROBED[key] = "the model has buffers"
     if key not in _PROBED:
         try:
             params = {n: p.detach().unsqueeze(0).expand(2, *p.shape) for n, p in model.named_parameters()}
@@ -154,8 +157,6 @@ def batchable(
         return "data augmentation"
     if loss is not None or getattr(cfg, "loss", None) is not None:
         return "a custom loss"
-    if any(True for _ in model.buffers()):
-        return "the model has buffers"
     if x.dtype not in (torch.float32, torch.float64) or x.shape[0] == 0:
         return "inputs that are not float features"
     if y.dtype != torch.int64 or y.dim() != 1:
@@ -178,26 +179,26 @@ class BatchPlan:
 def plan_batches(
     sizes: Sequence[int], batch_size: int, epochs: Sequence[int], generators: Sequence[torch.Generator], dtype
 ) -> BatchPlan:
-    """Each client's minibatches, drawn from its generator as ``epoch_batches`` draws them (on the CPU)."""
-    cpu = torch.device("cpu")
-    per_client = [
-        [idx for _, idx in epoch_batches(n, batch_size, e, g, cpu)]
-        for n, e, g in zip(sizes, epochs, generators, strict=True)
-    ]
-    steps = [len(b) for b in per_client]
-    k, s_max, b = len(sizes), max(steps, default=0), batch_size
-    offsets = [0]
-    for n in sizes[:-1]:
-        offsets.append(offsets[-1] + n)
-    index = torch.zeros(s_max, k, b, dtype=torch.int64)
-    mask = torch.zeros(s_max, k, b, dtype=dtype)
-    size = torch.ones(s_max, k, dtype=dtype)
-    for i, batches in enumerate(per_client):
-        index[:, i, :] = offsets[i]
-        for s, idx in enumerate(batches):
-            index[s, i, : idx.numel()] = idx + offsets[i]
-            mask[s, i, : idx.numel()] = 1
-            size[s, i] = idx.numel()
+    """Each client's minibatches, drawn from its generator as ``epoch_batches`` draws them (on the CPU): one
+    permutation per epoch, cut into slices of ``batch_size``, the last one of each epoch ragged."""
+    rows, steps, offset = [], [], 0
+    for n, e, g in zip(sizes, epochs, generators, strict=True):
+        per_epoch = -(-n // batch_size)
+        slots = torch.full((e, per_epoch * batch_size), -1, dtype=torch.int64)
+        for epoch in range(e):
+            slots[epoch, :n] = torch.randperm(n, generator=g)
+        rows.append((slots.view(e * per_epoch, batch_size), offset))
+        steps.append(e * per_epoch)
+        offset += n
+    s_max = max(steps, default=0)
+    index = torch.zeros(s_max, len(sizes), batch_size, dtype=torch.int64)
+    mask = torch.zeros(s_max, len(sizes), batch_size, dtype=dtype)
+    for i, (slots, start) in enumerate(rows):
+        real = slots >= 0
+        index[: len(slots), i] = torch.where(real, slots + start, start)  # padding: the client's first row
+        index[len(slots) :, i] = start
+        mask[: len(slots), i] = real.to(dtype)
+    size = mask.sum(dim=2).clamp_min(1)
     return BatchPlan(index, mask, size, steps)
 
 

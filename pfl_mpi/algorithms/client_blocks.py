@@ -54,19 +54,20 @@ def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
     setup = algo.setup
     for block in blocks(list(zip(clients, payloads, strict=True)), setup.client_batch):
         model = setup.model_for(block[0][0].id)
-        names_of = {id(p): n for n, p in model.named_parameters()}
+        named = list(model.named_parameters())
+        names_of = {id(p): n for n, p in named}
         steps = [algo.client_steps(client, payload) for client, payload in block]
         done: list = [None] * len(block)
         waiting = list(range(len(block)))  # clients whose steps have not started
         resumed: list[tuple] = []  # (client, the means of its last training, its trained parameters)
         while waiting or resumed:
             group: list[tuple[int, dict]] = []
-            stacks = {n: p.new_empty(len(block), *p.shape) for n, p in model.named_parameters()}
+            stacks = {n: p.new_empty(len(block), *p.shape) for n, p in named}
             signature = None
             for i, means, trained in [(i, None, None) for i in waiting] + resumed:
                 if trained is not None:
                     with torch.no_grad():
-                        for n, p in model.named_parameters():
+                        for n, p in named:
                             p.copy_(trained[n])
                 options, done[i] = _advance(steps[i], means)
                 while options is not None:  # a training the block cannot share: alone, now
@@ -83,7 +84,7 @@ def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
                     continue
                 signature = own
                 with torch.no_grad():
-                    for n, p in model.named_parameters():
+                    for n, p in named:
                         stacks[n][len(group)].copy_(p)
                 group.append((i, options))
             waiting, resumed = [], []
