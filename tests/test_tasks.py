@@ -163,6 +163,8 @@ def in_tmp(tmp_path, monkeypatch):
         (["train.loss=tests.plugins.user_losses:missing"], "train.loss"),
         (["train.loss=tests.plugins.user_losses:NOT_A_FUNCTION"], "train.loss"),
         (["train.loss=tests.plugins.user_losses:one_argument"], "train.loss"),
+        (["train.loss=tests.plugins.user_losses:unreduced"], "train.loss: must return a scalar"),
+        (["train.loss=tests.plugins.user_losses:wrong_targets"], "train.loss: failed on two samples of client 0"),
         (["algorithm.name=fedproto", "train.loss=torch.nn.functional:cross_entropy"], "train.loss"),
         (["algorithm.name=fedmd", "task=regression"], "task"),
         (["train.optimizer_state=kept"], "train.optimizer_state"),

@@ -170,6 +170,19 @@ def criterion_loss(fn: Criterion) -> LossFn:
     return loss
 
 
+def probe_loss(loss: LossFn, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Try the training loss (``train.loss``) on the first two samples: ``ConfigError`` naming ``train.loss`` when
+    it fails or does not return one floating-point number (a loss left unreduced, say)."""
+    model.train()
+    try:
+        value, _ = loss(model, Batch(x[:2], y[:2], torch.arange(min(2, len(y))), 0))
+    except Exception as err:  # noqa: BLE001 - whatever the user's function raised, in one line
+        raise ConfigError("train.loss", f"failed on two samples of client 0: {type(err).__name__}: {err}") from None
+    if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()):
+        got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError("train.loss", f"must return a scalar (the batch's mean), got {got}")
+
+
 def training_loss(task: Task, spec: str | None) -> LossFn:
     """The clients' training objective: the user's ``train.loss`` if set, else the task's loss."""
     return task.loss if spec is None else criterion_loss(import_loss(spec))

@@ -6,7 +6,7 @@ import torch
 
 from ..algorithms import Algorithm, Setup, resolve
 from ..algorithms.client_batch import choose_client_batch
-from ..algorithms.tasks import model_outputs, resolve_task, training_loss
+from ..algorithms.tasks import model_outputs, probe_loss, resolve_task, training_loss
 from ..algorithms.training import TrainConfig
 from ..config import RunConfig
 from ..data import FederatedData
@@ -76,6 +76,10 @@ def check_train_keys(cls: type[Algorithm], train: TrainConfig, finetune_epochs: 
 def check_buildable(cfg: RunConfig, data: FederatedData) -> None:
     """Build what every rank will build, so that an error of the configuration against the data (an
     architecture the samples do not fit, FedProto's unequal embeddings, top-k's k above the model size)
-    is one ``ConfigError`` line before MPI starts, not a traceback on every rank. Leaves torch's RNG as it was."""
+    is one ``ConfigError`` line before MPI starts, not a traceback on every rank; ``train.loss`` is tried on two
+    samples of client 0. Leaves torch's RNG as it was."""
     with torch.random.fork_rng(devices=[]):
-        build_algorithm(cfg, data)
+        algo = build_algorithm(cfg, data)
+        if cfg.train.loss is not None:
+            first = data.client(0)
+            probe_loss(algo.setup.loss, algo.setup.model, first.x_train, first.y_train)

@@ -19,3 +19,13 @@ def one_argument(outputs: torch.Tensor) -> torch.Tensor:
 
 
 NOT_A_FUNCTION = 3
+
+
+def unreduced(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample losses, left unreduced (refused: the loop needs the batch's mean)."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def wrong_targets(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reads the outputs of classes the model does not have: fails on the first batch."""
+    return outputs.gather(1, targets.unsqueeze(1) + 100).mean()
