@@ -156,12 +156,20 @@ def process_tree(root: int) -> list[int]:
 
 
 def kill_tree(root: int) -> None:
-    """SIGKILL ``root`` and every process below it, the deepest first: no process of the job gets to react
-    (mpiexec runs in a session of its own, so a process group kill would not reach it or the ranks)."""
+    """SIGKILL ``root`` and every process below it, the deepest first, and wait until they are gone: no
+    process of the job gets to react (mpiexec runs in a session of its own, so a process group kill would
+    not reach it or the ranks). ``root`` itself is left for its parent to reap (``Popen.wait``)."""
     import signal
+    import time
 
-    for pid in reversed(process_tree(root)):
+    tree = process_tree(root)
+    for pid in reversed(tree):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in tree[1:]):  # kill() returns before a loaded machine ends the process
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of job {root} outlived SIGKILL for 60 s")
+        time.sleep(0.01)
