@@ -169,7 +169,11 @@ class Setup:
 
     def params_for(self, client: int) -> list[torch.nn.Parameter]:
         """``model_for(client).parameters()``, listed once."""
-        return self._group_params[self.group_of(client)]
+        return self.group_params(self.group_of(client))
+
+    def group_params(self, group: int) -> list[torch.nn.Parameter]:
+        """``models[group].parameters()``, listed once."""
+        return self._group_params[group]
 
 
 @dataclass
@@ -272,7 +276,7 @@ class Algorithm:
             return None
         cache = self.__dict__.setdefault("_kept_states", {})
         if group not in cache:
-            cache[group] = KeptState(self.setup.train, self.setup._group_params[group])
+            cache[group] = KeptState(self.setup.train, self.setup.group_params(group))
         return cache[group]
 
     def _optimizer_spec(self, group: int) -> dict[str, int]:
