@@ -39,7 +39,14 @@ Client state is what persists between rounds on the worker hosting the client, a
 else: ``client_state_spec`` names flat float32 vectors and their sizes, the runtime stores
 them row-wise, and ``Client.state`` hands the algorithm writable views of one client's rows
 (update them in place, e.g. ``client.state["personal"].copy_(v)``). State may change only in
-``client_update``, never in evaluation.
+``client_update``, never in evaluation. With ``train.optimizer_state: keep`` the base class adds one more
+vector, ``optimizer_state`` (``state_specs``, ``initial_client_state``): the client's optimiser state, loaded
+and stored around every ``local_training`` call that uses the train section's optimiser (``KeptState``).
+
+Tasks: ``setup.task`` (config ``task``) gives the default training loss (``setup.loss``, or the user's
+``train.loss``) that ``local_training`` uses when an algorithm passes none, and the evaluation
+(``evaluate_client``: the task's two metrics). An algorithm that passes a cross-entropy of its own declares
+``own_loss = True``.
 
 Heterogeneous clients (``heterogeneous = True``; config ``model.architectures``): clients fall into
 architecture groups, every rank builds one model per group (``Setup.models``, ``models[0] is model``)
