@@ -5,7 +5,9 @@ The workload is issue 15's W1: 100 clients x 200 samples (60 float features, 10 
 60-256-256-10, batch 32, one local epoch of plain SGD: 7 steps per client, one round = 700 client steps.
 Every configuration trains the same clients from the same start with the same permutations; the script
 checks that the batched parameters equal the sequential ones (the largest relative difference is printed)
-and reports the median over ``--repeats`` rounds after one warm-up round. Runs on any GPU node
+and reports the median wall time over ``--repeats`` rounds after one warm-up round, and the speed-up in the
+least process CPU time of a round (steadier than wall time on a shared CPU; on a GPU read the wall time,
+the host's CPU time is not the device's). Runs on any GPU node
 (``--device cuda``, the default when one is visible) and on the CPU.
 
     .venv/bin/python benchmarks/gpu_batched.py
@@ -82,32 +84,35 @@ def main(argv: list[str] | None = None) -> int:
             out += [{n: t[j] for n, t in stacked.items()} for j in range(len(block))]
         return out
 
-    def timed(run) -> tuple[float, list[dict[str, torch.Tensor]]]:
+    def timed(run) -> tuple[float, float, list[dict[str, torch.Tensor]]]:
+        """Median wall seconds and least process CPU seconds of a round (after a warm-up), and its result."""
         result = run()  # warm-up
-        seconds = []
+        seconds, cpu = [], []
         for _ in range(a.repeats):
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = run()
             sync(device)
             seconds.append(time.perf_counter() - t0)
-        return statistics.median(seconds), result
+            cpu.append(time.process_time() - c0)
+        return statistics.median(seconds), min(cpu), result
 
     steps = a.clients * -(-a.samples // a.batch_size)
-    base, reference = timed(sequential)
+    base, base_cpu, reference = timed(sequential)
     print(f"device {device}, {a.clients} clients x {a.samples} samples, MLP {widths + [10]}, B={a.batch_size}")
-    print(f"{'path':<16}{'round (ms)':>12}{'client steps/s':>16}{'speed-up':>10}{'max rel. diff':>15}")
-    print(f"{'sequential':<16}{1e3 * base:>12.1f}{steps / base:>16.0f}{1.0:>10.2f}{0.0:>15.1e}")
+    head = f"{'path':<16}{'round (ms)':>12}{'client steps/s':>16}{'speed-up':>10}{'CPU speed-up':>14}"
+    print(head + f"{'max rel. diff':>15}")
+    print(f"{'sequential':<16}{1e3 * base:>12.1f}{steps / base:>16.0f}{1.0:>10.2f}{1.0:>14.2f}{0.0:>15.1e}")
     for k in a.blocks:
-        seconds, result = timed(lambda k=k: batched(k))
+        seconds, cpu, result = timed(lambda k=k: batched(k))
         diff = max(
             float((r[n] - s[n]).abs().max() / s[n].abs().max().clamp_min(1e-12))
             for r, s in zip(result, reference, strict=True)
             for n in s
         )
-        print(
-            f"{f'batched K={k}':<16}{1e3 * seconds:>12.1f}{steps / seconds:>16.0f}{base / seconds:>10.2f}{diff:>15.1e}"
-        )
+        label, rate = f"batched K={k}", steps / seconds
+        line = f"{label:<16}{1e3 * seconds:>12.1f}{rate:>16.0f}{base / seconds:>10.2f}{base_cpu / cpu:>14.2f}"
+        print(line + f"{diff:>15.1e}")
     return 0
 
 
