@@ -6,8 +6,9 @@
   prediction per position), targets int ``[B]`` or ``[B, T]``; cross-entropy and accuracy per token
   (``test_loss``, ``test_acc``: the mean over every predicted token).
 - ``regression``: outputs with as many values per sample as the targets (``[B]``, ``[B, 1]`` or ``[B, D]``);
-  mean squared error, root mean squared error (``test_mse``, ``test_rmse``). The built-in data sets have
-  integer labels: the network is then built with one output and regresses the label as a number.
+  mean squared error, root mean squared error (``test_mse``, ``test_rmse``). A file's real-valued targets
+  (``data.targets: values``, y [n] or [n, k]) are regressed as float32 by a network with k outputs; integer
+  labels (every built-in data set) by one output, the label as a number.
 
 The config's ``task`` picks one (``auto``: ``next_token`` for Shakespeare, else ``classification``). A user loss
 (``train.loss: package.module:function``) replaces the training objective only: ``function(outputs, targets)``
@@ -116,9 +117,15 @@ CLASSIFICATION = TASKS["classification"]
 TOKEN_DATA = ("shakespeare",)  # data sets whose samples are token sequences: task auto -> next_token
 
 
-def model_outputs(task: Task, num_classes: int) -> int:
-    """The outputs the network is built with (its ``num_classes`` argument): one value for regression on a data
-    set's integer labels (the label as a number), else one per class."""
+def model_outputs(task: Task, num_classes: int, targets: str = "labels") -> int:
+    """The outputs the network is built with (its ``num_classes`` argument): for regression one per target value
+    (``targets`` ``values``: the data's ``num_classes`` is the number of values per sample) or one for integer
+    labels (the label as a number); else one per class. ``ConfigError`` naming ``data.targets`` when values
+    would be trained by a task other than regression."""
+    if targets == "values":
+        if task.name != "regression":
+            raise ConfigError("data.targets", f"values are real-valued targets: set task: regression, not {task.name}")
+        return num_classes
     return 1 if task.name == "regression" else num_classes
 
 
@@ -193,6 +200,7 @@ def check_task(cfg: RunConfig, cls: type[Algorithm]) -> None:
     ``train.loss`` when it trains with a cross-entropy of its own (``own_loss``), ``train.optimizer_state: keep``
     when it runs its own optimiser (``replaces_train`` names ``optimizer``). Imports ``train.loss``."""
     task = task_name(cfg.task, cfg.data.name)
+    check_targets(cfg, task)
     if cls.own_loss and task == "regression":
         raise ConfigError("task", f"{cls.name} trains with a cross-entropy of its own: classification tasks only")
     if cfg.train.loss is not None:
@@ -204,3 +212,18 @@ def check_task(cfg: RunConfig, cls: type[Algorithm]) -> None:
     if cfg.train.optimizer_state == "keep" and "optimizer" in cls.replaces_train:
         instead = cls.replaces_train["optimizer"]
         raise ConfigError("train.optimizer_state", f"{cls.name} does not use the train optimiser; set {instead}")
+
+
+def check_targets(cfg: RunConfig, task: str) -> None:
+    """Real-valued targets (``data.targets: values``) need ``task: regression`` and a client weighting that does
+    not read class labels; ``ConfigError`` naming the key otherwise."""
+    if cfg.data.targets != "values":
+        return
+    if task != "regression":
+        raise ConfigError("data.targets", f"values are real-valued targets: set task: regression, not {task}")
+    if cfg.algorithm.get("weighting") == "label_kl":
+        raise ConfigError(
+            "algorithm.weighting",
+            "label_kl weighs clients by class-label histograms, which real-valued targets (data.targets: values) "
+            "do not have; use samples, uniform or quality",
+        )

@@ -172,8 +172,15 @@ class DataConfig(BaseModel):
     )
     path: str | None = Field(
         None,
-        description="file only: a .npz or .h5/.hdf5 with arrays x (float, [n, ...]), y (int labels 0..C-1) "
+        description="file only: a .npz or .h5/.hdf5 with arrays x (float, [n, ...]), y (int labels 0..C-1, or "
+        "real values with targets: values) "
         "and optionally client (int client id per sample, for the natural partition).",
+    )
+    targets: Literal["labels", "values"] = Field(
+        "labels",
+        description="file only: what the file's y holds. labels: integer class labels 0..C-1; values: real-valued "
+        "targets for task: regression, shape [n] or [n, k] (k outputs), kept as float32. Partitions that deal "
+        "out classes (dirichlet, shards) do not apply to values, and the train/test split is not stratified.",
     )
     root: str | None = Field(
         None,
@@ -233,6 +240,8 @@ def check_static(cfg: DataConfig) -> None:
         raise ConfigError("data.path", "required when data.name is 'file'")
     if cfg.name != "file" and cfg.path is not None:
         raise ConfigError("data.path", f"only read when data.name is 'file', but data.name is {cfg.name!r}")
+    if cfg.targets == "values":
+        _check_values(cfg)
     if cfg.name in ROOTED and not cfg.root:
         raise ConfigError("data.root", f"required when data.name is {cfg.name!r}: the directory the data set sits in")
     if cfg.name not in ROOTED and cfg.root is not None:
@@ -273,6 +282,23 @@ def check_static(cfg: DataConfig) -> None:
             f"{syn.size_offset} is below data.min_samples = {cfg.min_samples}; the smallest client would "
             "hold too few samples",
         )
+
+
+LABEL_PARTITIONS = ("dirichlet", "shards")  # they deal out classes: not for real-valued targets
+
+
+def _check_values(cfg: DataConfig) -> None:
+    """``data.targets: values`` (real-valued regression targets): only a file's y, no partition by class."""
+    if cfg.name != "file":
+        raise ConfigError("data.targets", f"values are read from a file's y (data.name: file), not {cfg.name!r}")
+    if cfg.partition in LABEL_PARTITIONS:
+        raise ConfigError(
+            "data.partition",
+            f"{cfg.partition} deals out class labels, but data.targets is values (real-valued y); "
+            "use iid, quantity or natural",
+        )
+    if cfg.public is not None:
+        raise ConfigError("data.public", "not available with data.targets: values (the public set holds labels)")
 
 
 def _check_public(cfg: DataConfig) -> None:

@@ -21,7 +21,8 @@ from pfl_mpi.errors import ConfigError
 
 @dataclass
 class ClientData:
-    """One client's samples on the CPU: x float32 [n, *input_shape] (int64 token ids for text), y int64 [n].
+    """One client's samples on the CPU: x float32 [n, *input_shape] (int64 token ids for text), y int64 [n]
+    (labels), or float32 [n] / [n, k] (``data.targets: values``).
 
     ``x_val``/``y_val``: its validation samples (``data.val_fraction`` or the data set's own split), else None.
     """
@@ -70,6 +71,8 @@ class FederatedData:
     ``test_sizes`` count what ``client(k).x_test`` holds: the test split, or the validation split with
     ``data.eval_split: val``. ``client_names`` (natural partitions: LEAF users, a file's or HF set's client ids)
     name client k; ``augment`` (``data.augment``) is the per-batch image augmentation, or None.
+    ``targets``: ``labels`` (int64 class labels, ``num_classes`` classes) or ``values`` (float32 regression
+    targets, ``num_classes`` values per sample).
     """
 
     def __init__(
@@ -84,8 +87,10 @@ class FederatedData:
         eval_split: str = "test",
         client_names: Sequence[str] | None = None,
         augment: Augment | None = None,
+        targets: str = "labels",
     ):
         self.name = name
+        self.targets = targets
         self.partition = partition
         self.num_clients = len(splitter.train_sizes)
         self.num_classes = num_classes
@@ -96,6 +101,7 @@ class FederatedData:
         self.client_names: list[str] | None = None if client_names is None else list(client_names)
         self.augment = augment
         self.x_dtype = np.dtype(x_dtype)
+        self._y_dtype = np.float32 if targets == "values" else np.int64
         self._splitter, self._eval_val = splitter, eval_split == "val"
         self._histograms: np.ndarray | None = None
         self._release: Callable[[], None] | None = None  # the reader's cache, emptied by clients()
@@ -116,7 +122,7 @@ class FederatedData:
         x, y = part
         return (
             torch.from_numpy(np.ascontiguousarray(x, dtype=self.x_dtype)),
-            torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+            torch.from_numpy(np.ascontiguousarray(y, dtype=self._y_dtype)),
         )
 
     def client(self, k: int) -> ClientData:
@@ -150,7 +156,10 @@ class FederatedData:
 
         For tools and tests: a run never calls it, each worker counts the clients it hosts instead
         (``Engine._label_histograms``), so that no rank materialises a client it does not host.
+        Real-valued targets (``targets == "values"``) have no classes: ``ValueError``.
         """
+        if self.targets == "values":
+            raise ValueError("real-valued targets (data.targets: values) have no label histograms")
         if self._histograms is None:
             hist = np.zeros((self.num_clients, self.num_classes), dtype=np.int64)
             for k in range(self.num_clients):
@@ -191,7 +200,7 @@ def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
 
     client_ids, names = None, None
     if cfg.name == "file":
-        info = inspect_file(cfg.path or "")
+        info = inspect_file(cfg.path or "", values=cfg.targets == "values")
         if info.split is not None:
             if cfg.public is not None:
                 raise ConfigError("data.public", "not available for a file with a split array")
@@ -231,11 +240,17 @@ def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
         splitter=_held_out(cfg, _PooledSource(part, labels, read), part.sizes, data_seed),
         eval_split=cfg.eval_split,
         client_names=names if kind == "natural" else None,
+        targets=cfg.targets,
     )
 
 
+def _stratify(cfg: DataConfig) -> bool:
+    """``data.stratify``, which keeps class proportions: real-valued targets have none, their split is uniform."""
+    return cfg.stratify and cfg.targets == "labels"
+
+
 def _held_out(cfg: DataConfig, source: Source, sizes: np.ndarray, data_seed: int) -> HeldOut:
-    return HeldOut(source, sizes, cfg.test_fraction, cfg.stratify, data_seed, cfg.val_fraction)
+    return HeldOut(source, sizes, cfg.test_fraction, _stratify(cfg), data_seed, cfg.val_fraction)
 
 
 def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
@@ -247,6 +262,12 @@ def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
         t = keep_users(t, cfg.max_clients, data_seed)
     test_from = resolve_test_from(cfg, t)
     kind = cfg.partition or ("natural" if t.client is not None else "iid")
+    if cfg.targets == "values" and test_from == "official" and kind != "natural":
+        raise ConfigError(
+            "data.test_from",
+            f"official test rows are dealt to {kind} clients by class, but data.targets is values; use "
+            "data.test_from: client, or client ids in the file for the natural partition",
+        )
     g = rng(data_seed, Stream.PARTITION)
     common = dict(
         name=cfg.name,
@@ -256,6 +277,7 @@ def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
         x_dtype=t.x_dtype,
         eval_split=cfg.eval_split,
         client_names=t.names if kind == "natural" else None,
+        targets=cfg.targets,
     )
     # pooled: a natural client's samples of every split; otherwise the official training rows only
     rows = np.arange(len(t.y)) if (test_from == "client" and kind == "natural") else np.flatnonzero(t.split == TRAIN)
@@ -285,7 +307,7 @@ def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
         val = held_out(t, 1, train, kind == "natural", n, data_seed)
         if cfg.eval_split == "val":
             check_every_client_has(val, "validation", t.names if kind == "natural" else None, "data.eval_split")
-    splitter = Official(t.y, t.read, train, val, test, cfg.stratify, data_seed, cfg.val_fraction)
+    splitter = Official(t.y, t.read, train, val, test, _stratify(cfg), data_seed, cfg.val_fraction)
     data = FederatedData(splitter=splitter, **common)
     data._release = t.release
     return data

@@ -1,7 +1,8 @@
 """The user's own data: one .npz or .h5/.hdf5 file with arrays x, y and optionally client and split.
 
-``inspect_file`` validates the file and reads only its small arrays (labels, client ids) and x's shape;
-``FileReader`` reads rows of x when a client is materialised.
+``inspect_file`` validates the file and reads only its small arrays (labels or targets, client ids) and x's shape;
+``FileReader`` reads rows of x when a client is materialised. y holds integer class labels, or with
+``values=True`` (``data.targets: values``) real-valued regression targets, [n] or [n, k], read as float32.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ class FileInfo:
     path: Path
     kind: Literal["npz", "h5"]
     input_shape: tuple[int, ...]
-    y: np.ndarray  # int64 [n]
+    y: np.ndarray  # int64 [n] labels, or float32 [n] / [n, k] targets (values)
     client: np.ndarray | None  # int64 [n] codes 0..U-1 (ordered like the ids) or None
-    num_classes: int
+    num_classes: int  # labels: C; values: the number of target values per sample (1 for y [n])
     client_names: list[str] | None = None  # the id of each code, as text
     split: np.ndarray | None = None  # int8 [n]: TRAIN, VAL or TEST per sample, or None
 
 
-def inspect_file(path_str: str) -> FileInfo:
-    """Validate ``path_str`` and read its labels and client ids; raises ``ConfigError('data.path', ...)``."""
+def inspect_file(path_str: str, values: bool = False) -> FileInfo:
+    """Validate ``path_str`` and read its labels (``values``: real-valued targets) and client ids; raises
+    ``ConfigError('data.path', ...)``."""
     path = Path(path_str).expanduser()
     suffix = path.suffix.lower()
     if suffix not in _NPZ + _H5:
@@ -60,7 +62,7 @@ def inspect_file(path_str: str) -> FileInfo:
         raise
     except Exception as exc:  # a corrupt or foreign file: say which and why, in one line
         raise ConfigError(KEY, f"cannot read {path_str}: {type(exc).__name__}: {exc}") from exc
-    return _validated(path, kind, x_shape, x_dtype, y, client, split)
+    return _validated(path, kind, x_shape, x_dtype, y, client, split, values)
 
 
 def _missing(path: Path, name: str, found: list[str]) -> ConfigError:
@@ -124,6 +126,7 @@ def _validated(
     y: np.ndarray,
     client: np.ndarray | None,
     split: np.ndarray | None = None,
+    values: bool = False,
 ) -> FileInfo:
     if len(x_shape) < 2:
         raise ConfigError(KEY, f"x must have shape [n, ...] with at least one feature axis, got {x_shape}")
@@ -132,13 +135,43 @@ def _validated(
     n = x_shape[0]
     if n == 0:
         raise ConfigError(KEY, f"{path} holds no samples (x has shape {x_shape})")
-    y = _int_vector(y, "y", n)
-    if y.min() < 0:
-        raise ConfigError(KEY, f"y must hold labels 0..C-1, found {int(y.min())}")
+    if values:
+        y = _targets(y, n)
+        width = 1 if y.ndim == 1 else int(y.shape[1])
+    else:
+        y = _labels(y, n)
+        width = int(y.max()) + 1
     codes, names = (None, None) if client is None else client_codes(client, n)
     tags = None if split is None else split_codes(split, n)
     shape = tuple(int(s) for s in x_shape[1:])
-    return FileInfo(path, kind, shape, y, codes, int(y.max()) + 1, names, tags)
+    return FileInfo(path, kind, shape, y, codes, width, names, tags)
+
+
+def _labels(y: np.ndarray, n: int) -> np.ndarray:
+    if y.ndim == 1 and y.shape[0] == n and np.issubdtype(y.dtype, np.floating):
+        raise ConfigError(
+            KEY,
+            f"y must hold integer class labels, got dtype {y.dtype} (real-valued targets: set data.targets: values "
+            "and task: regression)",
+        )
+    y = _int_vector(y, "y", n)
+    if y.min() < 0:
+        raise ConfigError(KEY, f"y must hold labels 0..C-1, found {int(y.min())}")
+    return y
+
+
+def _targets(y: np.ndarray, n: int) -> np.ndarray:
+    """Real-valued targets (``data.targets: values``): y [n] or [n, k] of finite numbers, as float32."""
+    if y.ndim not in (1, 2) or y.shape[0] != n or (y.ndim == 2 and y.shape[1] == 0):
+        raise ConfigError(KEY, f"y must have shape [{n}] or [{n}, k] like x's first axis, got {y.shape}")
+    if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+        raise ConfigError(KEY, f"y must hold real numbers (data.targets: values), got dtype {y.dtype}")
+    y = y.astype(np.float32)
+    bad = ~np.isfinite(y.reshape(n, -1)).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ConfigError(KEY, f"y has NaN or infinite values (or values beyond float32), e.g. in row {row}")
+    return y
 
 
 def _int_vector(a: np.ndarray, name: str, n: int) -> np.ndarray:

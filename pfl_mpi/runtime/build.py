@@ -22,7 +22,7 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
     when the algorithm cannot use them or its parameters do not fit the model or the data."""
     device = device or torch.device("cpu")
     task = resolve_task(cfg.task, cfg.data.name)
-    outputs = model_outputs(task, data.num_classes)
+    outputs = model_outputs(task, data.num_classes, data.targets)
     models = [m.to(device) for m in build_models(cfg.model, data.input_shape, outputs, cfg.seed)]
     cls, params = resolve(cfg.algorithm)
     cls.check_models(params, models)

@@ -126,8 +126,11 @@ class Engine:
         """Training samples per class of every client, int64 [N, C], on the server (None elsewhere).
 
         Each worker counts the clients it hosts, one Gatherv: no rank loads (or, for synthetic data,
-        generates) a client it does not host.
+        generates) a client it does not host. Real-valued targets (``data.targets: values``) have no classes:
+        [N, 0], without a message.
         """
+        if self.data.targets == "values":
+            return np.zeros((self.num_clients, 0), dtype=np.int64) if self.world.is_server else None
         c = self.data.num_classes
         mine = np.zeros((len(self.hosted), c), dtype=np.int64)
         for i, k in enumerate(self.hosted if self.world.is_worker else ()):
@@ -140,7 +143,9 @@ class Engine:
         return histograms
 
     def _label_distribution(self, histograms: np.ndarray | None) -> torch.Tensor:
-        """Class frequencies of all training data: summed on the server, one Bcast."""
+        """Class frequencies of all training data: summed on the server, one Bcast (none for real values)."""
+        if self.data.targets == "values":
+            return torch.zeros(0)
         counts = np.zeros(self.data.num_classes, dtype=np.float64)
         if histograms is not None:
             counts[:] = histograms.sum(axis=0)
