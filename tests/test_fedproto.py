@@ -61,7 +61,10 @@ _CFG = tiny_config(Path("unused.h5"), "fedproto", **{"model.architectures": TWO}
 
 def test_server_prototypes_are_the_count_weighted_mean_of_the_clients(tmp_path):
     """After one round with every client, the global prototype of class j is sum_k n_kj C_kj / sum_k n_kj, with
-    the local prototypes C_kj recomputed here from the trained models in the file."""
+    the local prototypes C_kj recomputed here from the trained models in the file; each architecture's prototypes
+    the same over its clients, and the recorded distances between them (group_proto_dist) and between the
+    classes' global prototypes (class_proto_dist) are those of the recomputed prototypes. Each client's own head's
+    accuracy is recorded beside the nearest prototype's (head_test_acc)."""
     cfg = _config(tmp_path / "fp.h5", rounds=1)
     engine = Engine(cfg, SerialWorld(), show_progress=False)
     assert engine.run() == 0
@@ -71,21 +74,34 @@ def test_server_prototypes_are_the_count_weighted_mean_of_the_clients(tmp_path):
         counts = f["global/state/counts"][0]
         tables = [f[f"clients/state/group{g}/model"][0] for g in range(2)]
         rows = f["partition/group_row"][...]
-    weighted = np.zeros((data.num_classes, 16))
-    total = np.zeros(data.num_classes)
+        recorded = {name: float(f[f"rounds/{name}"][0]) for name in ("group_proto_dist", "class_proto_dist")}
+        head_acc = f["clients/head_test_acc"][0]
+        proto_acc = f["clients/test_acc"][0]
+    weighted = np.zeros((2, data.num_classes, 16))  # per architecture group
+    total = np.zeros((2, data.num_classes))
     for k in range(data.num_clients):
         g = algo.setup.group_of(k)
         model = _model_from_state(cfg, data, g, tables[g][rows[k]])
         with torch.no_grad():
             features = model.base(data.client(k).x_train).double().numpy()
+            x_test, y_test = data.client(k).x_test, data.client(k).y_test
+            assert head_acc[k] == pytest.approx(float((model(x_test).argmax(1) == y_test).float().mean()))
         y = data.client(k).y_train.numpy()
         for j in np.unique(y):
             local = features[y == j].mean(axis=0)  # the client's prototype of class j
-            weighted[j] += (y == j).sum() * local
-            total[j] += (y == j).sum()
-    np.testing.assert_array_equal(counts, total)
-    assert (total > 0).all()
-    np.testing.assert_allclose(prototypes, weighted / total[:, None], rtol=1e-5, atol=1e-6)
+            weighted[g, j] += (y == j).sum() * local
+            total[g, j] += (y == j).sum()
+    np.testing.assert_array_equal(counts, total.sum(0))
+    assert (total.sum(0) > 0).all()
+    global_ = weighted.sum(0) / total.sum(0)[:, None]
+    np.testing.assert_allclose(prototypes, global_, rtol=1e-5, atol=1e-6)
+    both = (total > 0).all(axis=0)  # the classes that clients of both architectures hold
+    assert 3 <= both.sum() < 10
+    groups = weighted[:, both] / total[:, both, None]
+    assert recorded["group_proto_dist"] == pytest.approx(np.linalg.norm(groups[0] - groups[1], axis=1).mean(), rel=1e-5)
+    pairs = [np.linalg.norm(global_[i] - global_[j]) for i in range(10) for j in range(i)]
+    assert recorded["class_proto_dist"] == pytest.approx(np.mean(pairs), rel=1e-5)
+    assert (head_acc != proto_acc).any()  # two inference rules, recorded apart
 
 
 def test_a_class_nobody_reported_keeps_its_prototype():
@@ -128,7 +144,10 @@ def test_without_the_prototype_term_a_client_trains_as_local_sgd(lam, present):
         expected = ParamLayout(model, [n for n, _ in model.named_parameters()]).flatten(model)
         torch.testing.assert_close(client.state["model"], expected, rtol=0, atol=1e-6)
         assert update.weight == 1.0 and update.payload.dtype == torch.float64
-        assert update.payload.numel() == algo.up_numel() == c * d + c
+        assert update.payload.numel() == algo.up_numel() == 2 * algo.up_numel_of(k) == 2 * (c * d + c)
+        slots = update.payload.reshape(2, c * d + c)  # a slot per architecture: the client fills its own
+        g = algo.setup.group_of(k)
+        assert slots[g, c * d :].sum() == len(client.train[1]) and not slots[1 - g].any()
 
 
 def test_the_prototype_term_pulls_embeddings_to_the_prototypes():
@@ -157,7 +176,7 @@ def test_inference_is_the_nearest_prototype_among_the_clients_classes():
     for k in (0, 1, 4):
         client = _client(algo, data, k)
         algo.load_for_eval(client, payload)
-        loss, acc = algo.evaluate_client(client)
+        loss, acc, head_loss_again, head_acc = algo.evaluate_client(client)
         model = algo.setup.model_for(k)
         x, y = client.test
         with torch.no_grad():
@@ -168,7 +187,8 @@ def test_inference_is_the_nearest_prototype_among_the_clients_classes():
         dist = ((features[:, None, :] - prototypes.numpy()[None, candidates]) ** 2).sum(axis=2)
         predicted = np.asarray(candidates)[dist.argmin(axis=1)]
         assert acc == pytest.approx(float((predicted == y.numpy()).mean()))
-        assert loss == pytest.approx(head_loss, rel=1e-5)
+        assert loss == head_loss_again == pytest.approx(head_loss, rel=1e-5)
+        assert head_acc == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
 
 
 def test_unequal_embedding_sizes_are_refused_before_mpi_starts(tmp_path):

@@ -6,12 +6,12 @@ as long as the embedding f(x) = ``base(x)`` has one size d for all.
 
 Moves: down, Broadcast (float32) of the global prototypes P [C, d] and their sample counts [C]; up, a
 WeightedSum with weight 1 in float64 of each sampled client's per-class embedding sums S_k [C, d] and counts
-n_k [C]. The reduce is exactly what aggregation needs: the server's prototype of class j is
-sum_k S_kj / sum_k n_kj, the mean of the clients' local prototypes C_k^(j) = S_kj / n_kj weighted by their
-sample counts |D_k,j| (the paper's weighting). A class that no client of the round holds keeps its previous
-prototype (the paper has every client in every round, so it never needs this). In float64 the order of the
-additions, which depends on the ranks, changes the sums by about 1e-16 (relative) before the prototypes are
-cast to float32. Bytes up per worker: 8 (C d + C) + 16 (the WeightedSum's side Reduce).
+n_k [C], in the slot of its architecture group (the reduce holds one slot per group; a client sends only its
+own, what the protocol ledger counts). The server's prototype of class j is sum_k S_kj / sum_k n_kj, the local
+prototypes C_k^(j) = S_kj / n_kj weighted by their counts |D_k,j| (the paper's weighting); a class that no client
+of the round holds keeps its previous prototype. Server metrics: ``group_proto_dist`` (G > 1 groups), the mean
+distance between two groups' prototypes of one class in the round, and ``class_proto_dist``, between two classes'
+global prototypes. Bytes up per worker: 8 G (C d + C) + 16. Details: docs/algorithms.md#fedproto.
 
 Computes, on a client: its own model (client state: the whole model of its architecture) trained for
 ``train.local_epochs`` epochs of SGD on CE(head(f(x)), y) + lam * ||f(x) - P_y||^2, the distance term as the
@@ -20,7 +20,7 @@ has no global prototype yet counts as distance 0); then the local prototypes fro
 sample with the trained model. Inference: the nearest global prototype in squared Euclidean distance among the
 classes of the client's own training data, as the authors' code evaluates (classes without a prototype are never
 predicted; the client's head when none of its classes has one). ``test_loss`` is the cross-entropy of the
-client's own head, for want of a loss of the nearest-prototype rule.
+client's own head, for want of a loss of the nearest-prototype rule; ``head_test_acc`` its accuracy.
 Not batched (``train.client_batch``): clients train one after another (its loss adds the prototype term).
 """
 
@@ -31,6 +31,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from ..models.prototypes import (  # noqa: F401 - prototype_distance re-exported with the algorithm
+    local_prototype_sums,
+    mean_pair_distance,
+    nearest_prototype,
+    prototype_distance,
+)
 from ..models.split import require_base_head
 from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .personal_models import PersonalModels
@@ -58,12 +64,14 @@ class FedProto(Algorithm):
     eval_down = Broadcast()  # nearest-prototype inference needs the global prototypes
     up = WeightedSum(torch.float64)
     client_metrics = ("train_loss", "proto_loss")
+    eval_metrics = ("head_test_loss", "head_test_acc")  # the client's own head, beside the nearest prototype
 
     def __init__(self, params: FedProtoParams, setup: Setup):
         super().__init__(params, setup)
         self.check_models(params, setup.models)
         self.classes, self.dim = setup.num_classes, setup.models[0].feature_dim
         self.personal = PersonalModels(setup)
+        self.slot = self.classes * self.dim + self.classes  # one group's sums and counts
         self.eval_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -79,7 +87,10 @@ class FedProto(Algorithm):
         return self.classes * self.dim + self.classes
 
     def up_numel(self) -> int:
-        return self.classes * self.dim + self.classes
+        return self.setup.num_groups * self.slot  # the reduce: a slot per architecture group
+
+    def up_numel_of(self, client: int) -> int:
+        return self.slot  # what a client sends: its group's slot
 
     def client_state_spec(self, group: int) -> dict[str, int]:
         return {"model": self.personal.numel(group)}
@@ -96,12 +107,21 @@ class FedProto(Algorithm):
         return torch.cat([self.prototypes.reshape(-1), self.counts.float()])
 
     def aggregate(self, round: int, up: WeightedMean) -> dict[str, float]:
-        summed = up.sum.double()
-        sums, counts = summed[: self.classes * self.dim].reshape(self.classes, self.dim), summed[-self.classes :]
+        slots = up.sum.double().reshape(-1, self.slot)  # [G, C d + C]
+        cd = self.classes * self.dim
+        summed = slots[0] if len(slots) == 1 else slots.sum(dim=0)
+        sums, counts = summed[:cd].reshape(self.classes, self.dim), summed[cd:]
         seen = counts > 0
         self.prototypes[seen] = (sums[seen] / counts[seen, None]).float()
         self.counts[seen] = counts[seen]
-        return {"prototype_classes": float((self.counts > 0).sum())}
+        metrics = {"prototype_classes": float((self.counts > 0).sum())}
+        metrics["class_proto_dist"] = mean_pair_distance(self.prototypes[self.counts > 0].double()[None])
+        if len(slots) > 1:  # each group's prototypes of the round, [C, G, d], NaN where a group saw no sample
+            group_counts = slots[:, cd:].T
+            groups = slots[:, :cd].reshape(-1, self.classes, self.dim).transpose(0, 1) / group_counts[..., None]
+            missing = group_counts[..., None] == 0
+            metrics["group_proto_dist"] = mean_pair_distance(groups.masked_fill(missing, torch.nan))
+        return metrics
 
     def server_state(self) -> dict[str, torch.Tensor]:
         return {"prototypes": self.prototypes, "counts": self.counts}
@@ -125,7 +145,10 @@ class FedProto(Algorithm):
         ce, distance = self.train_prototypes(client, model, prototypes, present)
         self.personal.save(client, model)
         sums, counts = local_prototype_sums(model, *client.train, self.classes)
-        return Update(torch.cat([sums.reshape(-1), counts]), 1.0, {"train_loss": ce, "proto_loss": distance})
+        payload = torch.zeros(self.up_numel(), dtype=torch.float64)
+        start = self.setup.group_of(client.id) * self.slot
+        payload[start : start + self.slot] = torch.cat([sums.reshape(-1), counts])
+        return Update(payload, 1.0, {"train_loss": ce, "proto_loss": distance})
 
     def train_prototypes(
         self, client: Client, model: torch.nn.Module, prototypes: torch.Tensor, present: torch.Tensor
@@ -148,9 +171,10 @@ class FedProto(Algorithm):
         self.personal.load(client)
         self.eval_prototypes = self._decode(payload)
 
-    def evaluate_client(self, client: Client) -> tuple[float, float]:
-        """(cross-entropy of the client's head, accuracy of the nearest global prototype) on its test split;
-        the candidates are the classes of the client's training data that have a prototype."""
+    def evaluate_client(self, client: Client) -> tuple[float, float, float, float]:
+        """(cross-entropy of the client's head, accuracy of the nearest global prototype, then the head's
+        cross-entropy and accuracy again: ``eval_metrics``) on its test split; the candidates are the classes of
+        the client's training data that have a prototype."""
         model = self.setup.model_for(client.id)
         loss, head_acc = evaluate(model, *client.test)
         prototypes, present = self.eval_prototypes
@@ -159,42 +183,6 @@ class FedProto(Algorithm):
         own = present & (torch.bincount(client.train[1], minlength=self.classes) > 0)
         candidates = own if own.any() else present
         if not candidates.any():
-            return loss, head_acc
+            return loss, head_acc, loss, head_acc
         predicted = nearest_prototype(model, x, prototypes.to(x.device), candidates)
-        return loss, float((predicted == y).float().mean()) if len(y) else 0.0
-
-
-def prototype_distance(
-    features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor
-) -> torch.Tensor:
-    """Mean over the batch and the d coordinates of (f(x) - P_y)^2, samples of classes without a prototype as 0
-    (torch's MSELoss against targets that equal f(x) where no prototype exists, as in the authors' code)."""
-    mask = present[labels].to(features.dtype)[:, None]
-    return ((features - prototypes[labels]) ** 2 * mask).sum() / max(features.numel(), 1)
-
-
-@torch.no_grad()
-def local_prototype_sums(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, batch_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sums of f(x) [C, d] and sample counts [C], float64 on the CPU: the local prototypes are
-    sums / counts."""
-    model.eval()
-    sums = torch.zeros(classes, model.feature_dim, dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        sums.index_add_(0, y[start : start + batch_size], model.base(x[start : start + batch_size]).double())
-    counts = torch.bincount(y, minlength=classes).double()
-    return sums.cpu(), counts.cpu()
-
-
-@torch.no_grad()
-def nearest_prototype(
-    model: torch.nn.Module, x: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor, batch_size: int = 1024
-) -> torch.Tensor:
-    """The class of the nearest prototype (squared Euclidean) to f(x) of each sample, among ``present`` ones."""
-    model.eval()
-    out = []
-    for start in range(0, x.shape[0], batch_size):
-        distances = ((model.base(x[start : start + batch_size])[:, None, :] - prototypes[None]) ** 2).sum(dim=2)
-        out.append(distances.masked_fill(~present, float("inf")).argmin(dim=1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+        return loss, float((predicted == y).float().mean()) if len(y) else 0.0, loss, head_acc

@@ -5,7 +5,8 @@ Every client is evaluated on the rank that hosts it: the algorithm's evaluation 
 its model (``load_for_eval``) and is scored (``evaluate_client``). After the last round with
 ``finetune_epochs``, each client then fine-tunes that model on its training split and is scored again
 (``finetune_test_*``) without changing its state. An algorithm that declares ``evaluates_global`` also has
-its global model scored on every client (``global_test_*``). The two metrics of each score are the task's
+its global model scored on every client (``global_test_*``); an algorithm's own further metrics
+(``eval_metrics``) come first. The two metrics of each score are the task's
 (``setup.task``: loss and accuracy, or MSE and RMSE). The rows reach the server by one Gatherv.
 """
 
@@ -49,22 +50,26 @@ class Evaluator:
         and the names of the extra columns."""
         algo = self.algo
         finetune = self.finetune_epochs if t == self.rounds - 1 else 0
-        extra = extra_columns(algo.setup.task, bool(finetune), algo.evaluates_global)
+        extra = tuple(algo.eval_metrics) + extra_columns(algo.setup.task, bool(finetune), algo.evaluates_global)
+        scored = 2 + len(algo.eval_metrics)  # what evaluate_client returns
         rows: dict[int, list[float]] = {}
         for plan in self.blocks():
             mine = plan.of_rank(self.transport.world.rank)
             for k, payload in zip(mine, self.transport.down(t, plan, "eval"), strict=True):
                 client = self.client(k, t)
                 algo.load_for_eval(client, payload)
-                row = [k, client.data.y_test.shape[0], *algo.evaluate_client(client)]
+                scores = list(algo.evaluate_client(client))
+                if len(scores) != scored:
+                    raise ValueError(f"{algo.name}: evaluate_client returned {len(scores)} values, expected {scored}")
+                row = [k, client.data.y_test.shape[0], *scores]
                 if finetune:
                     client.generator = client_generator(self.seed, k, self.rounds)  # a round never trained
                     client.state = {name: v.clone() for name, v in client.state.items()}  # kept as it was
                     algo.local_training(client, epochs=finetune)
-                    row += algo.evaluate_client(client)
+                    row += algo.evaluate_client(client)[:2]
                 if algo.evaluates_global:
                     algo.load_global_for_eval(client, payload)
-                    row += algo.evaluate_client(client)
+                    row += algo.evaluate_client(client)[:2]
                 rows[k] = row
         width = len(EVAL_COLUMNS) + len(extra)
         table = np.array([rows[k] for k in self.hosted], dtype=np.float64).reshape(len(self.hosted), width)
