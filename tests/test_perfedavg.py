@@ -123,6 +123,27 @@ def test_hf_differs_from_fo_by_the_hessian_vector_correction(hvp):
     torch.testing.assert_close(up_fo, -beta * u, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["fo", "hf"])
+def test_meta_clip_bounds_each_local_steps_meta_gradient_and_keeps_its_direction(variant):
+    """One local step: with meta_clip below the meta-gradient's norm, the step is beta * meta_clip long along the
+    unclipped step; with a large meta_clip it is the unclipped step."""
+    data, beta = _data(6), 0.5
+    w0 = _flat(_initial(_algo()))
+
+    def step(clip: float | None) -> torch.Tensor:
+        return (
+            _algo(variant=variant, alpha=0.5, beta=beta, tau=1, meta_clip=clip).client_update(_client(data), w0).payload
+        )
+
+    free = step(None)
+    clip = float(free.norm()) / beta / 4  # a quarter of the meta-gradient's norm
+    clipped = step(clip)
+    assert free.norm() > 1e-2
+    torch.testing.assert_close(clipped.norm(), free.norm() / 4, rtol=1e-4, atol=0)
+    torch.testing.assert_close(clipped / clipped.norm(), free / free.norm(), rtol=0, atol=1e-5)
+    assert torch.equal(step(8 * clip), free)
+
+
 # -- the Hessian-vector products -------------------------------------------------------------
 def _hessian_times(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The full Hessian of the batch loss (torch.autograd.functional.hessian on the flat parameters) times v."""

@@ -36,6 +36,7 @@ from pydantic import Field
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .meta import BatchStream, FunctionalModel, axpy, hvp_exact, hvp_finite_difference, leaves
+from .optimizers import clip_grad_norm_
 from .registry import register
 from .shared_model import SharedModelAlgorithm
 from .weighting import client_weight
@@ -54,6 +55,9 @@ class PerFedAvgParams(FedAvgParams):
         "probes delta from w (scaled) or delta * ||u|| from w (paper, the paper's estimator)",
     )
     delta: float = Field(0.001, gt=0, description="hf with hvp scaled or paper: finite-difference step delta")
+    meta_clip: float | None = Field(
+        None, gt=0, description="largest L2 norm of a local step's meta-gradient (before beta); None: unclipped"
+    )
     eval_steps: int = Field(1, ge=0, description="gradient steps with alpha on the training split before the test")
     eval_full_batch: bool = Field(
         False, description="evaluation steps on the whole training split instead of train.batch_size minibatches"
@@ -111,6 +115,8 @@ class PerFedAvg(SharedModelAlgorithm):
                 d = hvp_finite_difference(fn, w, u, x3, y3, p.delta, scaled=p.hvp == "scaled")
             with torch.no_grad():
                 u = [ui - p.alpha * di for ui, di in zip(u, d, strict=True)]
+        if p.meta_clip is not None:
+            clip_grad_norm_(u, p.meta_clip)
         return leaves(axpy(-p.beta, u, w)), float(meta_loss.detach())
 
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
