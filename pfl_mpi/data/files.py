@@ -148,7 +148,7 @@ def _validated(
 
 
 def _labels(y: np.ndarray, n: int) -> np.ndarray:
-    if y.ndim == 1 and y.shape[0] == n and np.issubdtype(y.dtype, np.floating):
+    if np.issubdtype(y.dtype, np.floating):
         raise ConfigError(
             KEY,
             f"y must hold integer class labels, got dtype {y.dtype} (real-valued targets: set data.targets: values "
