@@ -124,9 +124,12 @@ class FedGen(SharedModelAlgorithm):
         return torch.cat([self.shared.w, self.generator.flat()])
 
     def aggregate(self, round: int, up: Collected) -> dict[str, float]:
-        d, w = self.shared.numel, self.shared.w.double()
-        metrics = self.train_generator(round, up.payloads[:, :d].float(), up.payloads[:, d:].float())
-        return {**self.shared.step(up.weighted_mean(lambda row: row[:d].double() - w, d)), **metrics}
+        d, weights = self.shared.numel, up.weights.double()
+        models = up.payloads[:, :d].float()
+        metrics = self.train_generator(round, models, up.payloads[:, d:].float())
+        total = float(weights.sum())  # one vectorised sum, not weighted_mean's row by row: FedGen's rounding since v1
+        delta = ((models.double() - self.shared.w.double()) * weights[:, None]).sum(dim=0) / total if total else None
+        return {**self.shared.step(delta.float() if total else torch.zeros(d)), **metrics}
 
     def train_generator(self, round: int, models: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
         """Fit G to the label-weighted heads of ``models`` (rows, with their ``counts``); return mean losses."""
