@@ -9,6 +9,7 @@ similarities); client i takes the proximal step w_i <- argmin F_i(w) + lambda / 
 library loop with the proximal term as regulariser. Choices (where SGD starts, constant alpha_k, float64
 similarities, the tuned sigma and xi_ii) and the full design: docs/algorithms.md#fedamp.
 
+Over 150 lines: two attention rules (the paper's, HeurFedAMP's) and the server's table W of the clients' models.
 Batched clients (``train.client_batch``): not batched, clients train one after another: the proximal pull to
 each client's own cloud model u_i comes through its own loop.
 """

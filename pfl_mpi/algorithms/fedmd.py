@@ -8,7 +8,7 @@ architecture trained on the labelled public data (its state's initial value) and
 data; then each round it digests (regresses its logits on S_{t-1} towards the consensus), revisits (trains on its
 data) and scores S_t. The server only averages. Departs from the authors' code in using the library's SGD, no
 early stopping and a uniform (not stratified) S_t: see docs/algorithms.md#fedmd, with the full design.
-Not batched (``train.client_batch``): clients train one after another (its own digest and revisit losses).
+Over 150 lines: three client phases (pre-training, digest, revisit). Not batched: clients train one by one.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ The reported ``train_loss`` is L(theta'; D_Q). Evaluation adapts as training doe
 training split as the support set: ``inner_steps`` full-batch steps (with the learned alpha for Meta-SGD),
 then the test split. Clients keep no state.
 
-Batched clients (``train.client_batch``): not batched, clients train one after another: a meta-learning inner
-loop.
+Over 150 lines: three meta-gradients (MAML, FOMAML, Meta-SGD) and two outer optimisers. Batched clients
+(``train.client_batch``): not batched, clients train one after another: a meta-learning inner loop.
 """
 
 from __future__ import annotations
