@@ -19,7 +19,8 @@ order from the client's training split with its generator (:class:`~pfl_mpi.algo
 
 (meta.hvp_exact, meta.hvp_finite_difference). The paper's probes lie delta ||u|| from w: on a ReLU network with
 a large u they cross kinks and the estimate can be off by its own size (docs/algorithms.md#per-fedavg).
-(FO draws no D''.) The reported ``train_loss`` is the mean over the steps of f(w~; D'), the meta-objective.
+(FO draws no D''.) ``meta_clip`` bounds the norm of the meta-gradient (u, or u - alpha d) before the beta step.
+The reported ``train_loss`` is the mean over the steps of f(w~; D'), the meta-objective.
 
 Evaluation personalises as the paper evaluates: from w, ``eval_steps`` steps w <- w - alpha grad f(w; D)
 on minibatches of the client's training split (the whole split with ``eval_full_batch``), then the test.
