@@ -24,19 +24,6 @@ if TYPE_CHECKING:
     )
     from .registry import algorithm_names, register, resolve
 
-_FROM_BASE = {
-    "Algorithm",
-    "Broadcast",
-    "Client",
-    "Collected",
-    "Gathered",
-    "PerClient",
-    "Phase",
-    "Setup",
-    "Update",
-    "WeightedMean",
-    "WeightedSum",
-}
 _FROM_REGISTRY = {"algorithm_names", "register", "resolve"}
 __all__ = [
     "Algorithm",
@@ -57,8 +44,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_BASE:
-        return getattr(import_module(f"{__name__}.base"), name)
-    if name in _FROM_REGISTRY:
-        return getattr(import_module(f"{__name__}.registry"), name)
+    if name in __all__:
+        return getattr(import_module(f"{__name__}.{'registry' if name in _FROM_REGISTRY else 'base'}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
