@@ -273,9 +273,9 @@ def plan_tables(bench_file: Path, sampled: tuple[int, ...] = (100, 1000)) -> str
     """Per model, algorithm and S: the messages of one training round of 10,000 clients on 257 ranks
     (``round_messages``, the model of ``pfl-mpi bench comm``), timed with the alpha-beta fits measured in
     ``bench_file`` and with the assumed InfiniBand figures."""
-    from pfl_mpi.bench import round_messages
-    from pfl_mpi.bench.report import fit_all, read_h5
     from pfl_mpi.config import load_config
+    from pfl_mpi.costmodel import round_messages
+    from pfl_mpi.costmodel.report import fit_all, read_h5
 
     sizes, times, attrs = read_h5(bench_file)
     fits = fit_all(sizes, times)

@@ -7,9 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from pfl_mpi.bench import fit_alpha_beta, measured_round, predict_round, round_messages
-from pfl_mpi.bench.fit import AlphaBeta, Interpolated
-from pfl_mpi.bench.report import (
+from pfl_mpi.cli import main
+from pfl_mpi.comm import FIELDS, LABELS
+from pfl_mpi.costmodel import fit_alpha_beta, measured_round, predict_round, round_messages
+from pfl_mpi.costmodel.fit import AlphaBeta, Interpolated
+from pfl_mpi.costmodel.report import (
     fit_all,
     fit_table,
     interpolated,
@@ -20,8 +22,6 @@ from pfl_mpi.bench.report import (
     sweep_table,
     write_h5,
 )
-from pfl_mpi.cli import main
-from pfl_mpi.comm import FIELDS, LABELS
 from pfl_mpi.store.layout import FORMAT
 
 from .helpers import tiny_config
@@ -107,7 +107,7 @@ def test_round_messages_of_a_per_client_algorithm(tmp_path):
 
 
 def test_predict_round_sums_calls_per_label():
-    from pfl_mpi.bench import Message
+    from pfl_mpi.costmodel import Message
 
     fits = {"Bcast": AlphaBeta(1e-6, 1e-9, 0, 0), "Reduce": AlphaBeta(2e-6, 2e-9, 0, 0)}
     messages = [Message("control", "Bcast", 16), Message("up", "Reduce", 1000), Message("up", "Reduce", 16)]
@@ -153,8 +153,8 @@ def test_measured_round_takes_the_slowest_rank_without_its_waiting(tmp_path):
 def test_the_wake_term_follows_how_long_a_call_waited():
     """A call adds the sweep's wake in full after waiting poll_max or longer, in proportion below,
     and nothing within the poll loop's spin (it never slept)."""
-    from pfl_mpi.bench import Message
     from pfl_mpi.comm.world import SPIN
+    from pfl_mpi.costmodel import Message
 
     fits = {"Gatherv": AlphaBeta(1e-6, 0.0, 0, 0), "Bcast": AlphaBeta(1e-6, 0.0, 0, 0)}
     wake = {"Gatherv": 4e-4, "Bcast": 2e-4}
@@ -170,7 +170,7 @@ def test_the_wake_term_follows_how_long_a_call_waited():
 
 
 def test_wake_is_the_notice_time_beyond_the_fit():
-    from pfl_mpi.bench.report import notice_table, wake_terms
+    from pfl_mpi.costmodel.report import notice_table, wake_terms
 
     fits = {"Reduce": AlphaBeta(10e-6, 0.0, 0, 0), "Bcast": AlphaBeta(1e-3, 0.0, 0, 0)}
     notice = {"Reduce": np.array([0.3e-3, 0.5e-3, 0.9e-3]), "Bcast": np.array([0.5e-3, 0.6e-3, 0.7e-3])}

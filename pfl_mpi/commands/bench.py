@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace):
     """Parsed sizes and validated configs (before any rank starts)."""
-    from ..bench.report import parse_size
     from ..config import load_config
+    from ..costmodel.report import parse_size
     from ..data import load_federated
     from ..runtime.build import check_buildable
 
@@ -130,8 +130,10 @@ def _say(world, text: str) -> None:
 def _comm(args: argparse.Namespace, world, sizes: list[int], configs: list) -> int:
     import os
 
-    from ..bench import measured_round, predict_round, round_messages
-    from ..bench.report import (
+    from ..comm.sweep import NOTICE_BYTES, OPS, Sweep, library_versions
+    from ..config import validate
+    from ..costmodel import measured_round, predict_round, round_messages
+    from ..costmodel.report import (
         fit_all,
         fit_table,
         interpolated,
@@ -142,8 +144,6 @@ def _comm(args: argparse.Namespace, world, sizes: list[int], configs: list) -> i
         wake_terms,
         write_h5,
     )
-    from ..comm.benchmark import NOTICE_BYTES, OPS, Sweep, library_versions
-    from ..config import validate
     from ..runtime import Engine
     from ..store import read_config_text
 

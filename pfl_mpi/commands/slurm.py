@@ -108,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--script", default=None, help="script file (default RUNS_DIR/jobs/<job name>.sbatch; - for stdout)"
     )
-    parser.add_argument("--submit", action="store_true", help="check everything (algorithm keys, data) and submit the script with sbatch")
+    parser.add_argument(
+        "--submit", action="store_true", help="check everything (algorithm keys, data) and submit with sbatch"
+    )
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:

@@ -98,9 +98,14 @@ class ArchitectureConfig(BaseModel):
         if self.name in BUILTIN and self.head is not None:
             raise ValidationError.from_exception_data(
                 type(self).__name__,
-                [InitErrorDetails(type="value_error", loc=("head",), input=self.head,
-                                  ctx={"error": f"{self.name} is split by model.head_layers; model.head is for "
-                                       "user networks"})],
+                [
+                    InitErrorDetails(
+                        type="value_error",
+                        loc=("head",),
+                        input=self.head,
+                        ctx={"error": f"{self.name} is split by model.head_layers; model.head is for user networks"},
+                    )
+                ],
             )
         return self
 

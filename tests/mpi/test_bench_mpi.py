@@ -10,9 +10,9 @@ import pytest
 from mpi4py import MPI
 
 from pfl_mpi.comm import FIELDS, LABELS
-from pfl_mpi.comm.benchmark import NOTICE_OPS, OPS, Sweep
 from pfl_mpi.comm.ledger import unpack_rows
 from pfl_mpi.comm.mpi_world import MPIWorld
+from pfl_mpi.comm.sweep import NOTICE_OPS, OPS, Sweep
 
 LATE = 0.3  # seconds the last rank sleeps before entering
 
@@ -122,7 +122,7 @@ def test_bench_comm_command(mpi_tmp_path, capsys):
         assert waiting[:, 0, LABELS.index("metrics")].sum() > 0  # the server waits for training
         assert main(["info", run]) == 0
         assert "| metrics | 3 |" in capsys.readouterr().out
-        from pfl_mpi.bench.report import read_h5
+        from pfl_mpi.costmodel.report import read_h5
 
         assert "tiny" in read_h5(out)[2]["predictions"]
     MPI.COMM_WORLD.Barrier()

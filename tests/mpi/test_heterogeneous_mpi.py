@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pfl_mpi.bench.messages import round_messages
 from pfl_mpi.comm import LABELS
 from pfl_mpi.comm.mpi_world import MPIWorld
 from pfl_mpi.comm.serial import SerialWorld
+from pfl_mpi.costmodel.messages import round_messages
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import place_clients, sample_clients
 from pfl_mpi.store.writer import tables_under

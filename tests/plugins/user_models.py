@@ -81,7 +81,10 @@ class SplitNet(nn.Module):
         super().__init__()
         channels = input_shape[0] if len(input_shape) == 3 else 1
         self.base = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(2, width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.GroupNorm(2, width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
         self.head = nn.Linear(width, num_classes)

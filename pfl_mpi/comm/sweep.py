@@ -27,7 +27,7 @@ one rank enters ``NOTICE_DELAY`` x poll_max late (times a random factor in [1, 2
 falls at a random point of the sleepers' schedule), and the time from its entry (on the common
 clock) until the last early rank sees the call complete is recorded: the transfer plus the notice
 delay. ``notice - sweep time`` at the same size is the *wake-up* term that the prediction adds to
-every call of a round (``pfl_mpi.bench.messages``); with blocking waits it is near 0.
+every call of a round (``pfl_mpi.costmodel.messages``); with blocking waits it is near 0.
 """
 
 from __future__ import annotations

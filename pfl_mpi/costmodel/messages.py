@@ -89,7 +89,7 @@ def predict_round(
     "wake": what a waiting rank adds by noticing completion late}}.
 
     The predicted time of a label is ``seconds + wake`` (or ``interpolated + wake``). ``wake[op]``
-    is the sweep's notice delay after a long wait (``comm.benchmark``). A call whose longest wait
+    is the sweep's notice delay after a long wait (``comm.sweep``). A call whose longest wait
     was ``w`` (``waited[label]``, seconds per call: the imbalance, which no communication model
     predicts, so it is taken from the run) adds ``wake[op] * min(1, w / poll_max)``, nothing when
     ``w`` is within the poll loop's spin: the polled wait sleeps in intervals doubling up to
