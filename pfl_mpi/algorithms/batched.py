@@ -27,8 +27,9 @@ What is not batched (``batchable`` says why): optimisers other than SGD or SGD s
 (``train.optimizer_state: keep``), models with buffers
 (batch norm's running statistics) or with operations ``vmap`` cannot batch (a probe forward decides),
 custom losses and data augmentation (its draws interleave with the permutations). Callers then use the
-sequential loop. Algorithms reach this loop through ``client_blocks.train_in_blocks``; ``client_batch``
-chooses K.
+sequential loop. Algorithms reach this loop through ``client_blocks.train_in_blocks``, fine-tuning through
+``client_blocks.finetune_stack``; ``client_batch`` chooses K. ``batched_evaluate`` scores K clients' models on their
+test sets with one forward per chunk of rows.
 """
 
 from __future__ import annotations
@@ -321,6 +322,59 @@ def batched_local_training(
         for name in params:
             params[name].copy_(params[name][inverse.to(params[name].device)])
     return result
+
+
+# -- evaluation -----------------------------------------------------------------------------
+EVAL_ROWS = 64
+"""Test rows per client and forward in ``batched_evaluate``: a fixed shape, so a client's scores do not depend on
+which clients share its block."""
+
+
+def evaluable(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """Why ``batched_evaluate`` cannot score ``model`` on (x, y) (None: it can): classification's float features
+    and integer labels, a model without buffers that ``stacked_forward`` runs."""
+    if x.dtype not in (torch.float32, torch.float64) or x.shape[0] == 0:
+        return "inputs that are not float features"
+    if y.dtype != torch.int64 or y.dim() != 1:
+        return "targets that are not class labels"
+    return _probe(model, x)
+
+
+@torch.no_grad()
+def batched_evaluate(
+    model: nn.Module, params: Stacked, data: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: int = EVAL_ROWS
+) -> list[tuple[float, float]]:
+    """``training.evaluate`` (mean cross-entropy, accuracy) of K clients at once: client i's model is ``model``
+    with the i-th slices of ``params``, its test set ``data[i]``. Each client's rows go through in chunks of
+    ``rows`` (the last one padded with its first row, weight 0); a chunk's forward serves every client that
+    still has rows. The accuracy counts exactly as the sequential one; the loss differs by float rounding."""
+    model.eval()
+    sizes = [int(y.shape[0]) for _, y in data]
+    order = sorted(range(len(data)), key=lambda i: -sizes[i])  # most chunks first: the active clients are a prefix
+    x_all, y_all = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    device = x_all.device
+    starts = torch.tensor([sum(sizes[:i]) for i in order], device=device).unsqueeze(1)
+    ns = torch.tensor([sizes[i] for i in order], device=device).unsqueeze(1)
+    perm = torch.tensor(order, device=device)
+    ordered = {n: p[perm] for n, p in params.items()}
+    loss = torch.zeros(len(data), dtype=torch.float64, device=device)
+    correct = torch.zeros(len(data), dtype=torch.int64, device=device)
+    for c in range(-(-max(sizes, default=0) // rows)):
+        active = sum(1 for n in sizes if n > c * rows)
+        position = c * rows + torch.arange(rows, device=device)
+        real = position < ns[:active]
+        idx = torch.where(real, starts[:active] + position, starts[:active])
+        logits = stacked_forward(model, {n: p[:active] for n, p in ordered.items()}, x_all[idx])
+        target = y_all[idx]
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(active, rows)
+        loss[:active] += (ce * real).sum(dim=1).double()
+        correct[:active] += ((logits.argmax(dim=-1) == target) & real).sum(dim=1)
+    loss_of, correct_of = loss.cpu().tolist(), correct.cpu().tolist()
+    scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(data)
+    for position, i in enumerate(order):
+        n = max(sizes[i], 1)
+        scores[i] = (loss_of[position] / n, correct_of[position] / n)
+    return scores
 
 
 # -- regularisers ---------------------------------------------------------------------------

@@ -2,20 +2,23 @@
 of their trainings runs for a whole block at once through the batched loop (``batched.batched_local_training``).
 
 ``Algorithm.client_updates`` calls :func:`train_in_blocks` when ``train.client_batch`` > 1 and the algorithm
-declares its client steps; see docs/batched.md.
+declares its client steps. The evaluator (``runtime/evaluation.py``) evaluates and fine-tunes blocks of clients
+through :func:`load_stack`, :func:`evaluate_stack` and :func:`finetune_stack` when :func:`stacks_evaluation`
+allows it; see docs/batched.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from . import batched
+from .base import Algorithm, Client
 from .batched import Stacked, blocks
 from .optimizers import lr_factor
-from .training import Means, cross_entropy
+from .training import Means, cross_entropy, evaluate
 
 BATCHED_OPTIONS = {"epochs", "generator", "lr", "params", "regulariser"}
 
@@ -123,3 +126,85 @@ def _train_group(algo, model: nn.Module, block: list, group: list, params: Stack
         epochs=epochs,
         regulariser=regulariser,
     )
+
+
+# -- evaluation and fine-tuning of a block ------------------------------------------------------
+def stacks_evaluation(algo: Algorithm) -> bool:
+    """Whether the evaluator evaluates ``algo``'s clients in blocks of ``client_batch`` (> 1): its evaluation is
+    "load the client's parameters, score them with classification's ``evaluate``" (``evaluate_client`` not
+    overridden, no ``eval_metrics``), of one architecture without buffers, so a client's scores are a function of
+    its parameters alone."""
+    setup = algo.setup
+    return (
+        setup.client_batch > 1
+        and type(algo).evaluate_client is Algorithm.evaluate_client
+        and not algo.eval_metrics
+        and setup.task.evaluate is evaluate
+        and setup.num_groups == 1
+        and not any(True for _ in setup.model.buffers())
+    )
+
+
+def load_stack(
+    algo: Algorithm, clients: Sequence[Client], payloads: Sequence, load: Callable[[Client, object], None]
+) -> Stacked:
+    """The parameters that ``load(client, payload)`` (``load_for_eval``, ``load_global_for_eval``) puts into the
+    model for each client, stacked ``[K, ...]`` in ``clients`` order."""
+    named = list(algo.setup.model.named_parameters())
+    stacks = {n: p.new_empty(len(clients), *p.shape) for n, p in named}
+    for i, (client, payload) in enumerate(zip(clients, payloads, strict=True)):
+        load(client, payload)
+        with torch.no_grad():
+            for n, p in named:
+                stacks[n][i].copy_(p)
+    return stacks
+
+
+def _load_row(model: nn.Module, params: Stacked, i: int) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(params[n][i])
+
+
+def evaluate_stack(algo: Algorithm, clients: Sequence[Client], params: Stacked) -> list[tuple[float, float]]:
+    """(test loss, test accuracy) of each client with its slice of ``params``: one batched forward per chunk of
+    rows (``batched.batched_evaluate``), or one client after another (``evaluate_client``) when a client's test
+    split is not classification's."""
+    model = algo.setup.model
+    if all(batched.evaluable(model, *c.test) is None for c in clients):
+        return batched.batched_evaluate(model, params, [c.test for c in clients])
+    scores = []
+    for i, client in enumerate(clients):
+        _load_row(model, params, i)
+        scores.append(tuple(algo.evaluate_client(client)[:2]))
+    return scores
+
+
+def finetune_stack(algo: Algorithm, clients: Sequence[Client], params: Stacked, epochs: int) -> None:
+    """Fine-tune each client's slice of ``params`` in place: ``local_training(client, epochs=epochs)`` from it,
+    with the client's generator. One batched training (``batched.batched_local_training``) when the batched loop
+    trains these clients exactly (``batched.batchable``; ``local_training`` not overridden), else one after another."""
+    setup = algo.setup
+    model, cfg = setup.model, setup.train
+    alone = type(algo).local_training is not Algorithm.local_training or any(
+        batched.batchable(model, cfg, *c.train, augment=setup.augment, loss=_task_loss(setup)) is not None
+        for c in clients
+    )
+    if not alone:
+        lr = cfg.lr * lr_factor(cfg.schedule, clients[0].round, setup.rounds)
+        batched.batched_local_training(
+            model,
+            params,
+            [c.train for c in clients],
+            [c.generator for c in clients],
+            cfg,
+            lr,
+            epochs=[epochs] * len(clients),
+        )
+        return
+    for i, client in enumerate(clients):
+        _load_row(model, params, i)
+        algo.local_training(client, epochs=epochs)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                params[n][i].copy_(p)

@@ -8,6 +8,11 @@ its model (``load_for_eval``) and is scored (``evaluate_client``). After the las
 its global model scored on every client (``global_test_*``); an algorithm's own further metrics
 (``eval_metrics``) come first. The two metrics of each score are the task's
 (``setup.task``: loss and accuracy, or MSE and RMSE). The rows reach the server by one Gatherv.
+
+With ``train.client_batch`` > 1 and an evaluation that is "load the client's parameters, score them"
+(``client_blocks.stacks_evaluation``), a rank's clients go in blocks of ``client_batch``: their parameters are
+stacked, scored by one batched forward per chunk of test rows, fine-tuned by one batched training when the batched
+loop can train them (else one after another), and scored again; see docs/batched.md.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ..algorithms import Algorithm, Client, PerClient
+from ..algorithms.batched import blocks
+from ..algorithms.client_blocks import evaluate_stack, finetune_stack, load_stack, stacks_evaluation
 from ..seeding import client_generator
 from ..wire import WIRE_DTYPES
 from ..wire.plan import Plan, make_plan
@@ -53,9 +60,15 @@ class Evaluator:
         extra = tuple(algo.eval_metrics) + extra_columns(algo.setup.task, bool(finetune), algo.evaluates_global)
         scored = 2 + len(algo.eval_metrics)  # what evaluate_client returns
         rows: dict[int, list[float]] = {}
+        in_blocks = stacks_evaluation(algo)
         for plan in self.blocks():
             mine = plan.of_rank(self.transport.world.rank)
-            for k, payload in zip(mine, self.transport.down(t, plan, "eval"), strict=True):
+            pairs = list(zip(mine, self.transport.down(t, plan, "eval"), strict=True))
+            if in_blocks:
+                for block in blocks(pairs, algo.setup.client_batch):
+                    rows.update(self._block_rows(block, t, finetune))
+                continue
+            for k, payload in pairs:
                 client = self.client(k, t)
                 algo.load_for_eval(client, payload)
                 scores = list(algo.evaluate_client(client))
@@ -63,8 +76,7 @@ class Evaluator:
                     raise ValueError(f"{algo.name}: evaluate_client returned {len(scores)} values, expected {scored}")
                 row = [k, client.data.y_test.shape[0], *scores]
                 if finetune:
-                    client.generator = client_generator(self.seed, k, self.rounds)  # a round never trained
-                    client.state = {name: v.clone() for name, v in client.state.items()}  # kept as it was
+                    self._prepare_finetune(client)
                     algo.local_training(client, epochs=finetune)
                     row += algo.evaluate_client(client)[:2]
                 if algo.evaluates_global:
@@ -74,6 +86,33 @@ class Evaluator:
         width = len(EVAL_COLUMNS) + len(extra)
         table = np.array([rows[k] for k in self.hosted], dtype=np.float64).reshape(len(self.hosted), width)
         return self.transport.gather_rows(self.all_clients, table, "eval_metrics"), extra
+
+    def _prepare_finetune(self, client: Client) -> None:
+        """Fine-tuning trains from a generator of a round never trained and leaves the client's state as it was."""
+        client.generator = client_generator(self.seed, client.id, self.rounds)
+        client.state = {name: v.clone() for name, v in client.state.items()}
+
+    def _block_rows(self, block: list[tuple[int, object]], t: int, finetune: int) -> dict[int, list[float]]:
+        """The rows of a block of ``client_batch`` clients ((id, payload) pairs), evaluated together: each client's
+        parameters are loaded and stacked, then scored by batched forwards and fine-tuned by one batched training
+        (``client_blocks``); equal to the one-by-one rows up to float rounding of the losses."""
+        algo = self.algo
+        clients = [self.client(k, t) for k, _ in block]
+        payloads = [payload for _, payload in block]
+        personal = load_stack(algo, clients, payloads, algo.load_for_eval)
+        scored = evaluate_stack(algo, clients, personal)
+        rows = {c.id: [c.id, c.data.y_test.shape[0], *s] for c, s in zip(clients, scored, strict=True)}
+        if finetune:
+            for client in clients:
+                self._prepare_finetune(client)
+            finetune_stack(algo, clients, personal, finetune)
+            for client, scores in zip(clients, evaluate_stack(algo, clients, personal), strict=True):
+                rows[client.id] += scores
+        if algo.evaluates_global:
+            shared = load_stack(algo, clients, payloads, algo.load_global_for_eval)
+            for client, scores in zip(clients, evaluate_stack(algo, clients, shared), strict=True):
+                rows[client.id] += scores
+        return rows
 
     def blocks(self) -> list[Plan]:
         """Every client, in blocks whose per-client evaluation payloads (PerClient) take at most
