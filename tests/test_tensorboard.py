@@ -103,4 +103,4 @@ def test_only_committed_rounds(run_file, tmp_path):
 
 def test_export_without_a_destination_exits_2(run_file, capsys):
     assert main(["export", str(run_file)]) == 2
-    assert capsys.readouterr().err.strip() == "pfl-mpi: export: give --csv DIR, --tensorboard DIR or both"
+    assert capsys.readouterr().err.strip() == "pfl-mpi: export: give --csv DIR, --tensorboard DIR and/or --model DIR"
