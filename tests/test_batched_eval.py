@@ -3,13 +3,15 @@ forwards and fine-tuned by one batched training, with the results of one client 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import h5py
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pfl_mpi.algorithms import batched
+from pfl_mpi.algorithms import batched, client_blocks
 from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
@@ -28,6 +30,7 @@ EVAL_COLUMNS = ("test_loss", "test_acc", "finetune_test_loss", "finetune_test_ac
 
 def _cfg(out, algorithm: str, client_batch: int, **sets):
     base = {"rounds": 2, "finetune_epochs": 2, "data.partition": "dirichlet", "train.client_batch": client_batch}
+    base["data.num_clients"] = 20  # 18 test rows each: scored in blocks on a CPU (client_blocks.EVAL_CPU_ROWS)
     return tiny_config(out, algorithm, **{**base, **CASES.get(algorithm, {}), **sets})
 
 
@@ -92,6 +95,28 @@ def test_batched_evaluate_equals_evaluate_per_client(which):
         assert scores[i][0] == pytest.approx(loss, rel=1e-5)
         alone = batched.batched_evaluate(model, {n: t[i : i + 1] for n, t in params.items()}, [data[i]])
         assert alone[0] == scores[i]
+
+
+def test_on_a_cpu_large_test_splits_are_scored_alone(used):
+    """evaluate_stack: the clients with at most EVAL_CPU_ROWS test rows go through batched forwards, the larger
+    one through evaluate_client; each equals training.evaluate."""
+    model, _ = _mlp_and_cnn()[0]
+    g = torch.Generator().manual_seed(2)
+    sizes = [10, client_blocks.EVAL_CPU_ROWS + 1, 3]
+    clients = [
+        SimpleNamespace(test=(torch.randn(n, 12, generator=g), torch.randint(0, 5, (n,), generator=g))) for n in sizes
+    ]
+    named = list(model.named_parameters())
+    own = [{n: p.detach() + 0.3 * torch.randn(p.shape, generator=g) for n, p in named} for _ in sizes]
+    algo = SimpleNamespace(setup=SimpleNamespace(model=model), evaluate_client=lambda c: evaluate(model, *c.test))
+    scores = client_blocks.evaluate_stack(algo, clients, batched.stack(own))
+    assert used["evaluate"] == [2]
+    for client, params, score in zip(clients, own, scores, strict=True):
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(params[n])
+        loss, acc = evaluate(model, *client.test)
+        assert score[1] == acc and score[0] == pytest.approx(loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("algorithm", list(CASES))

@@ -166,17 +166,32 @@ def _load_row(model: nn.Module, params: Stacked, i: int) -> None:
             p.copy_(params[n][i])
 
 
+EVAL_CPU_ROWS = 32
+"""On a CPU, a client with more test rows is scored alone: its sequential forward is one efficient GEMM per layer,
+and the batched one was measured slower there (docs/batched.md); the choice depends on the client alone."""
+
+
+def _scored_in_block(model: nn.Module, client: Client) -> bool:
+    x, y = client.test
+    return (x.device.type != "cpu" or y.shape[0] <= EVAL_CPU_ROWS) and batched.evaluable(model, x, y) is None
+
+
 def evaluate_stack(algo: Algorithm, clients: Sequence[Client], params: Stacked) -> list[tuple[float, float]]:
-    """(test loss, test accuracy) of each client with its slice of ``params``: one batched forward per chunk of
-    rows (``batched.batched_evaluate``), or one client after another (``evaluate_client``) when a client's test
-    split is not classification's."""
+    """(test loss, test accuracy) of each client with its slice of ``params``: the clients with classification
+    test splits (on a CPU: of at most ``EVAL_CPU_ROWS`` rows) by batched forwards (``batched.batched_evaluate``),
+    the others one after another (``evaluate_client``)."""
     model = algo.setup.model
-    if all(batched.evaluable(model, *c.test) is None for c in clients):
-        return batched.batched_evaluate(model, params, [c.test for c in clients])
-    scores = []
+    together = [i for i, c in enumerate(clients) if _scored_in_block(model, c)]
+    scores: list[tuple[float, float] | None] = [None] * len(clients)
+    if together:
+        own = params if len(together) == len(clients) else {n: t[together] for n, t in params.items()}
+        scored = batched.batched_evaluate(model, own, [clients[i].test for i in together])
+        for i, score in zip(together, scored, strict=True):
+            scores[i] = score
     for i, client in enumerate(clients):
-        _load_row(model, params, i)
-        scores.append(tuple(algo.evaluate_client(client)[:2]))
+        if scores[i] is None:
+            _load_row(model, params, i)
+            scores[i] = tuple(algo.evaluate_client(client)[:2])
     return scores
 
 
