@@ -412,7 +412,8 @@ class Algorithm:
         raise NotImplementedError
 
     def load_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
-        """Load into ``setup.model_for(client.id)`` the parameters this client would use."""
+        """Load into ``setup.model_for(client.id)`` the parameters this client would use: all of them (with
+        ``client_batch`` > 1 the evaluator loads a block of clients one after another, then scores them stacked)."""
         raise NotImplementedError
 
     def evaluate_client(self, client: Client) -> tuple[float, ...]:
