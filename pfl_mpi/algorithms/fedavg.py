@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .base import Client, Update, WeightedMean, WeightedSum
 from .registry import register
 from .server_opt import ServerOptConfig
-from .shared_model import SharedModelAlgorithm
+from .shared_model import TrainsFromW
 from .training import Means
-from .weighting import Weighting, client_weight
+from .weighting import Weighting
 
 
 class FedAvgParams(BaseModel):
@@ -37,7 +37,7 @@ class FedAvgParams(BaseModel):
 
 
 @register
-class FedAvg(SharedModelAlgorithm):
+class FedAvg(TrainsFromW):
     """w down (and to evaluate), w_k - w up; the rest is ``SharedModelAlgorithm``'s (see shared_model.py)."""
 
     name = "fedavg"
@@ -56,11 +56,6 @@ class FedAvg(SharedModelAlgorithm):
 
     # the client step is begin_training, the library's loop, finish_training: blocks of train.client_batch
     # clients train together (algorithms/batched.py)
-    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
-        self.shared.load(client, payload)
-        return {}
-
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
-        delta = self.shared.collect(client, payload)
-        weight = client_weight(self.params.weighting, client, self.setup)  # quality: scores the trained model
+        delta, weight = self.trained(client, payload)
         return Update(delta, weight, {"train_loss": means["train_loss"]})

@@ -29,10 +29,10 @@ from ..errors import ConfigError
 from ..seeding import derive_seed
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
-from .shared_model import SharedModelAlgorithm
+from .shared_model import TrainsFromW
 from .sketch import CountSketch, top_k
 from .training import Means
-from .weighting import Weighting, client_weight
+from .weighting import Weighting
 
 _SKETCH = 0x534B_4554  # "SKET": stream tag of the sketch's hash tables
 
@@ -48,7 +48,7 @@ class FetchSGDParams(BaseModel):
 
 
 @register
-class FetchSGD(SharedModelAlgorithm):
+class FetchSGD(TrainsFromW):
     name = "fetchsgd"
     Params = FetchSGDParams
     up = WeightedSum()  # a Count Sketch of w_k - w
@@ -91,11 +91,6 @@ class FetchSGD(SharedModelAlgorithm):
 
     # -- client ---------------------------------------------------------------------------
     # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
-    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
-        self.shared.load(client, payload)
-        return {}
-
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
-        u = self.shared.collect(client, payload)
-        weight = client_weight(self.params.weighting, client, self.setup)
+        u, weight = self.trained(client, payload)
         return Update(self.sketcher.sketch(u).reshape(-1), weight, {"train_loss": means["train_loss"]})

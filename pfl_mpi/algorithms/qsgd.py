@@ -27,9 +27,8 @@ from .base import Client, Collected, Gathered, Setup, Update, pack, packed_size,
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModelAlgorithm
+from .shared_model import TrainsFromW
 from .training import Means
-from .weighting import client_weight
 
 
 class QSGDParams(FedAvgParams):
@@ -64,7 +63,7 @@ def dequantize(norms: torch.Tensor, levels: torch.Tensor, s: int, bucket_size: i
 
 
 @register
-class QSGD(SharedModelAlgorithm):
+class QSGD(TrainsFromW):
     name = "qsgd"
     Params = QSGDParams
     up = Gathered(torch.uint8)
@@ -93,13 +92,8 @@ class QSGD(SharedModelAlgorithm):
     # -- client ---------------------------------------------------------------------------
     # the client step is FedAvg's, split for batched clients (algorithms/batched.py; the quantiser then draws
     # from the client's generator where the sequential loop leaves it)
-    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
-        self.shared.load(client, payload)
-        return {}
-
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
-        delta = self.shared.collect(client, payload)
-        weight = client_weight(self.params.weighting, client, self.setup)
+        delta, weight = self.trained(client, payload)
         norms, levels = quantize(delta, self.params.s, self.params.bucket_size, client.generator)
         packed = pack(norms, pack_codes(levels.long() + self.params.s, self.bits))
         return Update(packed, weight, {"train_loss": means["train_loss"]})

@@ -29,9 +29,8 @@ from .base import Client, Collected, Gathered, Setup, Update
 from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModelAlgorithm
+from .shared_model import TrainsFromW
 from .training import Means
-from .weighting import client_weight
 
 
 class RobustParams(FedAvgParams):
@@ -60,7 +59,7 @@ def trimmed_mean(x: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 @register
-class Robust(SharedModelAlgorithm):
+class Robust(TrainsFromW):
     name = "robust"
     Params = RobustParams
     up = Gathered()
@@ -87,13 +86,8 @@ class Robust(SharedModelAlgorithm):
 
     # -- client ---------------------------------------------------------------------------
     # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
-    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
-        self.shared.load(client, payload)
-        return {}
-
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
-        delta = self.shared.collect(client, payload)
-        weight = client_weight(self.params.weighting, client, self.setup)
+        delta, weight = self.trained(client, payload)
         return Update(self.sent_update(client, delta), weight, {"train_loss": means["train_loss"]})
 
     def sent_update(self, client: Client, delta: torch.Tensor) -> torch.Tensor:

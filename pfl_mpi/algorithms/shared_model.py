@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from ..models.params import ParamLayout, split_names
 from .base import Algorithm, Broadcast, Client, Phase, Setup
 from .server_opt import ServerOptConfig, ServerOptimizer
+from .weighting import client_weight
 
 Result = TypeVar("Result")
 
@@ -156,3 +157,19 @@ class SharedModelAlgorithm(Algorithm):
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.shared.load(client, payload)
+
+
+class TrainsFromW(SharedModelAlgorithm):
+    """A ``SharedModelAlgorithm`` whose client step is one run of the library's loop from w (FedAvg's, and that of
+    the compressors and robust aggregators that send w_k - w in their own form): ``begin_training`` loads w and
+    the personal parameters, ``trained`` gives w_k - w and the client's weight (``params.weighting``) to the
+    subclass's ``finish_training``. Blocks of clients train together (algorithms/batched.py)."""
+
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        self.shared.load(client, payload)
+        return {}
+
+    def trained(self, client: Client, payload: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """After the training (the trained model still loaded: ``quality`` weighting scores it): keep the personal
+        parameters; (w_k - w, the client's weight)."""
+        return self.shared.collect(client, payload), client_weight(self.params.weighting, client, self.setup)

@@ -25,10 +25,9 @@ from .base import Client, Collected, Gathered, Setup, Update, pack, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvgParams
 from .registry import register
-from .shared_model import SharedModelAlgorithm
+from .shared_model import TrainsFromW
 from .sketch import top_k
 from .training import Means
-from .weighting import client_weight
 
 
 class TopKParams(FedAvgParams):
@@ -67,7 +66,7 @@ def decode(row: torch.Tensor, k: int, d: int) -> torch.Tensor:
 
 
 @register
-class TopK(SharedModelAlgorithm):
+class TopK(TrainsFromW):
     name = "topk"
     Params = TopKParams
     up = Gathered(torch.uint8)
@@ -95,13 +94,8 @@ class TopK(SharedModelAlgorithm):
 
     # -- client ---------------------------------------------------------------------------
     # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
-    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
-        self.shared.load(client, payload)
-        return {}
-
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
-        delta = self.shared.collect(client, payload)
-        weight = client_weight(self.params.weighting, client, self.setup)
+        delta, weight = self.trained(client, payload)
         residual = client.state["residual"]
         accumulated = residual + delta if self.params.error_feedback else delta
         index, values, rest = compress(accumulated, self.params.k)
