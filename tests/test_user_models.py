@@ -161,6 +161,8 @@ def test_fedbn_rule_keeps_each_clients_statistics(tmp_path):
         ("lgfedavg", {"model.name": "tiny_resnet_bn"}),
         ("ditto", {}),
         ("local", {}),
+        ("pfedhn", {}),
+        ("pfedhn-pc", {"model.head": "[fc]"}),
     ],
 )
 def test_exported_networks_reproduce_the_recorded_accuracy(tmp_path, algorithm, sets):
@@ -174,7 +176,7 @@ def test_exported_networks_reproduce_the_recorded_accuracy(tmp_path, algorithm, 
         acc = f["clients/test_acc"][-1]
     data = load_federated(cfg.data, cfg.seed)
     files = sorted((tmp_path / "nets").glob("client_*.pt"))
-    assert (tmp_path / "nets" / "global.pt").is_file() == (algorithm != "local")
+    assert (tmp_path / "nets" / "global.pt").is_file() == (algorithm not in ("local", "pfedhn", "pfedhn-pc"))
     assert len(files) == (0 if algorithm == "fedavg" else data.num_clients)
     fresh = build_models(cfg.model, data.input_shape, data.num_classes, cfg.seed + 1)[0]  # other initial values
     for k in range(data.num_clients):

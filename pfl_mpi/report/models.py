@@ -79,7 +79,9 @@ class RunNetworks:
             self._load(self.shared, model, glob["shared"], "/global/state/shared")
             written.append(_save(model, out / GLOBAL_NAME))
         client_state = next((n for n in ("personal", "model", "v") if n in names), None)
-        if client_state is not None:
+        if "phi" in glob:  # pFedHN: each client's network is generated from its embedding (and its own head)
+            written += self._generated_networks(glob["phi"], names, out)
+        elif client_state is not None:
             states = read_client_states(self.path, client_state)
             for k, flat in enumerate(states):
                 written.append(_save(self._client_network(client_state, k, flat, glob), out / client_file(k)))
@@ -89,6 +91,25 @@ class RunNetworks:
             json.dumps({"run": str(self.path), "algorithm": self.algo.name, "round": int(rounds[-1])}, indent=1)
         )
         return written, int(rounds[-1])
+
+    def _generated_networks(self, phi: np.ndarray, names: set[str], out: Path) -> list[Path]:
+        """pFedHN: the hypernetwork of the snapshot (``phi``) generates every client's parameters, as it does
+        to evaluate; pFedHN-PC's clients add their own heads (client state ``head``)."""
+        from ..store.reader import read_client_states
+
+        algo = self.algo
+        algo.init_server()
+        self._load(algo.phi_layout, algo.hnet, phi, "/global/state/phi")
+        theta = algo.downlink(0, list(range(self.num_clients)), "eval")
+        heads = read_client_states(self.path, "head") if "head" in names else None
+        written = []
+        for k in range(self.num_clients):
+            model = self.setup.model_for(k)
+            algo.layout.load(model, theta[k])
+            if heads is not None:
+                self._load(algo.personal_layout, model, heads[k], f"client {k}'s head")
+            written.append(_save(model, out / client_file(k)))
+        return written
 
     def _client_network(self, state: str, k: int, flat: np.ndarray, glob: dict[str, np.ndarray]) -> nn.Module:
         model = self.setup.model_for(k)
