@@ -1,5 +1,5 @@
 """Sequential against batched client training on one device: the library's loop one client at a time, and
-blocks of K clients (algorithms/batched.py) for K in {1, 10, 50, 100}.
+blocks of K clients (training/batched.py) for K in {1, 10, 50, 100}.
 
 The workload is issue 15's W1: 100 clients x 200 samples (60 float features, 10 classes), the MLP
 60-256-256-10, batch 32, one local epoch of plain SGD: 7 steps per client, one round = 700 client steps.
@@ -23,8 +23,9 @@ import time
 import torch
 from torch import nn
 
-from pfl_mpi.algorithms.batched import batched_local_training, blocks, stack
-from pfl_mpi.algorithms.training import TrainConfig, local_training, make_optimizer
+from pfl_mpi.training.batched import batched_local_training
+from pfl_mpi.training.loop import TrainConfig, local_training, make_optimizer
+from pfl_mpi.training.stacked import blocks, stack
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

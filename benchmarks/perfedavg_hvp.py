@@ -26,10 +26,10 @@ import torch
 from pfl_mpi.algorithms import Setup
 from pfl_mpi.algorithms.meta import BatchStream, FunctionalModel, hvp_exact, hvp_finite_difference, leaves
 from pfl_mpi.algorithms.perfedavg import PerFedAvg, PerFedAvgParams
-from pfl_mpi.algorithms.training import TrainConfig
 from pfl_mpi.config import load_config
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
+from pfl_mpi.training.loop import TrainConfig
 
 
 def norm(tensors: list[torch.Tensor]) -> float:

@@ -7,7 +7,7 @@ MLP 60-256-256-10, batch 32). It runs three times in one invocation, one after t
 - pfl_mpi: ``mpiexec -n W+1 python -m pfl_mpi run ...`` (rank 0 server, W workers); the figures
   come from the run file (/rounds, /ranks), and the server's CPU is also sampled from /proc.
 - pfl_mpi batched: the same run with ``train.client_batch`` = ``--client-batch`` (default auto): each
-  worker trains blocks of clients together (algorithms/batched.py). Its metrics are compared with the
+  worker trains blocks of clients together (training/batched.py). Its metrics are compared with the
   sequential run's (the largest relative difference of the rounds' train_loss and of the final test_acc).
 - bare: ``mpiexec -n W python throughput.py --bare ...``: each process trains its share of the
   same clients (same placement, tensors, model shape, batch size, epochs and lr) one after the

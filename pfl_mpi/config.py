@@ -16,12 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .algorithms.train_config import TrainConfig
 from .comm.world import POLL_MAX_MS
 from .data import DataConfig
 from .errors import ConfigError
 from .models import ModelConfig
 from .network import NetworkConfig
+from .training.config import TrainConfig
 
 NAME_MAX = 100  # characters of a run name
 
@@ -247,7 +247,7 @@ def validate(raw: dict[str, Any], base: Path | None = None, *, schema_only: bool
     cls, params = resolve(cfg.algorithm)
     cfg.algorithm = {"name": cls.name, **params.model_dump(mode="json")}
     _check_architectures(cfg, cls)
-    from .algorithms.tasks import check_task
+    from .training.task_checks import check_task
 
     check_task(cfg, cls)  # task, train.loss (imported after the plugins) and train.optimizer_state
     cfg.model.check_networks()  # user networks: their factories (imported after the plugins) and options

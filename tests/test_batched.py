@@ -1,4 +1,4 @@
-"""Batched clients (algorithms/batched.py): K clients trained at once equal each client trained alone by the
+"""Batched clients (training/batched.py): K clients trained at once equal each client trained alone by the
 library's loop; a client's result does not depend on its block; ``auto`` stays within its memory budget."""
 
 from __future__ import annotations
@@ -8,13 +8,16 @@ from functools import partial
 import pytest
 import torch
 
-from pfl_mpi.algorithms.batched import ProximalTerm, batched_local_training, plan_batches, stack
-from pfl_mpi.algorithms.client_batch import choose_client_batch, client_bytes
-from pfl_mpi.algorithms.training import TrainConfig, epoch_batches, local_training, make_optimizer
 from pfl_mpi.config import load_config
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import build_model
 from pfl_mpi.models.config import ModelConfig
+from pfl_mpi.training.batch_plan import plan_batches
+from pfl_mpi.training.batched import batched_local_training
+from pfl_mpi.training.client_batch import choose_client_batch, client_bytes
+from pfl_mpi.training.loop import TrainConfig, epoch_batches, local_training, make_optimizer
+from pfl_mpi.training.proximal import ProximalTerm
+from pfl_mpi.training.stacked import stack
 
 SIZES = [37, 20, 5, 64, 33]  # ragged last batches, different numbers of steps
 EPOCHS = [2, 1, 3, 1, 2]

@@ -7,9 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pfl_mpi.algorithms import batched
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
+from pfl_mpi.training import blocks as client_blocks
 
 from .helpers import committed, tiny_config
 
@@ -53,13 +53,13 @@ def _states(path) -> dict[str, np.ndarray]:
 def batched_clients(monkeypatch) -> list[int]:
     """The sizes of the blocks the batched loop trained (it is really used, not a fallback)."""
     sizes: list[int] = []
-    train = batched.batched_local_training
+    train = client_blocks.batched_local_training
 
     def counting(model, params, data, *args, **kwargs):
         sizes.append(len(data))
         return train(model, params, data, *args, **kwargs)
 
-    monkeypatch.setattr(batched, "batched_local_training", counting)
+    monkeypatch.setattr(client_blocks, "batched_local_training", counting)
     return sizes
 
 

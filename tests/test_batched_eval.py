@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from pfl_mpi.algorithms import batched, client_blocks
-from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime import evaluation as evaluation_module
+from pfl_mpi.training import batched_eval, block_eval, stacked
+from pfl_mpi.training.loop import evaluate
 
 from .helpers import committed, tiny_config
 
@@ -30,7 +30,7 @@ EVAL_COLUMNS = ("test_loss", "test_acc", "finetune_test_loss", "finetune_test_ac
 
 def _cfg(out, algorithm: str, client_batch: int, **sets):
     base = {"rounds": 2, "finetune_epochs": 2, "data.partition": "dirichlet", "train.client_batch": client_batch}
-    base["data.num_clients"] = 20  # 18 test rows each: scored in blocks on a CPU (client_blocks.EVAL_CPU_ROWS)
+    base["data.num_clients"] = 20  # 18 test rows each: scored in blocks on a CPU (block_eval.EVAL_CPU_ROWS)
     return tiny_config(out, algorithm, **{**base, **CASES.get(algorithm, {}), **sets})
 
 
@@ -50,7 +50,7 @@ def _columns(path, group: str = "clients") -> dict[str, np.ndarray]:
 def used(monkeypatch) -> dict[str, list[int]]:
     """The block sizes the batched evaluation and the batched fine-tuning ran (they are used, not a fallback)."""
     seen: dict[str, list[int]] = {"evaluate": [], "finetune": []}
-    evaluate_k, train_k = batched.batched_evaluate, batched.batched_local_training
+    evaluate_k, train_k = block_eval.batched_evaluate, block_eval.batched_local_training
 
     def evaluating(model, params, data, *args, **kwargs):
         seen["evaluate"].append(len(data))
@@ -61,8 +61,8 @@ def used(monkeypatch) -> dict[str, list[int]]:
             seen["finetune"].append(len(data))
         return train_k(model, params, data, *args, epochs=epochs, **kwargs)
 
-    monkeypatch.setattr(batched, "batched_evaluate", evaluating)
-    monkeypatch.setattr(batched, "batched_local_training", training)
+    monkeypatch.setattr(block_eval, "batched_evaluate", evaluating)
+    monkeypatch.setattr(block_eval, "batched_local_training", training)
     return seen
 
 
@@ -84,8 +84,8 @@ def test_batched_evaluate_equals_evaluate_per_client(which):
     names = [n for n, _ in model.named_parameters()]
     named = list(model.named_parameters())
     own = [{n: p.detach() + 0.3 * torch.randn(p.shape, generator=g) for n, p in named} for _ in sizes]
-    params = batched.stack(own)
-    scores = batched.batched_evaluate(model, params, data)
+    params = stacked.stack(own)
+    scores = batched_eval.batched_evaluate(model, params, data)
     for i, (x, y) in enumerate(data):
         with torch.no_grad():
             for n in names:
@@ -93,7 +93,7 @@ def test_batched_evaluate_equals_evaluate_per_client(which):
         loss, acc = evaluate(model, x, y)
         assert scores[i][1] == acc
         assert scores[i][0] == pytest.approx(loss, rel=1e-5)
-        alone = batched.batched_evaluate(model, {n: t[i : i + 1] for n, t in params.items()}, [data[i]])
+        alone = batched_eval.batched_evaluate(model, {n: t[i : i + 1] for n, t in params.items()}, [data[i]])
         assert alone[0] == scores[i]
 
 
@@ -102,14 +102,14 @@ def test_on_a_cpu_large_test_splits_are_scored_alone(used):
     one through evaluate_client; each equals training.evaluate."""
     model, _ = _mlp_and_cnn()[0]
     g = torch.Generator().manual_seed(2)
-    sizes = [10, client_blocks.EVAL_CPU_ROWS + 1, 3]
+    sizes = [10, block_eval.EVAL_CPU_ROWS + 1, 3]
     clients = [
         SimpleNamespace(test=(torch.randn(n, 12, generator=g), torch.randint(0, 5, (n,), generator=g))) for n in sizes
     ]
     named = list(model.named_parameters())
     own = [{n: p.detach() + 0.3 * torch.randn(p.shape, generator=g) for n, p in named} for _ in sizes]
     algo = SimpleNamespace(setup=SimpleNamespace(model=model), evaluate_client=lambda c: evaluate(model, *c.test))
-    scores = client_blocks.evaluate_stack(algo, clients, batched.stack(own))
+    scores = block_eval.evaluate_stack(algo, clients, stacked.stack(own))
     assert used["evaluate"] == [2]
     for client, params, score in zip(clients, own, scores, strict=True):
         with torch.no_grad():

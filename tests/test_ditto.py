@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from pfl_mpi.algorithms import Broadcast, Client, WeightedSum
-from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
@@ -17,6 +16,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.seeding import client_generator
 from pfl_mpi.store import read_summary
+from pfl_mpi.training.loop import evaluate
 
 from .helpers import build_algorithm, committed, tiny_config
 

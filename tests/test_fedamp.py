@@ -15,12 +15,12 @@ import torch
 from pfl_mpi.algorithms import Collected, Gathered, PerClient, resolve
 from pfl_mpi.algorithms.base import Client, Setup
 from pfl_mpi.algorithms.fedamp import FedAMP, FedAMPParams, attention_weights
-from pfl_mpi.algorithms.training import TrainConfig, evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import ClientData, load_federated
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
+from pfl_mpi.training.loop import TrainConfig, evaluate
 
 from .helpers import tiny_config
 

@@ -12,12 +12,12 @@ from torch import nn
 
 from pfl_mpi.algorithms import Client, Setup, WeightedMean
 from pfl_mpi.algorithms.fedmeta import FedMeta, FedMetaParams
-from pfl_mpi.algorithms.training import TrainConfig
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import ClientData, load_federated
 from pfl_mpi.models import build_model
 from pfl_mpi.runtime import Engine
 from pfl_mpi.store.nested import flatten_state, unflatten_state
+from pfl_mpi.training.loop import TrainConfig
 
 from .helpers import tiny_config
 

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from pfl_mpi.algorithms import Client, Setup, WeightedMean, resolve
 from pfl_mpi.algorithms.fedproto import prototype_distance
-from pfl_mpi.algorithms.training import local_training
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import ParamLayout, build_models
 from pfl_mpi.runtime import Engine
 from pfl_mpi.seeding import client_generator
+from pfl_mpi.training.loop import local_training
 
 from .helpers import tiny_config
 from .test_e2e import TINY, pfl
@@ -131,7 +131,7 @@ def test_the_distance_term_is_the_reference_mse_with_missing_classes_at_zero():
 
 @pytest.mark.parametrize("lam,present", [(0.0, True), (5.0, False)])
 def test_without_the_prototype_term_a_client_trains_as_local_sgd(lam, present):
-    """lam = 0, or no global prototype yet: the client's model is plain SGD on CE (``training.local_training``)."""
+    """lam = 0, or no global prototype yet: the client's model is plain SGD on CE (``loop.local_training``)."""
     cfg = tiny_config(Path("unused.h5"), "fedproto", **{"model.architectures": TWO, "train.momentum": 0.5})
     algo, data = _algorithm(cfg, lam=lam)
     c, d = algo.classes, algo.dim

@@ -12,11 +12,11 @@ import torch
 
 from pfl_mpi.algorithms import Client
 from pfl_mpi.algorithms.base import OPTIMIZER_STATE
-from pfl_mpi.algorithms.training import SGD, TorchOptimizer, local_training
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
 from pfl_mpi.seeding import client_generator
 from pfl_mpi.store import read_summary
+from pfl_mpi.training.loop import SGD, TorchOptimizer, local_training
 from tests.helpers import build_algorithm, tiny_config
 
 

@@ -12,7 +12,6 @@ from torch import nn
 from pfl_mpi.algorithms import Client, Setup, WeightedMean
 from pfl_mpi.algorithms.meta import FunctionalModel, hvp_exact, hvp_finite_difference
 from pfl_mpi.algorithms.perfedavg import PerFedAvg, PerFedAvgParams
-from pfl_mpi.algorithms.training import TrainConfig
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import ClientData, load_federated
 from pfl_mpi.models import build_model
@@ -20,6 +19,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.seeding import client_generator
 from pfl_mpi.store.nested import flatten_state, unflatten_state
+from pfl_mpi.training.loop import TrainConfig
 
 from .helpers import tiny_config
 

@@ -16,7 +16,6 @@ from torch.func import functional_call
 
 from pfl_mpi.algorithms import Client, Collected, Setup, resolve
 from pfl_mpi.algorithms.novel_clients import learn_novel_embedding
-from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_model
@@ -24,6 +23,7 @@ from pfl_mpi.runtime import Engine
 from pfl_mpi.seeding import client_generator
 from pfl_mpi.store import read_comm
 from pfl_mpi.store.nested import flatten_state, unflatten_state
+from pfl_mpi.training.loop import evaluate
 
 from .helpers import RecordingWorld, committed, tiny_config
 

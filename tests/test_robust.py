@@ -12,10 +12,10 @@ import torch
 from pfl_mpi.algorithms.base import Client, Collected, Setup
 from pfl_mpi.algorithms.byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from pfl_mpi.algorithms.robust import Robust, RobustParams, coordinate_median, trimmed_mean
-from pfl_mpi.algorithms.training import TrainConfig
 from pfl_mpi.data import ClientData
 from pfl_mpi.runtime import Engine
 from pfl_mpi.store import read_summary
+from pfl_mpi.training.loop import TrainConfig
 
 from .helpers import RecordingWorld, tiny_config
 

@@ -10,8 +10,8 @@ from torch import nn
 from pfl_mpi.algorithms.base import Client, Collected, Setup
 from pfl_mpi.algorithms.server_opt import ServerOptConfig
 from pfl_mpi.algorithms.shared_model import SharedModel
-from pfl_mpi.algorithms.training import TrainConfig
 from pfl_mpi.data import ClientData
+from pfl_mpi.training.loop import TrainConfig
 
 
 class Net(nn.Module):

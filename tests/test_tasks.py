@@ -10,15 +10,6 @@ import pytest
 import torch
 
 from pfl_mpi.algorithms import Client
-from pfl_mpi.algorithms.tasks import (
-    TASKS,
-    evaluate_regression,
-    evaluate_tokens,
-    resolve_task,
-    squared_error,
-    token_cross_entropy,
-)
-from pfl_mpi.algorithms.training import Batch, cross_entropy, evaluate
 from pfl_mpi.comm import FIELDS, LABELS
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
@@ -28,6 +19,15 @@ from pfl_mpi.report.load import load_run
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.record import EVAL_COLUMNS, META_COLUMNS, RANK_FIELDS, extra_columns, summarise
 from pfl_mpi.seeding import client_generator
+from pfl_mpi.training.loop import Batch, cross_entropy, evaluate
+from pfl_mpi.training.tasks import (
+    TASKS,
+    evaluate_regression,
+    evaluate_tokens,
+    resolve_task,
+    squared_error,
+    token_cross_entropy,
+)
 from tests.helpers import build_algorithm, committed, last_global_state, tiny_config
 from tests.plugins import user_losses
 from tests.test_cli import _MPI_PREFIXES, TINY

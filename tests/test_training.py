@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from pfl_mpi.algorithms import Client
-from pfl_mpi.algorithms.training import (
+from pfl_mpi.config import load_config
+from pfl_mpi.data import load_federated
+from pfl_mpi.errors import ConfigError
+from pfl_mpi.runtime.build import check_buildable
+from pfl_mpi.seeding import client_generator
+from pfl_mpi.training.loop import (
     Batch,
     ScheduleConfig,
     TrainConfig,
@@ -18,11 +23,6 @@ from pfl_mpi.algorithms.training import (
     lr_factor,
     make_optimizer,
 )
-from pfl_mpi.config import load_config
-from pfl_mpi.data import load_federated
-from pfl_mpi.errors import ConfigError
-from pfl_mpi.runtime.build import check_buildable
-from pfl_mpi.seeding import client_generator
 
 from .helpers import build_algorithm, tiny_config
 

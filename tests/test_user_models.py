@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.models import build_models, split_names
@@ -19,6 +18,7 @@ from pfl_mpi.report.models import export_models
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.build import build_algorithm
 from pfl_mpi.store import read_client_states
+from pfl_mpi.training.loop import evaluate
 
 from .helpers import committed, kill_tree, tiny_config
 

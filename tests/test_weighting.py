@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from pfl_mpi.algorithms import Client, Setup, resolve
-from pfl_mpi.algorithms.training import TrainConfig
 from pfl_mpi.algorithms.weighting import client_weight
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import ClientData, load_federated
@@ -20,6 +19,7 @@ from pfl_mpi.models import ModelConfig, build_model
 from pfl_mpi.runtime import Engine
 from pfl_mpi.runtime.placement import sample_clients
 from pfl_mpi.seeding import client_generator
+from pfl_mpi.training.loop import TrainConfig
 
 from .helpers import flat, hand_sgd, initial_model, names_of, tiny_config
 

@@ -3,7 +3,7 @@
 Every module of the package that is not a support module holds algorithms and is imported the first
 time the registry is asked for a name (``resolve``, ``algorithm_names``), so a new algorithm is one new
 file and nothing else. The other names are imported on first use: the configuration schema reads
-``pfl_mpi.algorithms.train_config`` without importing torch."""
+``pfl_mpi.training.config`` without importing torch."""
 
 from importlib import import_module
 from typing import TYPE_CHECKING, Any

@@ -93,6 +93,9 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data import ClientData
 from ..data.public import PublicData
+from ..training.loop import Augment, LossFn, Means, TrainConfig, cross_entropy, local_training, make_optimizer
+from ..training.optimizers import KeptState
+from ..training.tasks import CLASSIFICATION, Task
 from ..wire import (
     Broadcast,
     Collected,
@@ -107,9 +110,6 @@ from ..wire import (
     packed_size,
     unpack,
 )
-from .optimizers import KeptState
-from .tasks import CLASSIFICATION, Task
-from .training import Augment, LossFn, Means, TrainConfig, cross_entropy, local_training, make_optimizer
 
 __all__ = [  # the message declarations and payload helpers, for algorithm files to import from here
     "Broadcast",
@@ -333,7 +333,7 @@ class Algorithm:
 
     # -- client (a worker) ---------------------------------------------------------------
     def local_training(self, client: Client, **options) -> Means:
-        """Train the client's model on its training split with the library's loop (``training.local_training``:
+        """Train the client's model on its training split with the library's loop (``loop.local_training``:
         ``loss``, ``regulariser``, ``params``, ``epochs``/``steps``, ...); the mean of each metric over the batches."""
         options.setdefault("params", self.setup.params_for(client.id))
         options.setdefault("augment", self.setup.augment)
@@ -377,12 +377,12 @@ class Algorithm:
     def client_updates(self, clients: list[Client], payloads: Sequence) -> Iterator[Update]:
         """The updates of a worker's clients of a round, in ``clients`` order (what the runtime calls). An
         algorithm that declares ``client_steps`` (or ``begin_training``/``finish_training``) trains them in
-        blocks of ``setup.client_batch`` (``client_blocks.train_in_blocks``) unless it overrides ``client_update``;
+        blocks of ``setup.client_batch`` (``blocks.train_in_blocks``) unless it overrides ``client_update``;
         otherwise ``client_update`` one after another."""
         own = type(self)
         declares = own.client_steps is not Algorithm.client_steps or own.begin_training is not Algorithm.begin_training
         if self.setup.client_batch > 1 and declares and own.client_update is Algorithm.client_update:
-            from .client_blocks import train_in_blocks
+            from ..training.blocks import train_in_blocks
 
             yield from train_in_blocks(self, clients, payloads)
             return
@@ -390,7 +390,7 @@ class Algorithm:
             yield self.client_update(client, payload)
 
     def client_steps(self, client: Client, payload: torch.Tensor | None) -> Generator[dict, Means, Update]:
-        """Batched clients (opt-in, ``algorithms/batched.py``): the client's step as a generator that loads into
+        """Batched clients (opt-in, ``training/batched.py``): the client's step as a generator that loads into
         ``setup.model_for(client.id)`` the parameters a training starts from, yields the options of that
         ``local_training`` call (plus ``generator``, optionally), receives its means (the trained parameters then
         in the model), and so on; it returns the client's Update. It must not read what other clients left in the

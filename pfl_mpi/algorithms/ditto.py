@@ -23,12 +23,12 @@ from collections.abc import Generator
 import torch
 from pydantic import Field
 
+from ..training.loop import Means
+from ..training.proximal import ProximalTerm
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
-from .batched import ProximalTerm
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
-from .training import Means
 from .weighting import client_weight
 
 

@@ -12,7 +12,7 @@ FedAvg-like algorithms hold too (``SharedModelAlgorithm``); they declare their o
 
 Batched clients (``train.client_batch``): the client step is split into ``begin_training`` (load w and the
 personal parameters) and ``finish_training`` (keep the personal parameters, w_k - w), so a worker trains
-blocks of clients together (algorithms/batched.py); FedPer and LG-FedAvg inherit it.
+blocks of clients together (training/batched.py); FedPer and LG-FedAvg inherit it.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..training.loop import Means
 from .base import Client, Update, WeightedMean, WeightedSum
 from .registry import register
 from .server_opt import ServerOptConfig
 from .shared_model import TrainsFromW
-from .training import Means
 from .weighting import Weighting
 
 
@@ -55,7 +55,7 @@ class FedAvg(TrainsFromW):
         return self.shared.step(up.mean)
 
     # the client step is begin_training, the library's loop, finish_training: blocks of train.client_batch
-    # clients train together (algorithms/batched.py)
+    # clients train together (training/batched.py)
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
         delta, weight = self.trained(client, payload)
         return Update(delta, weight, {"train_loss": means["train_loss"]})

@@ -29,11 +29,11 @@ from torch import nn
 from ..models.feature_generator import FeatureGenerator, FlatHead, GeneratorFit, label_weights
 from ..models.split import require_base_head
 from ..seeding import derive_seed
+from ..training.loop import Batch
 from .base import Client, Collected, Gathered, Phase, Setup, Update
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
-from .training import Batch
 from .weighting import client_weight
 
 _GENERATOR_INIT = 0x4647  # stream tag of the generator's initialisation

@@ -26,10 +26,10 @@ from ..models.fedgkt_server import feature_rows, server_mlp, server_optimizer, s
 from ..models.params import ParamLayout
 from ..models.split import require_base_head
 from ..seeding import derive_seed
+from ..training.loop import Batch, LossFn, TorchOptimizer, local_training
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
 from .personal_models import PersonalModels
 from .registry import register
-from .training import Batch, LossFn, TorchOptimizer, local_training
 
 _SERVER_INIT = 0x474B  # stream tag of the server model's initialisation
 _SERVER_ORDER = 0x4753  # stream tag of the server's minibatch order, per round

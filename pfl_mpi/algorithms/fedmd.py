@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..data.public import PublicData
 from ..errors import ConfigError
 from ..seeding import derive_seed
+from ..training.loop import Batch, LossFn, local_training, make_optimizer
 from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .personal_models import PersonalModels
 from .registry import register
-from .training import Batch, LossFn, local_training, make_optimizer
 
 _ALIGNMENT = 0x464D_41  # stream tag of a round's public subset
 _PUBLIC_START = 0x464D_50  # stream tag of an architecture group's training on the public data

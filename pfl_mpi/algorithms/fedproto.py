@@ -38,10 +38,10 @@ from ..models.prototypes import (  # noqa: F401 - prototype_distance re-exported
     prototype_distance,
 )
 from ..models.split import require_base_head
+from ..training.loop import Batch, evaluate
 from .base import Algorithm, Broadcast, Client, Phase, Setup, Update, WeightedMean, WeightedSum
 from .personal_models import PersonalModels
 from .registry import register
-from .training import Batch, evaluate
 
 
 class FedProtoParams(BaseModel):

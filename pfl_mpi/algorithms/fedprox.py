@@ -28,12 +28,12 @@ import torch
 from pydantic import Field
 
 from ..seeding import derive_seed
+from ..training.loop import Means
+from ..training.proximal import ProximalTerm
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
-from .batched import ProximalTerm
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
-from .training import Means
 from .weighting import client_weight
 
 _STRAGGLER = 0x5354_5241  # stream tag of the straggler draws ("STRA"), apart from the runtime's tags
@@ -90,7 +90,7 @@ class FedProx(SharedModelAlgorithm):
 
     # -- client ---------------------------------------------------------------------------
     # the client step is begin_training, the library's loop, finish_training: blocks of train.client_batch
-    # clients train together (algorithms/batched.py), the proximal term stacked
+    # clients train together (training/batched.py), the proximal term stacked
     def _epochs(self, client: Client) -> int:
         straggler = self.straggler_epochs(client)
         return self.setup.train.local_epochs if straggler is None else straggler

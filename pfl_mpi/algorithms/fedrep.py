@@ -32,11 +32,11 @@ import torch
 from pydantic import Field
 
 from ..models.split import in_head
+from ..training.loop import Means
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import SharedModelAlgorithm
-from .training import Means
 from .weighting import Weighting, client_weight
 
 

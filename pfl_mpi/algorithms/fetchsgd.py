@@ -27,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
 from ..seeding import derive_seed
+from ..training.loop import Means
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .registry import register
 from .shared_model import TrainsFromW
 from .sketch import CountSketch, top_k
-from .training import Means
 from .weighting import Weighting
 
 _SKETCH = 0x534B_4554  # "SKET": stream tag of the sketch's hash tables
@@ -90,7 +90,7 @@ class FetchSGD(TrainsFromW):
         self.s_e.copy_(state["s_e"])
 
     # -- client ---------------------------------------------------------------------------
-    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    # the client step is FedAvg's, split for batched clients (training/batched.py)
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
         u, weight = self.trained(client, payload)
         return Update(self.sketcher.sketch(u).reshape(-1), weight, {"train_loss": means["train_loss"]})

@@ -2,7 +2,7 @@
 
 The whole model is client state; evaluation uses it. The baseline that tells how much
 federation helps (or hurts) on a given split. Batched clients (``train.client_batch``): blocks of clients
-train together (algorithms/batched.py).
+train together (training/batched.py).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..models.params import ParamLayout
+from ..training.loop import Means
 from .base import Algorithm, Client, Setup, Update
 from .registry import register
-from .training import Means
 
 
 @register
@@ -32,7 +32,7 @@ class Local(Algorithm):
     def init_client_state(self, client_id: int) -> dict[str, torch.Tensor]:
         return {"model": self.initial.clone()}
 
-    # the client step, split for batched clients (algorithms/batched.py)
+    # the client step, split for batched clients (training/batched.py)
     def begin_training(self, client: Client, payload: None) -> dict:
         self.layout.load(self.setup.model, client.state["model"])
         return {}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..training.loop import clip_grad_norm_, evaluate
 from .base import Client
 from .pfedhn import PFedHN
-from .training import clip_grad_norm_, evaluate
 
 
 def learn_novel_embedding(algorithm: PFedHN, client: Client, steps: int, lr: float) -> tuple[torch.Tensor, list[float]]:

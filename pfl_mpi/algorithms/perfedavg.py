@@ -34,10 +34,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..training.optimizers import clip_grad_norm_
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .fedavg import FedAvgParams
 from .meta import BatchStream, FunctionalModel, axpy, hvp_exact, hvp_finite_difference, leaves
-from .optimizers import clip_grad_norm_
 from .registry import register
 from .shared_model import SharedModelAlgorithm
 from .weighting import client_weight

@@ -22,10 +22,10 @@ from ..models.hypernetwork import HyperNetwork
 from ..models.params import ParamLayout, split_names
 from ..models.split import in_head
 from ..seeding import derive_seed
+from ..training.grouped_optimizer import Grouped
+from ..training.loop import SGD
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
-from .grouped_optimizer import Grouped
 from .registry import register
-from .training import SGD
 
 _HYPERNETWORK_SEED = 0x4846  # stream tag of the hypernetwork's initialisation
 

@@ -23,12 +23,12 @@ import math
 import torch
 from pydantic import Field
 
+from ..training.loop import Means
 from .base import Client, Collected, Gathered, Setup, Update, pack, packed_size, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import TrainsFromW
-from .training import Means
 
 
 class QSGDParams(FedAvgParams):
@@ -90,7 +90,7 @@ class QSGD(TrainsFromW):
         return dequantize(norms, levels, self.params.s, self.params.bucket_size)
 
     # -- client ---------------------------------------------------------------------------
-    # the client step is FedAvg's, split for batched clients (algorithms/batched.py; the quantiser then draws
+    # the client step is FedAvg's, split for batched clients (training/batched.py; the quantiser then draws
     # from the client's generator where the sequential loop leaves it)
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
         delta, weight = self.trained(client, payload)

@@ -25,12 +25,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..training.loop import Means
 from .base import Client, Collected, Gathered, Setup, Update
 from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import TrainsFromW
-from .training import Means
 
 
 class RobustParams(FedAvgParams):
@@ -85,7 +85,7 @@ class Robust(TrainsFromW):
         return up.weighted_mean()
 
     # -- client ---------------------------------------------------------------------------
-    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    # the client step is FedAvg's, split for batched clients (training/batched.py)
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
         delta, weight = self.trained(client, payload)
         return Update(self.sent_update(client, delta), weight, {"train_loss": means["train_loss"]})

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .training import ScheduleConfig, lr_factor
+from ..training.loop import ScheduleConfig, lr_factor
 
 
 class ServerOptConfig(BaseModel):

@@ -163,7 +163,7 @@ class TrainsFromW(SharedModelAlgorithm):
     """A ``SharedModelAlgorithm`` whose client step is one run of the library's loop from w (FedAvg's, and that of
     the compressors and robust aggregators that send w_k - w in their own form): ``begin_training`` loads w and
     the personal parameters, ``trained`` gives w_k - w and the client's weight (``params.weighting``) to the
-    subclass's ``finish_training``. Blocks of clients train together (algorithms/batched.py)."""
+    subclass's ``finish_training``. Blocks of clients train together (training/batched.py)."""
 
     def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
         self.shared.load(client, payload)

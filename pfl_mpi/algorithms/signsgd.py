@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..training.loop import Means
 from .base import Client, Setup, Update, WeightedMean, WeightedSum
 from .byzantine import Byzantine, ByzantineConfig, gaussian_noise
 from .registry import register
 from .server_opt import ServerOptConfig
 from .shared_model import SharedModelAlgorithm
-from .training import Means
 
 
 class SignSGDParams(BaseModel):
@@ -66,7 +66,7 @@ class SignSGD(SharedModelAlgorithm):
         return {"update_norm": float(vote.norm()) * self.params.lr, "vote_agreement": float(up.mean.abs().mean())}
 
     # -- client ---------------------------------------------------------------------------
-    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    # the client step is FedAvg's, split for batched clients (training/batched.py)
     def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
         self.shared.load(client, payload)
         return {}

@@ -21,13 +21,13 @@ import torch
 from pydantic import Field
 
 from ..errors import ConfigError
+from ..training.loop import Means
 from .base import Client, Collected, Gathered, Setup, Update, pack, unpack
 from .bitpack import bits_for, pack_codes, packed_bytes, unpack_codes
 from .fedavg import FedAvgParams
 from .registry import register
 from .shared_model import TrainsFromW
 from .sketch import top_k
-from .training import Means
 
 
 class TopKParams(FedAvgParams):
@@ -93,7 +93,7 @@ class TopK(TrainsFromW):
         return self.shared.step(up.weighted_mean(lambda row: decode(row, self.params.k, d), d))
 
     # -- client ---------------------------------------------------------------------------
-    # the client step is FedAvg's, split for batched clients (algorithms/batched.py)
+    # the client step is FedAvg's, split for batched clients (training/batched.py)
     def finish_training(self, client: Client, payload: torch.Tensor, means: Means) -> Update:
         delta, weight = self.trained(client, payload)
         residual = client.state["residual"]

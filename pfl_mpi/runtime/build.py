@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..algorithms import Algorithm, Setup, resolve
-from ..algorithms.client_batch import choose_client_batch
-from ..algorithms.tasks import model_outputs, probe_loss, resolve_task, training_loss
-from ..algorithms.training import TrainConfig
 from ..config import RunConfig
 from ..data import FederatedData
 from ..errors import ConfigError
 from ..models import build_models
 from ..models.split import check_buffers_handled
+from ..training.client_batch import choose_client_batch
+from ..training.loop import TrainConfig
+from ..training.tasks import model_outputs, probe_loss, resolve_task, training_loss
 
 
 def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | None = None) -> Algorithm:

@@ -162,7 +162,7 @@ class Engine:
             self.host,
             self.layout,
             self.algo.initial_client_state,
-            {"client_batch": self.algo.setup.client_batch},  # train.client_batch as resolved (auto: batched.py)
+            {"client_batch": self.algo.setup.client_batch},  # train.client_batch resolved (training/client_batch.py)
         )
 
     def _restore(self) -> None:

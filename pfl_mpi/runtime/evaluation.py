@@ -10,7 +10,7 @@ its global model scored on every client (``global_test_*``); an algorithm's own 
 (``setup.task``: loss and accuracy, or MSE and RMSE). The rows reach the server by one Gatherv.
 
 With ``train.client_batch`` > 1 and an evaluation that is "load the client's parameters, score them"
-(``client_blocks.stacks_evaluation``), a rank's clients go in blocks of ``client_batch``: their parameters are
+(``block_eval.stacks_evaluation``), a rank's clients go in blocks of ``client_batch``: their parameters are
 stacked, scored by one batched forward per chunk of test rows, fine-tuned by one batched training when the batched
 loop can train them (else one after another), and scored again; see docs/batched.md.
 """
@@ -22,9 +22,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ..algorithms import Algorithm, Client, PerClient
-from ..algorithms.batched import blocks
-from ..algorithms.client_blocks import evaluate_stack, finetune_stack, load_stack, stacks_evaluation
 from ..seeding import client_generator
+from ..training.block_eval import evaluate_stack, finetune_stack, load_stack, stacks_evaluation
+from ..training.stacked import blocks
 from ..wire import WIRE_DTYPES
 from ..wire.plan import Plan, make_plan
 from ..wire.transport import Transport
@@ -95,7 +95,7 @@ class Evaluator:
     def _block_rows(self, block: list[tuple[int, object]], t: int, finetune: int) -> dict[int, list[float]]:
         """The rows of a block of ``client_batch`` clients ((id, payload) pairs), evaluated together: each client's
         parameters are loaded and stacked, then scored by batched forwards and fine-tuned by one batched training
-        (``client_blocks``); equal to the one-by-one rows up to float rounding of the losses."""
+        (``block_eval``); equal to the one-by-one rows up to float rounding of the losses."""
         algo = self.algo
         clients = [self.client(k, t) for k, _ in block]
         payloads = [payload for _, payload in block]

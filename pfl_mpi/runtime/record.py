@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..algorithms.tasks import CLASSIFICATION, Task
 from ..comm import ALGORITHM_LABELS, FIELDS, LABELS
 from ..errors import DivergenceError
 from ..network import RoundNetwork
 from ..store import RunWriter
 from ..store.nested import flatten_state
+from ..training.tasks import CLASSIFICATION, Task
 from ..wire.protocol import evaluation_bytes, training_bytes
 
 RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")

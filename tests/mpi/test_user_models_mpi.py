@@ -12,7 +12,6 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from pfl_mpi.algorithms.training import evaluate
 from pfl_mpi.comm.mpi_world import MPIWorld
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
@@ -20,6 +19,7 @@ from pfl_mpi.models import build_models
 from pfl_mpi.report.models import export_models
 from pfl_mpi.runtime import Engine
 from pfl_mpi.store.writer import tables_under
+from pfl_mpi.training.loop import evaluate
 
 from ..helpers import committed, tiny_config
 

@@ -23,17 +23,12 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .training import Batch, LossFn, cross_entropy, evaluate
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
-    from .base import Algorithm
+from .loop import Batch, LossFn, cross_entropy, evaluate
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``criterion(outputs, targets) -> scalar``: a user loss (``train.loss``), the mean over the batch."""
@@ -193,37 +188,3 @@ def probe_loss(loss: LossFn, model: torch.nn.Module, x: torch.Tensor, y: torch.T
 def training_loss(task: Task, spec: str | None) -> LossFn:
     """The clients' training objective: the user's ``train.loss`` if set, else the task's loss."""
     return task.loss if spec is None else criterion_loss(import_loss(spec))
-
-
-def check_task(cfg: RunConfig, cls: type[Algorithm]) -> None:
-    """Refuse, with one line naming the key, what the algorithm ``cls`` cannot honour: a regression task or a
-    ``train.loss`` when it trains with a cross-entropy of its own (``own_loss``), ``train.optimizer_state: keep``
-    when it runs its own optimiser (``replaces_train`` names ``optimizer``). Imports ``train.loss``."""
-    task = task_name(cfg.task, cfg.data.name)
-    check_targets(cfg, task)
-    if cls.own_loss and task == "regression":
-        raise ConfigError("task", f"{cls.name} trains with a cross-entropy of its own: classification tasks only")
-    if cfg.train.loss is not None:
-        if cls.own_loss:
-            raise ConfigError("train.loss", f"{cls.name} trains with a loss of its own; remove train.loss")
-        import_loss(cfg.train.loss)
-    if cfg.train.client_batch != 1 and task == "regression":  # (keep, train.loss: batched.py trains them alone)
-        raise ConfigError("train.client_batch", "batched clients train a cross-entropy; set 1 for task regression")
-    if cfg.train.optimizer_state == "keep" and "optimizer" in cls.replaces_train:
-        instead = cls.replaces_train["optimizer"]
-        raise ConfigError("train.optimizer_state", f"{cls.name} does not use the train optimiser; set {instead}")
-
-
-def check_targets(cfg: RunConfig, task: str) -> None:
-    """Real-valued targets (``data.targets: values``) need ``task: regression`` and a client weighting that does
-    not read class labels; ``ConfigError`` naming the key otherwise."""
-    if cfg.data.targets != "values":
-        return
-    if task != "regression":
-        raise ConfigError("data.targets", f"values are real-valued targets: set task: regression, not {task}")
-    if cfg.algorithm.get("weighting") == "label_kl":
-        raise ConfigError(
-            "algorithm.weighting",
-            "label_kl weighs clients by class-label histograms, which real-valued targets (data.targets: values) "
-            "do not have; use samples, uniform or quality",
-        )

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .train_config import ScheduleConfig, lr_factor  # noqa: F401 - re-exported: schedules are read with the train section
+from .config import ScheduleConfig, lr_factor  # noqa: F401 - re-exported: schedules are read with the train section
 
 if TYPE_CHECKING:
-    from .train_config import TrainConfig
+    from .config import TrainConfig
 
 
 class SGD:

@@ -16,18 +16,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import (  # re-exported: the section's schema lives without torch
+    AutoClientBatch,
+    ScheduleConfig,
+    TrainConfig,
+    lr_factor,
+)
 from .optimizers import (  # re-exported: the loop's optimisers live in optimizers.py
     SGD,
     Optimizer,
     TorchOptimizer,
     clip_grad_norm_,
     make_optimizer,
-)
-from .train_config import (  # re-exported: the section's schema lives without torch
-    AutoClientBatch,
-    ScheduleConfig,
-    TrainConfig,
-    lr_factor,
 )
 
 __all__ = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .training import TrainConfig
+from .loop import TrainConfig
 
 CPU_BUDGET_MB = 48.0  # ``auto`` on a CPU: blocks near the caches (W1: K = 26; K = 17-50 took the least CPU)
 GPU_FRACTION = 0.5  # ``auto`` on a GPU: half of the device's memory

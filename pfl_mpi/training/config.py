@@ -1,7 +1,7 @@
 """The ``train`` section of the configuration (client-side local training) and learning-rate schedules.
 
 Schemas and arithmetic only, without torch: the configuration is read (``pfl-mpi slurm``, ``config``)
-without importing it. The optimisers these build are in optimizers.py, the loop in training.py.
+without importing it. The optimisers these build are in optimizers.py, the loop in loop.py.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class TrainConfig(BaseModel):
     )
     client_batch: int | Literal["auto"] | AutoClientBatch = Field(
         1,
-        description="clients trained together per kernel (algorithms/batched.py): 1 = one after another; K; "
+        description="clients trained together per kernel (training/batched.py): 1 = one after another; K; "
         "auto = K from the device's memory budget and the model's size; {memory_mb: M} = auto within M MB",
     )
 
