@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -25,6 +25,7 @@ class Task:
     config: Path
     overrides: list[str]
     name: str
+    point: dict[str, str] = field(default_factory=dict)  # the grid's values of this task (key -> --set value)
 
 
 def split_values(text: str) -> list[str]:
@@ -92,9 +93,16 @@ def expand(
                 parts = [cfg.name, *(_label(v) for v in point)]
                 if len(seeds) > 1:
                     parts.append(f"s{seed}")
-                tasks.append(Task(Path(path).resolve(), task_overrides, "-".join(parts)))
+                tasks.append(
+                    Task(Path(path).resolve(), task_overrides, "-".join(parts), dict(zip(keys, point, strict=True)))
+                )
+    return number_repeated_names(tasks)
+
+
+def number_repeated_names(tasks: list[Task]) -> list[Task]:
+    """Two configs with one name: the later tasks of a name get -2, -3, ... (in place; returns ``tasks``)."""
     seen: dict[str, int] = {}
-    for task in tasks:  # two configs with one name: number the later ones
+    for task in tasks:
         seen[task.name] = seen.get(task.name, 0) + 1
         if seen[task.name] > 1:
             task.name = f"{task.name}-{seen[task.name]}"

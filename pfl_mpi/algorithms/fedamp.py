@@ -63,6 +63,7 @@ class FedAMPParams(BaseModel):
 @register
 class FedAMP(Algorithm):
     name = "fedamp"
+    tuning_grid = {"algorithm.lambda": [0.1, 1.0], "algorithm.alpha_k": [0.1, 1.0]}
     Params = FedAMPParams
     down = PerClient()
     up = Gathered()

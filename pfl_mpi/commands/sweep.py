@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..grid import add_grid_arguments
+from ..tuning import SELECT_ON
 
 NAME = "sweep"
 HELP = "run a grid of configs x --set-grid values x seeds here (-n P ranks, --jobs J at once), then report"
@@ -41,6 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--by", action="append", default=[], metavar="KEY", help="the compared key (report --by; default: the grid's)"
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen, run nothing")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="tune: each config's algorithm's tuning_grid (--set-grid replaces or adds keys), evaluated on "
+        "data.eval_on [val, test]; the best point on --tune-metric goes to RUNS_DIR/tuning.json (docs/tuning.md)",
+    )
+    parser.add_argument(
+        "--tune-metric",
+        default=SELECT_ON,
+        metavar="METRIC",
+        help=f"--tune: the validation metric chosen on, mean over seeds (default {SELECT_ON}; *loss, *mse: lowest)",
+    )
 
 
 def state_of(path: Path, cfg) -> str:
@@ -99,7 +112,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     runs_dir = Path(args.runs_dir)
     try:
         _check(args)
-        tasks = expand(args.configs, args.overrides, parse_grid(args.grid), args.seeds)
+        tasks = (
+            _tuning_tasks(args)
+            if args.tune
+            else expand(args.configs, args.overrides, parse_grid(args.grid), args.seeds)
+        )
         states = [state_of(runs_dir / f"{t.name}.h5", load_config(t.config, t.overrides)) for t in tasks]
     except ConfigError as err:
         print(f"pfl-mpi: config error: {err}", file=sys.stderr)
@@ -141,8 +158,58 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if failed:
         print(f"pfl-mpi: {len(failed)} of {len(tasks)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     if files:
-        by = args.by or [key for key, _ in parse_grid(args.grid)]  # the grid's keys are the compared ones
+        by = args.by or list(dict.fromkeys(key for t in tasks for key in t.point))  # the grid's keys are compared
         code = max(code, _report(files, Path(args.report) if args.report else runs_dir / "report", by))
+    if args.tune:
+        code = max(code, _choose(tasks, runs_dir, args.tune_metric))
+    return code
+
+
+def _tuning_tasks(args: argparse.Namespace) -> list:
+    """--tune: every config with its algorithm's grid (merged with --set-grid), evaluated on val and test."""
+    from ..grid import expand, number_repeated_names, parse_grid
+    from ..tuning import eval_overrides, merge_grids, tuning_grid_for
+
+    overrides = eval_overrides(args.overrides)
+    tasks = []
+    for config in args.configs:
+        grid = merge_grids(tuning_grid_for(config, overrides), parse_grid(args.grid))
+        tasks += expand([config], overrides, grid, args.seeds)
+    return number_repeated_names(tasks)
+
+
+def _choose(tasks: list, runs_dir: Path, metric: str) -> int:
+    """--tune: each config's trials scored on ``metric`` from the run files, the best point printed and written
+    to RUNS_DIR/tuning.json. 1 when a config has no scored trial."""
+    from ..config import load_config
+    from ..tuning import choose, record, score_trials, write_record
+
+    by_config: dict[Path, dict[tuple, list[Path]]] = {}
+    names: dict[Path, str] = {}  # each config's run name
+    for task in tasks:
+        points = by_config.setdefault(task.config, {})
+        points.setdefault(tuple(task.point.items()), []).append(runs_dir / f"{task.name}.h5")
+        names.setdefault(task.config, load_config(task.config, task.overrides, schema_only=True).name)
+    records, code = {}, 0
+    for config, points in by_config.items():
+        name = names[config]
+        trials = score_trials([(dict(point), files) for point, files in points.items()], metric)
+        print(f"tuning {name} ({config.name}) on {metric}, {len(trials)} trial(s):")
+        for trial in trials:
+            values = " ".join(f"{k}={v}" for k, v in trial.point.items())
+            notes = f"  [{'; '.join(trial.notes)}]" if trial.notes else ""
+            print(f"  {values:<40} {metric} {trial.score:.4f}   (test {trial.test:.4f}, not used){notes}")
+        try:
+            best = choose(trials, metric)
+        except ValueError as err:
+            print(f"pfl-mpi: {name}: {err}", file=sys.stderr)
+            code = 1
+            continue
+        records[name] = record(str(config), metric, trials, best)
+        print(f"best: {' '.join('--set ' + s for s in records[name]['set'])}  ({metric} {best.score:.4f})")
+    if records:
+        write_record(runs_dir / "tuning.json", records)
+        print(f"tuning: {runs_dir / 'tuning.json'}")
     return code
 
 
