@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch_plan import BatchPlan, plan_batches
+from .chain_sgd import chain_sgd, linear_chain
 from .loop import Means, TrainConfig, cross_entropy
-from .stacked import Stacked, explicit, probe, stacked_forward
+from .stacked import Stacked, probe, stacked_forward
 
 BatchedRegulariser = Callable[[Stacked, slice], torch.Tensor]
 """``regulariser(params, rows) -> scalar``: the sum over the clients ``rows`` of the block of their regularisers,
@@ -155,29 +156,14 @@ def batched_local_training(
         plan = BatchPlan(plan.index[:, perm], plan.mask[:, perm], plan.size[:, perm], [plan.steps[i] for i in order])
         if regulariser is not None and hasattr(regulariser, "permuted"):
             regulariser = regulariser.permuted(perm)
-    device = x_all.device
-    index, mask, size = plan.index.to(device), plan.mask.to(device), plan.size.to(device)
-    fused = regulariser is None and set(names) == set(params) and _plain_sgd(cfg) and explicit(model)
-    optimizer = None if fused else BatchedSGD([params[n] for n in names], lr, cfg)
-    fixed = {n: p for n, p in params.items() if n not in set(names)}
-    totals = torch.zeros(k, dtype=torch.float32, device=device)
-    for s in range(index.shape[0]):
-        active = sum(1 for n in plan.steps if n > s)
-        rows = slice(0, active)
-        leaves = {n: params[n][rows].detach().requires_grad_() for n in names}
-        current = {**{n: p[rows] for n, p in fixed.items()}, **leaves}
-        idx = index[s, rows]
-        logits = stacked_forward(model, current, x_all[idx], step=lr if fused else None)
-        ce = F.cross_entropy(logits.flatten(0, 1), y_all[idx].flatten(), reduction="none").view(active, -1)
-        losses = (ce * mask[s, rows]).sum(dim=1) / size[s, rows]
-        objective = losses.sum()
-        if fused:  # the backward pass steps every layer (_SteppingLinear)
-            objective.backward()
-        else:
-            if regulariser is not None:
-                objective = objective + regulariser(leaves, rows)
-            optimizer.step(torch.autograd.grad(objective, [leaves[n] for n in names]), rows)
-        totals[rows] += losses.detach().float()
+    active = [sum(1 for n in plan.steps if n > s) for s in range(plan.index.shape[0])]  # a prefix trains
+    plain = regulariser is None and _plain_sgd(cfg) and set(names) == set(params)
+    chain = linear_chain(model, set(params)) if plain else None
+    if chain is not None:  # plain SGD of a Linear/ReLU chain: explicit steps, no autograd
+        weight = (plan.mask / plan.size.unsqueeze(-1)).to(x_all.device)  # 1/b per real row, 0 on padding
+        totals = chain_sgd(chain, params, x_all, y_all, plan.index.to(x_all.device), weight, active, lr)
+    else:
+        totals = _autograd_steps(model, params, names, x_all, y_all, plan, active, cfg, lr, regulariser)
     means = totals.cpu().tolist()
     result: list[Means] = [Means() for _ in range(k)]
     for position, i in enumerate(order):
@@ -188,3 +174,24 @@ def batched_local_training(
         for name in params:
             params[name].copy_(params[name][inverse.to(params[name].device)])
     return result
+
+
+def _autograd_steps(model, params, names, x_all, y_all, plan: BatchPlan, active, cfg, lr, regulariser) -> torch.Tensor:
+    """The steps of ``batched_local_training`` through autograd (any optimiser option, regulariser, trainable
+    subset or ``vmap``-ed layer); each client's sum of its batch losses, ``[K]``."""
+    device = x_all.device
+    index, mask, size = plan.index.to(device), plan.mask.to(device), plan.size.to(device)
+    optimizer = BatchedSGD([params[n] for n in names], lr, cfg)
+    fixed = {n: p for n, p in params.items() if n not in set(names)}
+    totals = torch.zeros(len(plan.steps), dtype=x_all.dtype, device=device)
+    for s, k in enumerate(active):
+        rows = slice(0, k)
+        leaves = {n: params[n][rows].detach().requires_grad_() for n in names}
+        idx = index[s, rows]
+        logits = stacked_forward(model, {**{n: p[rows] for n, p in fixed.items()}, **leaves}, x_all[idx])
+        ce = F.cross_entropy(logits.flatten(0, 1), y_all[idx].flatten(), reduction="none").view(k, -1)
+        losses = (ce * mask[s, rows]).sum(dim=1) / size[s, rows]
+        objective = losses.sum() if regulariser is None else losses.sum() + regulariser(leaves, rows)
+        optimizer.step(torch.autograd.grad(objective, [leaves[n] for n in names]), rows)
+        totals[rows] += losses.detach()
+    return totals

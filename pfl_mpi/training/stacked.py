@@ -27,51 +27,20 @@ def stack(flats: Sequence[Stacked]) -> Stacked:
     return {name: torch.stack([f[name] for f in flats]) for name in flats[0]}
 
 
-class _SteppingLinear(torch.autograd.Function):
-    """A stacked Linear layer whose backward also takes plain SGD's step: the input's gradient from the weights
-    as they were, then ``w += -lr * g^T x`` and ``b += -lr * sum(g)`` in place (one GEMM, no gradient tensor)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lr: float) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.bias, ctx.lr = b, lr
-        out = torch.bmm(x, w.transpose(1, 2))
-        return out if b is None else out.add_(b.unsqueeze(1))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w = ctx.saved_tensors
-        grad_x = torch.bmm(grad, w) if ctx.needs_input_grad[0] else None
-        with torch.no_grad():
-            w.baddbmm_(grad.transpose(1, 2), x, alpha=-ctx.lr)
-            if ctx.bias is not None:
-                ctx.bias.add_(grad.sum(dim=1), alpha=-ctx.lr)
-        return grad_x, None, None, None
-
-
-EXPLICIT = (nn.Sequential, nn.Linear, nn.ReLU, nn.Identity, SplitModel)
-
-
-def stacked_forward(
-    module: nn.Module, params: Stacked, x: torch.Tensor, prefix: str = "", step: float | None = None
-) -> torch.Tensor:
+def stacked_forward(module: nn.Module, params: Stacked, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
     """``module`` applied to K clients at once: ``x`` is ``[K, B, ...]``, ``params`` the stacked parameters of the
     whole model (names from the root). Linear layers become one batched GEMM (``baddbmm``), element-wise layers
     and flattening act on the stacked tensor, ``Sequential`` chains and a split model (``base``, ``head``) recurse;
-    any other module runs under ``vmap`` of ``functional_call``. ``step``: the Linear layers take plain SGD's step
-    with this lr in the backward pass (``_SteppingLinear``; only for models of ``EXPLICIT`` layers)."""
+    any other module runs under ``vmap`` of ``functional_call``."""
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
-            x = stacked_forward(child, params, x, f"{prefix}{name}.", step)
+            x = stacked_forward(child, params, x, f"{prefix}{name}.")
         return x
     if isinstance(module, nn.Linear):
         w, b = params[f"{prefix}weight"], params.get(f"{prefix}bias")
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        if step is not None:
-            out = _SteppingLinear.apply(flat, w, b, step)
-        else:
-            wt = w.transpose(1, 2)
-            out = torch.bmm(flat, wt) if b is None else torch.baddbmm(b.unsqueeze(1), flat, wt)
+        wt = w.transpose(1, 2)
+        out = torch.bmm(flat, wt) if b is None else torch.baddbmm(b.unsqueeze(1), flat, wt)
         return out.view(*x.shape[:-1], w.shape[1])
     if isinstance(module, nn.ReLU):
         return torch.relu(x)
@@ -80,8 +49,8 @@ def stacked_forward(
     if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1):
         return x.flatten(2)
     if type(module) is SplitModel:
-        features = stacked_forward(module.base, params, x, "base.", step)
-        return stacked_forward(module.head, params, features, "head.", step)
+        features = stacked_forward(module.base, params, x, "base.")
+        return stacked_forward(module.head, params, features, "head.")
     own = {n[len(prefix) :]: p for n, p in params.items() if n.startswith(prefix)}
     return vmap(lambda p, xb: functional_call(module, p, (xb,)))(own, x)
 
@@ -104,11 +73,3 @@ def probe(model: nn.Module, x: torch.Tensor) -> str | None:
         except Exception as err:  # noqa: BLE001 - any failure means: train this model sequentially
             _PROBED[key] = f"vmap cannot run the model ({type(err).__name__})"
     return _PROBED[key]
-
-
-def explicit(model: nn.Module) -> bool:
-    """Whether every layer of ``model`` is one ``stacked_forward`` runs itself (and each Linear is used once)."""
-    return all(
-        isinstance(m, EXPLICIT) or (isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1))
-        for m in model.modules()
-    )
