@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -55,6 +56,9 @@ def _files(cwd: Path) -> None:
     x = np.random.default_rng(0).random((200, 4)).astype(np.float32)
     x[17, 2] = np.inf
     np.savez(cwd / "inf.npz", x=x, y=np.arange(200) % 2)
+    x[17, 2], x[41, 0] = 0.0, np.nan
+    with h5py.File(cwd / "nan.h5", "w") as f:
+        f["x"], f["y"] = x, np.arange(200) % 2
     (cwd / "boom.py").write_text('raise RuntimeError("boom at import")\n', encoding="utf-8")
     (cwd / "myalgo.py").write_text(PLUGIN, encoding="utf-8")
     (cwd / "yaml.py").write_text('raise SystemExit("the stray yaml.py was imported")\n', encoding="utf-8")
@@ -73,6 +77,7 @@ BAD = {
         "python tags",
     ),
     "inf_in_data": (["tiny.yaml", "--set", "data.name=file", "--set", "data.path=inf.npz"], "data.path", "sample 17"),
+    "nan_in_h5_data": (["tiny.yaml", "--set", "data.name=file", "--set", "data.path=nan.h5"], "data.path", "sample 41"),
     "cuda_without_gpu": (["tiny.yaml", "--set", "device=cuda"], "device", "no GPU"),
     "plugin_raises": (["tiny.yaml", "--set", "plugins=[./boom.py]"], "plugins", "boom at import"),
     "plugin_missing": (["tiny.yaml", "--set", "plugins=[./nothere.py]"], "plugins", "no such plugin file"),
@@ -203,3 +208,49 @@ def test_a_plugin_that_imports_only_on_rank_0_ends_the_job_with_one_line(work):
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
     assert lines[0].startswith(f"pfl-mpi: config error: plugins: importing {work / 'rank0only.py'} failed: ")
     assert "ImportError: only on rank 0 (rank 1 of 2, host " in lines[0]
+
+
+@pytest.mark.parametrize("command", [["info"], ["report", "-o", "rep"], ["export", "--csv", "x.csv"]])
+@pytest.mark.parametrize("target", ["adir.h5", "notes.h5"])
+def test_readers_refuse_a_directory_or_a_file_that_is_no_run_file_in_one_line(work, command, target):
+    """HDF5's own message for these spans lines; the readers say what the path is, in one line, exit 1."""
+    result = _finish(_start([command[0], target, *command[1:]], work))
+    assert result.returncode == 1, result.stderr
+    assert len(result.lines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    what = "is a directory, not a run file" if target == "adir.h5" else "is not a pfl_mpi run file (not an HDF5 file)"
+    assert result.lines()[0].endswith(f"{target}: {target} {what}"), result.lines()[0]
+
+
+BREAKS = """\
+import os
+
+from pfl_mpi.algorithms import register
+from pfl_mpi.algorithms.fedavg import FedAvg
+
+calls = [0]
+
+
+@register
+class Breaks(FedAvg):
+    name = "breaks"
+
+    def finish_training(self, client, payload, means):
+        calls[0] += 1
+        if os.environ.get("PMI_RANK") == "1" and calls[0] > 4:  # rank 1, in its second round or later
+            raise RuntimeError("rank 1 broke mid-run")
+        return super().finish_training(client, payload, means)
+"""
+
+
+def test_an_exception_on_a_worker_mid_run_ends_every_rank_with_its_message(work):
+    """After the first collectives (rounds committed): rank 1 raises in a client step. The job ends (no rank
+    waits for ever), exit 1, with rank 1's message; the file keeps its committed rounds and resumes."""
+    (work / "breaks.py").write_text(BREAKS, encoding="utf-8")
+    out = work / "breaks.h5"
+    run = ["run", "tiny.yaml", "-n", "2", "--out", str(out), "--quiet", "--set", "rounds=30"]
+    result = _finish(_start([*run, "--set", "plugins=[./breaks.py]", "--set", "algorithm.name=breaks"], work))
+    assert result.returncode == 1, result.stderr
+    assert result.lines()[0] == "pfl-mpi: rank 1 of 2 failed:", result.stderr
+    assert "RuntimeError: rank 1 broke mid-run" in result.stderr
+    with h5py.File(out, "r", locking=False) as f:
+        assert 1 <= int(f.attrs["rounds_completed"]) < 30 and f.attrs["status"] == "running"

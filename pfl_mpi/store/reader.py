@@ -75,7 +75,14 @@ def open_run(path: str | Path) -> h5py.File:
     """Open a run file read-only without taking HDF5's file lock (a running job may hold it)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no such file: {path}")
-    f = h5py.File(path, "r", locking=False)
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a directory, not a run file")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as err:
+        if not h5py.is_hdf5(path):
+            raise ValueError(f"{path} is not a pfl_mpi run file (not an HDF5 file)") from None
+        raise OSError(" ".join(str(err).split())) from None  # HDF5's message spans lines: make it one
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise ValueError(f"{path} is not a pfl_mpi run file")
