@@ -274,3 +274,128 @@ def test_ctrl_c_commits_says_one_line_and_the_run_resumes(tmp_path):
     ]
     resumed = pfl("run", "--resume", str(out), "--set", f"rounds={done + 1}", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_rerun_of_the_same_name_is_refused(done_file, tmp_path):
+    """No --out: the file is runs/<name>.h5, and a second run of the config is refused as --out would be."""
+    from .test_cli import TINY as CONFIG
+
+    (tmp_path / "tiny.yaml").write_text(CONFIG, encoding="utf-8")
+    (tmp_path / "runs").mkdir()
+    shutil.copy(done_file, tmp_path / "runs" / "tiny.h5")
+    before = (tmp_path / "runs" / "tiny.h5").read_bytes()
+    run = pfl("run", "tiny.yaml", "--quiet", cwd=tmp_path)
+    assert run.returncode == 2
+    assert _lines(run.stderr) == [
+        "pfl-mpi: config error: output: runs/tiny.h5 exists (status completed, 2/2 rounds): "
+        "--overwrite replaces it, --resume runs/tiny.h5 continues it"
+    ]
+    assert (tmp_path / "runs" / "tiny.h5").read_bytes() == before
+
+
+def test_an_overwrite_that_fails_while_creating_its_file_keeps_the_old_one(copy):
+    """The new file is made under <out>.partial: a failure before it is complete leaves the old run intact."""
+    from pfl_mpi.store.writer import RunFileWriteError
+
+    before = copy.read_bytes()
+
+    def init_state(k: int) -> dict[str, np.ndarray]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(RunFileWriteError, match="No space left on device"):
+        RunWriter.create(copy, {"name": "t"}, {"train_sizes": np.ones(3)}, {"a": 2}, init_state, 3)
+    assert copy.read_bytes() == before
+
+
+def test_a_resume_of_a_file_held_open_is_refused_on_every_rank_instead_of_hanging(copy):
+    """A reader holds HDF5's lock on the file; ``mpiexec -n 2 ... --resume`` (no launcher validated first):
+    rank 0 refuses it in one line, rank 1 hears of it, both exit 2."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    with h5py.File(copy, "r"):
+        run = subprocess.run(
+            [str(mpiexec), "-n", "2", sys.executable, "-m", "pfl_mpi", "run", "--resume", str(copy), "--set",
+             "rounds=3"], capture_output=True, text=True, env=_env(), timeout=300,
+        )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert _lines(run.stderr) == [
+        f"pfl-mpi: config error: resume: {copy} is open in another program that holds HDF5's file lock: close it first"
+    ]
+
+
+@pytest.mark.parametrize("damage", ["checkpoint", "rows"])
+def test_a_resume_checks_what_it_reads_and_refuses_a_damaged_file(copy, damage, tmp_path, monkeypatch, capsys):
+    """The latest checkpoint slot does not hold the last committed round, or a committed row is missing:
+    --resume refuses the file in one line (exit 2) and leaves it as it was."""
+    from pfl_mpi.cli import main
+    from pfl_mpi.store.layout import slot_of
+
+    with h5py.File(copy, "r+") as f:
+        if damage == "checkpoint":
+            f[slot_of(1)].attrs["round"] = 0
+        else:
+            f["rounds/train_loss"].resize(1, axis=0)
+    before = copy.read_bytes()
+    for name in [n for n in os.environ if n.startswith(_MPI)]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", str(copy), "--set", "rounds=3"]) == 2
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("pfl-mpi: config error: resume: "), lines
+    assert ("does not hold round 2" if damage == "checkpoint" else "rounds/train_loss has 1 rows, 2") in lines[0]
+    assert copy.read_bytes() == before
+
+
+def _until_committed(path: Path, proc: subprocess.Popen, rounds: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                if int(f.attrs["rounds_completed"]) >= rounds:
+                    return
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{path}: {rounds} rounds were not committed ({proc.poll()=})")
+
+
+def test_info_and_watch_read_a_live_file_without_a_traceback(tmp_path):
+    """A job commits a round every few milliseconds (evaluating each); info and watch read it meanwhile."""
+    out = tmp_path / "live.h5"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pfl_mpi", "run", "--out", str(out), *TINY, "--set", "rounds=100000",
+         "--set", "eval_every=1"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _until_committed(out, job, 2)
+        infos = [pfl("info", str(out)) for _ in range(4)]
+        watched = pfl("watch", str(out), "--interval", "0.05", "--timeout", "2")
+    finally:
+        job.send_signal(signal.SIGTERM)
+        job.communicate(timeout=120)
+    for info in infos:
+        assert info.returncode == 0 and info.stderr == "", info.stderr
+        assert info.stdout.splitlines()[1].startswith("  status running, ")
+    assert watched.returncode == 124 and "Traceback" not in watched.stderr, watched.stderr
+    assert watched.stdout.startswith("round ") and len(watched.stdout.splitlines()) >= 2
+    assert job.returncode == 143
+
+
+def test_ctrl_c_of_a_launched_job_is_one_line(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the launcher's process group (``pfl-mpi run -n 2``): the launcher
+    passes it to mpiexec as SIGTERM (mpiexec would add lines of its own for SIGINT); one line, exit 143."""
+    out = tmp_path / "x.h5"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pfl_mpi", "run", "-n", "2", "--out", str(out), *TINY, "--set", "rounds=100000"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    _until_committed(out, proc, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    with h5py.File(out, "r", locking=False) as f:
+        done, status = int(f.attrs["rounds_completed"]), f.attrs["status"]
+    assert status == "interrupted"
+    assert _lines(err) == [
+        f"pfl-mpi: stopped by SIGTERM: {out} keeps {done} committed round(s), status interrupted; "
+        f"continue with: pfl-mpi run --resume {out}"
+    ]
