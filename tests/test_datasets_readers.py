@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from pfl_mpi.cli import main
 from pfl_mpi.data import DataConfig, load_federated
@@ -295,16 +296,32 @@ def test_file_split_is_kept_with_string_or_integer_client_ids(tmp_path: Path, su
     assert (fd.val_sizes == 4).all() and (fd.test_sizes == 4).all() and (fd.train_sizes == 12).all()
 
 
-def test_eval_split_val_evaluates_on_the_validation_rows(tmp_path: Path) -> None:
+def test_eval_on_names_the_splits_and_needs_a_validation_split(tmp_path: Path) -> None:
     ids = np.array(["a", "b"])[np.arange(40) % 2]
-    _split_file(tmp_path / "d.npz", ids)
-    cfg = DataConfig(name="file", path=str(tmp_path / "d.npz"), num_clients=2, min_samples=2, eval_split="val")
-    fd = load_federated(cfg, 0)
-    c = fd.client(1)
-    assert torch.equal(c.x_test, c.x_val) and fd.test_sizes.tolist() == fd.val_sizes.tolist()
+    arrays = _split_file(tmp_path / "d.npz", ids)
+    base = dict(name="file", path=str(tmp_path / "d.npz"), num_clients=2, min_samples=2)
+    cfg = DataConfig(**base, eval_on=["val", "test", "val"])
+    assert cfg.eval_splits == ("test", "val") and DataConfig(**base).eval_splits == ("test",)
+    c = load_federated(cfg, 0).client(1)  # both splits kept apart, each as the file tags it
+    for split, x in (("val", c.x_val), ("test", c.x_test)):
+        assert sorted(x[:, 0].long().tolist()) == np.flatnonzero((ids == "b") & (arrays["split"] == split)).tolist()
     with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="digits", num_clients=5, eval_on=["val", "test"]), 0)
+    assert info.value.key == "data.eval_on" and "data.val_fraction" in info.value.message
+    with pytest.raises(ValidationError):
+        DataConfig(**base, eval_on=[])
+
+
+def test_eval_split_is_a_deprecated_alias_of_eval_on(tmp_path: Path) -> None:
+    with pytest.warns(FutureWarning, match=r"data.eval_split is deprecated: write data.eval_on: \[val\]"):
+        cfg = DataConfig(name="digits", num_clients=5, val_fraction=0.2, eval_split="val")
+    assert cfg.eval_splits == ("val",)
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError) as info:
         load_federated(DataConfig(name="digits", num_clients=5, eval_split="val"), 0)
     assert info.value.key == "data.eval_split"
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name="digits", num_clients=5, eval_split="test", eval_on=["val"]), 0)
+    assert info.value.key == "data.eval_split" and "eval_on" in info.value.message
 
 
 def test_unknown_split_tags_are_refused(tmp_path: Path) -> None:

@@ -90,7 +90,8 @@ def _summarise(task, evaluated, extra=()):
     ledgers = np.zeros((2, len(LABELS) * len(FIELDS) + len(RANK_FIELDS)))
     rows = np.array([[0, 1.0, 10, 0.5], [1, 1.0, 30, 0.7]])  # client, weight, num_train, train_loss
     assert rows.shape[1] == len(META_COLUMNS) + 1
-    return summarise(0, 3, ("train_loss",), rows, (evaluated, extra), ledgers, [0, 1], task)
+    columns = ("client", "num_test", *task.columns(), *extra)  # record.eval_columns of the test split
+    return summarise(0, 3, ("train_loss",), rows, (evaluated, columns), ledgers, [0, 1], task)
 
 
 def test_the_record_names_regression_metrics_mse_and_rmse():

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pfl_mpi.errors import ConfigError
 
 DataName = Literal["digits", "mnist1d", "synthetic", "file", "cifar10", "cifar100", "femnist", "shakespeare", "hf"]
 PartitionName = Literal["natural", "iid", "dirichlet", "shards", "quantity"]
+EvalSplit = Literal["test", "val"]
+EVAL_SPLITS: tuple[str, ...] = ("test", "val")  # the order in which an evaluation round scores them
 ROOTED = ("cifar10", "cifar100", "femnist", "shakespeare", "hf")  # data sets read from data.root
 LEAF = ("femnist", "shakespeare")
 _NO_USERS = ("digits", "mnist1d", "synthetic", "cifar10", "cifar100")
@@ -212,10 +215,18 @@ class DataConfig(BaseModel):
         description="Share of each client's training samples held out as its validation set (stratified "
         "like test). 0: none, or the data set's own validation split if it has one.",
     )
-    eval_split: Literal["test", "val"] = Field(
-        "test",
-        description="Held-out set the run evaluates as its test metrics: test, or val for hyper-parameter "
-        "selection (the test set then stays unseen). val needs a validation split.",
+    eval_on: list[EvalSplit] | None = Field(
+        None,
+        min_length=1,
+        description="Held-out sets every evaluation round scores, each recorded under its own names: test "
+        "(test_loss, test_acc, ...) and val (val_loss, val_acc, ...). [val, test] for hyper-parameter "
+        "selection (select on val, report test of the same rounds); [val] keeps the test sets unseen. val needs "
+        "a validation split (data.val_fraction or the data set's own). None: [test], or data.eval_split.",
+    )
+    eval_split: EvalSplit | None = Field(
+        None,
+        description="Deprecated: data.eval_split: X is data.eval_on: [X] (its metrics are named after X, val_* "
+        "for val). Set one of the two.",
     )
     augment: AugmentConfig | None = Field(
         None, description="Image augmentation of training batches (random crop with padding, flip); None: off."
@@ -233,6 +244,24 @@ class DataConfig(BaseModel):
         None, description="A public data set shared by all clients (FedMD); None: none. See PublicConfig."
     )
 
+    @model_validator(mode="after")
+    def _eval_split_is_deprecated(self) -> DataConfig:
+        if self.eval_split is not None:
+            warnings.warn(
+                f"data.eval_split is deprecated: write data.eval_on: [{self.eval_split}] (metrics named "
+                f"{self.eval_split}_*)",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return self
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """The held-out sets an evaluation round scores, in scoring order (``EVAL_SPLITS``): ``eval_on``, else
+        the deprecated ``eval_split``, else test."""
+        chosen = self.eval_on or [self.eval_split or "test"]
+        return tuple(s for s in EVAL_SPLITS if s in chosen)
+
 
 def check_static(cfg: DataConfig) -> None:
     """Reject combinations of options that are wrong whatever the data; raises ``ConfigError``."""
@@ -242,6 +271,8 @@ def check_static(cfg: DataConfig) -> None:
         raise ConfigError("data.path", f"only read when data.name is 'file', but data.name is {cfg.name!r}")
     if cfg.targets == "values":
         _check_values(cfg)
+    if cfg.eval_on is not None and cfg.eval_split is not None:
+        raise ConfigError("data.eval_split", f"deprecated, and set beside data.eval_on: keep eval_on: {cfg.eval_on}")
     if cfg.name in ROOTED and not cfg.root:
         raise ConfigError("data.root", f"required when data.name is {cfg.name!r}: the directory the data set sits in")
     if cfg.name not in ROOTED and cfg.root is not None:

@@ -68,9 +68,9 @@ class FederatedData:
     Everything is a pure function of (config, seed): ``client(k)`` returns the same tensors in any process,
     whichever clients were loaded before it.
 
-    ``test_sizes`` count what ``client(k).x_test`` holds: the test split, or the validation split with
-    ``data.eval_split: val``. ``client_names`` (natural partitions: LEAF users, a file's or HF set's client ids)
-    name client k; ``augment`` (``data.augment``) is the per-batch image augmentation, or None.
+    ``test_sizes`` and ``val_sizes`` count what ``client(k).x_test`` and ``x_val`` hold. ``client_names``
+    (natural partitions: LEAF users, a file's or HF set's client ids) name client k; ``augment``
+    (``data.augment``) is the per-batch image augmentation, or None.
     ``targets``: ``labels`` (int64 class labels, ``num_classes`` classes) or ``values`` (float32 regression
     targets, ``num_classes`` values per sample).
     """
@@ -84,7 +84,6 @@ class FederatedData:
         input_shape: tuple[int, ...],
         splitter: Splitter,
         x_dtype: type = np.float32,
-        eval_split: str = "test",
         client_names: Sequence[str] | None = None,
         augment: Augment | None = None,
         targets: str = "labels",
@@ -97,18 +96,18 @@ class FederatedData:
         self.input_shape = tuple(input_shape)
         self.train_sizes = np.asarray(splitter.train_sizes, dtype=np.int64)
         self.val_sizes = np.asarray(splitter.val_sizes, dtype=np.int64)
-        self.test_sizes = np.asarray(self.val_sizes if eval_split == "val" else splitter.test_sizes, dtype=np.int64)
+        self.test_sizes = np.asarray(splitter.test_sizes, dtype=np.int64)
         self.client_names: list[str] | None = None if client_names is None else list(client_names)
         self.augment = augment
         self.x_dtype = np.dtype(x_dtype)
         self._y_dtype = np.float32 if targets == "values" else np.int64
-        self._splitter, self._eval_val = splitter, eval_split == "val"
+        self._splitter = splitter
         self._histograms: np.ndarray | None = None
         self._release: Callable[[], None] | None = None  # the reader's cache, emptied by clients()
         self.public: public.PublicData | None = None  # data.public, set by load_federated
 
     def __repr__(self) -> str:
-        total = int(self.train_sizes.sum() + self.val_sizes.sum() + np.sum(self._splitter.test_sizes))
+        total = int(self.train_sizes.sum() + self.val_sizes.sum() + self.test_sizes.sum())
         return (
             f"FederatedData({self.name}, {self.partition}, {self.num_clients} clients, {self.num_classes} "
             f"classes, input {self.input_shape}, {total} samples)"
@@ -130,8 +129,7 @@ class FederatedData:
         self._check(k)
         train, val, test = self._splitter.parts(k)
         x_val, y_val = (None, None) if val is None else self._tensors(val)
-        x_test, y_test = (x_val, y_val) if self._eval_val else self._tensors(test)
-        return ClientData(*self._tensors(train), x_test, y_test, x_val, y_val)
+        return ClientData(*self._tensors(train), *self._tensors(test), x_val, y_val)
 
     def clients(self, ks: Iterable[int]) -> dict[int, ClientData]:
         """``client(k)`` for each k of ``ks``, in increasing order (readers that parse whole files, LEAF's json,
@@ -178,8 +176,8 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if data_seed < 0:
         raise ConfigError("seed", f"must be >= 0, got {data_seed}")
     data = _load(cfg, seed, data_seed)
-    if cfg.eval_split == "val" and not (data.val_sizes > 0).all():
-        raise ConfigError("data.eval_split", "val needs a validation split: set data.val_fraction or give the data one")
+    if "val" in cfg.eval_splits and not (data.val_sizes > 0).all():
+        raise ConfigError(_eval_key(cfg), "val needs a validation split: set data.val_fraction or give the data one")
     data.augment = make_augmenter(cfg.augment, data.input_shape)
     data.public = public.load_public(cfg, seed)
     return data
@@ -195,7 +193,6 @@ def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
             num_classes=syn.num_classes,
             input_shape=(syn.dimension,),
             splitter=_held_out(cfg, _SyntheticSource(syn, data_seed, sizes), sizes, data_seed),
-            eval_split=cfg.eval_split,
         )
 
     client_ids, names = None, None
@@ -238,10 +235,14 @@ def _load(cfg: DataConfig, seed: int, data_seed: int) -> FederatedData:
         num_classes=num_classes,
         input_shape=input_shape,
         splitter=_held_out(cfg, _PooledSource(part, labels, read), part.sizes, data_seed),
-        eval_split=cfg.eval_split,
         client_names=names if kind == "natural" else None,
         targets=cfg.targets,
     )
+
+
+def _eval_key(cfg: DataConfig) -> str:
+    """The key that asked for the validation split: ``data.eval_on``, or the deprecated ``data.eval_split``."""
+    return "data.eval_split" if cfg.eval_on is None else "data.eval_on"
 
 
 def _stratify(cfg: DataConfig) -> bool:
@@ -275,7 +276,6 @@ def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
         num_classes=t.num_classes,
         input_shape=t.input_shape,
         x_dtype=t.x_dtype,
-        eval_split=cfg.eval_split,
         client_names=t.names if kind == "natural" else None,
         targets=cfg.targets,
     )
@@ -305,8 +305,8 @@ def _load_tagged(cfg: DataConfig, t: Tagged, data_seed: int) -> FederatedData:
     val = None
     if (t.split == 1).any():
         val = held_out(t, 1, train, kind == "natural", n, data_seed)
-        if cfg.eval_split == "val":
-            check_every_client_has(val, "validation", t.names if kind == "natural" else None, "data.eval_split")
+        if "val" in cfg.eval_splits:
+            check_every_client_has(val, "validation", t.names if kind == "natural" else None, _eval_key(cfg))
     splitter = Official(t.y, t.read, train, val, test, _stratify(cfg), data_seed, cfg.val_fraction)
     data = FederatedData(splitter=splitter, **common)
     data._release = t.release

@@ -52,6 +52,12 @@ class Run:
         return "test_rmse" if "test_rmse" in self.rounds else "test_acc"
 
     @property
+    def val_score(self) -> str | None:
+        """The task's score on the validation split (``data.eval_on: [val, ...]``): ``val_acc`` or ``val_rmse``;
+        None when the run did not evaluate it."""
+        return next((name for name in ("val_rmse", "val_acc") if name in self.rounds), None)
+
+    @property
     def loss_metric(self) -> str:
         """The task's test loss: ``test_loss`` or ``test_mse`` (regression)."""
         return "test_mse" if self.score == "test_rmse" else "test_loss"

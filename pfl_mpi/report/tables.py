@@ -28,6 +28,14 @@ COLUMNS = (
     ("wall_seconds", "wall time (s)"),
 )
 
+# with a validation split (data.eval_on: [val, test]): the selection a tuner makes, on val, and its test score
+VAL_COLUMNS = (
+    ("final_val_acc", "final val acc"),
+    ("best_val_acc", "best val acc"),
+    ("best_val_round", "best val at round"),
+    ("test_at_best_val", "test acc at best val"),
+)
+
 
 def summarise(run: Run) -> dict[str, object]:
     """The table's row for one run (numbers as in the file: sums over the committed rounds)."""
@@ -53,6 +61,8 @@ def summarise(run: Run) -> dict[str, object]:
             best_round=best + 1,
             final_client_mean=float(r[f"{run.score}_mean"][ev[-1]]),
         )
+    if run.val_score is not None:
+        row.update(_validation(run))
     ft = r.get(f"finetune_{run.score}")
     if ft is not None and np.any(~np.isnan(ft)):
         row["finetune_acc"] = float(ft[~np.isnan(ft)][-1])
@@ -65,6 +75,29 @@ def summarise(run: Run) -> dict[str, object]:
     return row
 
 
+def _validation(run: Run) -> dict[str, object]:
+    """The final and best validation score, the (1-based) round of the best, and the test score of that round
+    (NaN when the test split was not evaluated)."""
+    r, name = run.rounds, run.val_score
+    ev = np.flatnonzero(~np.isnan(r[name]))
+    if not len(ev):
+        return {}
+    val = r[name][ev]
+    best = int(ev[int(np.argmin(val) if name == "val_rmse" else np.argmax(val))])
+    test = r.get(run.score, np.full(run.rounds_completed, np.nan))
+    return {
+        "final_val_acc": float(val[-1]),
+        "best_val_acc": float(r[name][best]),
+        "best_val_round": best + 1,
+        "test_at_best_val": float(test[best]),
+    }
+
+
+def has_validation(runs: list[Run]) -> bool:
+    """Whether any of ``runs`` evaluated a validation split (the tables then show its columns)."""
+    return any(run.val_score is not None for run in runs)
+
+
 def protocol_fields(run: Run) -> list[str]:
     """The ``/rounds/protocol_bytes_*`` fields of a run (per-protocol byte counts), if it has any."""
     return sorted(name for name in run.rounds if name.startswith("protocol_bytes_"))
@@ -74,7 +107,8 @@ def _columns(runs: list[Run]) -> list[tuple[str, str]]:
     """COLUMNS (titled RMSE rather than acc when every run is a regression) and a column per
     ``protocol_bytes_*`` field that any of the runs has."""
     extra = sorted({name for run in runs for name in protocol_fields(run)})
-    return [*((k, score_title(t, runs)) for k, t in COLUMNS), *((name, name.replace("_", " ")) for name in extra)]
+    columns = [*COLUMNS[:9], *(VAL_COLUMNS if has_validation(runs) else ()), *COLUMNS[9:]]
+    return [*((k, score_title(t, runs)) for k, t in columns), *((name, name.replace("_", " ")) for name in extra)]
 
 
 def score_title(title: str, runs: list[Run]) -> str:
@@ -115,11 +149,15 @@ STATISTICS = (
     ("wall_seconds", "wall time (s)", ".2f"),
 )
 
+VAL_STATISTICS = tuple((k, title, ".1f" if k == "best_val_round" else ".4f") for k, title in VAL_COLUMNS)
+
 
 def group_statistics(groups: list[Group]) -> list[dict[str, object]]:
     """Per group: its legend, n, seeds, rounds, and (mean, sample std, count) of every statistic and of
     every ``protocol_bytes_*`` total, over the group's runs (NaN values, e.g. no fine-tuning, left out)."""
     extra = sorted({name for g in groups for run in g.runs for name in protocol_fields(run)})
+    if has_validation([run for g in groups for run in g.runs]):
+        extra = [*(k for k, _, _ in VAL_STATISTICS), *extra]
     out = []
     for group in groups:
         rows = [summarise(run) for run in group.runs]
@@ -151,7 +189,8 @@ def group_table(groups: list[Group]) -> str:
     """One row per group: mean ± sample std (ddof=1) over its runs, and n."""
     stats = group_statistics(groups)
     extra = [k for k in (stats[0] if stats else {}) if k.startswith("protocol_bytes_")]
-    columns = [*STATISTICS, *((k, k.replace("_", " "), ".4g") for k in extra)]
+    val = VAL_STATISTICS if stats and "final_val_acc" in stats[0] else ()
+    columns = [*STATISTICS[:4], *val, *STATISTICS[4:], *((k, k.replace("_", " "), ".4g") for k in extra)]
     runs = [run for g in groups for run in g.runs]
     header = ["group", "n", "seeds", "rounds", *(score_title(title, runs) for _, title, _ in columns)]
     rows = [

@@ -53,7 +53,7 @@ EXIT_DIVERGED = 3
 
 
 def _to_device(data: ClientData, device: torch.device) -> ClientData:
-    return ClientData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+    return ClientData(*(None if t is None else t.to(device) for t in vars(data).values()))  # validation too
 
 
 @dataclass
@@ -110,7 +110,15 @@ class Engine:
         )
         self.progress = Progress(cfg.rounds, self.start_round, enabled=show_progress and world.is_server)
         self.evaluate = Evaluator(
-            self.algo, self.transport, self.host, self.hosted, self._client, cfg.seed, cfg.rounds, cfg.finetune_epochs
+            self.algo,
+            self.transport,
+            self.host,
+            self.hosted,
+            self._client,
+            cfg.seed,
+            cfg.rounds,
+            cfg.finetune_epochs,
+            cfg.data.eval_splits,  # data.eval_on
         )
         if world.is_server:
             self.recorder = Recorder(

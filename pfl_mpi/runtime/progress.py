@@ -1,7 +1,7 @@
 """Per-round progress on rank 0: a bar on a terminal, one plain line per round otherwise (SLURM logs).
 
 The line (``round_line``) is also what ``pfl-mpi watch`` prints for a running job's file. It shows
-the round (1-based), the training loss, the test accuracy on evaluation rounds (and after local
+the round (1-based), the training loss, the validation and test accuracy on evaluation rounds (and after local
 fine-tuning on the last round, when on), the protocol bytes down and up, the round's simulated
 seconds and the simulated clock (with a simulated network), the MPI bytes of the simulation and the
 round's wall time. The bar is drawn on the stream it checked (stdout), so a redirected stdout never receives
@@ -78,10 +78,9 @@ def _present(m: dict[str, float], key: str) -> bool:
 def round_line(total: int, m: dict[str, float]) -> str:
     """One human line for a round's metrics."""
     parts = [f"round {int(m['round']) + 1:>{len(str(total))}}/{total}", f"train_loss {m['train_loss']:.4f}"]
-    if _present(m, "test_acc"):
-        parts.append(f"test_acc {m['test_acc']:.4f}")
-    if _present(m, "test_rmse"):  # task regression
-        parts.append(f"test_rmse {m['test_rmse']:.4f}")
+    for name in ("val_acc", "val_rmse", "test_acc", "test_rmse"):  # data.eval_on; rmse: task regression
+        if _present(m, name):
+            parts.append(f"{name} {m[name]:.4f}")
     if _present(m, "finetune_test_acc"):
         parts.append(f"finetuned_acc {m['finetune_test_acc']:.4f}")
     if "protocol_bytes_down" in m:  # what the round's clients downloaded and uploaded (the protocol ledger)

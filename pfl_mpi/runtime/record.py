@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..comm import ALGORITHM_LABELS, FIELDS, LABELS
+from ..data.config import EVAL_SPLITS
 from ..errors import DivergenceError
 from ..network import RoundNetwork
 from ..store import RunWriter
@@ -23,14 +24,38 @@ from ..wire.protocol import evaluation_bytes, training_bytes
 
 RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
 META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
-# an evaluation row: client, test samples, then the task's two metrics (test_loss, test_acc; test_mse, test_rmse)
+# an evaluation row of the test split alone: client, test samples, then the task's two metrics (test_loss, test_acc;
+# test_mse, test_rmse), then the extra columns
 EVAL_COLUMNS = ("client", "num_test", "test_loss", "test_acc")
+SPLIT_SIZES = tuple(f"num_{split}" for split in EVAL_SPLITS)  # the first column of each split's group
 
 
-def extra_columns(task: Task, finetune: bool, global_model: bool) -> tuple[str, ...]:
-    """The evaluation's extra columns: the task's metrics after fine-tuning (after the last round's evaluation)
-    and of the global model (where personal ones differ)."""
-    return (task.columns("finetune_test_") if finetune else ()) + (task.columns("global_test_") if global_model else ())
+def extra_columns(task: Task, finetune: bool, global_model: bool, split: str = "test") -> tuple[str, ...]:
+    """The evaluation's extra columns of ``split``: the task's metrics after fine-tuning (after the last round's
+    evaluation) and of the global model (where personal ones differ)."""
+    finetuned = task.columns(f"finetune_{split}_") if finetune else ()
+    return finetuned + (task.columns(f"global_{split}_") if global_model else ())
+
+
+def split_metric(name: str, split: str) -> str:
+    """An algorithm's evaluation metric (named for the test split, e.g. ``head_test_acc``) on ``split``:
+    ``head_val_acc``; a name without ``test`` gets the split as a prefix."""
+    if split == "test":
+        return name
+    return name.replace("test", split, 1) if "test" in name else f"{split}_{name}"
+
+
+def eval_columns(
+    task: Task, splits: tuple[str, ...], algorithm_metrics: tuple[str, ...], finetune: bool, global_model: bool
+) -> tuple[str, ...]:
+    """Every column of an evaluation row: client, then per split (``data.eval_on``) its samples (``num_<split>``),
+    the task's two metrics, the algorithm's ``eval_metrics`` and the extra columns, all named after the split. With
+    the test split alone: ``EVAL_COLUMNS`` then the algorithm's metrics and ``extra_columns``."""
+    columns = ["client"]
+    for split in splits:
+        columns += [f"num_{split}", *task.columns(f"{split}_"), *(split_metric(m, split) for m in algorithm_metrics)]
+        columns += extra_columns(task, finetune, global_model, split)
+    return tuple(columns)
 
 
 @dataclass
@@ -60,12 +85,13 @@ def summarise(
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Round scalars, [N] per-client arrays, [P, L] comm tables and [P] rank timings of one round.
 
-    ``evaluated``: the evaluation rows (``EVAL_COLUMNS`` then the named extra columns), or None. The two metrics
-    are named after ``task`` (``test_loss``/``test_acc``, ``test_mse``/``test_rmse``); a round's value is the mean
-    over the clients weighted by test samples (RMSE: the root of that mean of the MSE), ``*_mean`` and ``*_std``
-    of the score are over clients unweighted.
+    ``evaluated``: the evaluation rows and their column names (``eval_columns``), or (None, ()). Each split's
+    two metrics are named after ``task`` (``test_loss``/``test_acc``, ``val_mse``/``val_rmse``); a round's value is
+    the mean over the clients weighted by the split's samples (RMSE: the root of that mean of the MSE), ``*_mean``
+    and ``*_std`` of the score are over clients unweighted. The test split's two per-client arrays exist every
+    round (NaN when not evaluated).
     """
-    evaluated, extra = evaluated
+    evaluated, columns = evaluated
     ids = client_rows[:, 0].astype(np.int64)
     samples = client_rows[:, 2]
     clients: dict[str, np.ndarray] = {"participated": np.zeros(num_clients, dtype=bool)}
@@ -83,25 +109,12 @@ def summarise(
     loss_name, score_name = task.columns()
     clients[loss_name], clients[score_name] = np.full(num_clients, np.nan), np.full(num_clients, np.nan)
     if evaluated is not None:
-        eids, n_test, loss, score = (evaluated[:, i] for i in range(len(EVAL_COLUMNS)))
-        eids = eids.astype(np.int64)
-        clients[loss_name][eids], clients[score_name][eids] = loss, score
-        pooled = float(np.sum(n_test * loss) / np.sum(n_test))
-        scalars.update(
-            {
-                loss_name: pooled,
-                score_name: task.pooled_score(pooled, float(np.sum(n_test * score) / np.sum(n_test))),
-                f"{score_name}_mean": float(np.mean(score)),
-                f"{score_name}_std": float(np.std(score)),
-            }
-        )
-        for j, name in enumerate(extra):
-            values = evaluated[:, len(EVAL_COLUMNS) + j]
-            clients[name] = np.full(num_clients, np.nan)
-            clients[name][eids] = values
-            scalars[name] = float(np.sum(n_test * values) / np.sum(n_test))
-        for loss_col, score_col in zip(extra[::2], extra[1::2], strict=True):  # RMSE: the root of the pooled MSE
-            scalars[score_col] = task.pooled_score(scalars[loss_col], scalars[score_col])
+        eids = evaluated[:, 0].astype(np.int64)
+        starts = [j for j, name in enumerate(columns) if name in SPLIT_SIZES] + [len(columns)]
+        for start, stop in zip(starts[:-1], starts[1:], strict=True):
+            split = _summarise_split(task, evaluated[:, start:stop], columns[start:stop], eids, num_clients)
+            scalars.update(split[0])
+            clients.update(split[1])
     table = ledgers[:, : len(LABELS) * len(FIELDS)].reshape(-1, len(LABELS), len(FIELDS))
     per_rank = ledgers[:, len(LABELS) * len(FIELDS) :]
     sent, received, seconds, cpu = (FIELDS.index(f) for f in ("bytes_sent", "bytes_received", "seconds", "cpu_seconds"))
@@ -122,9 +135,38 @@ def summarise(
     return scalars, clients, comm, ranks
 
 
+def _summarise_split(
+    task: Task, block: np.ndarray, names: tuple[str, ...], eids: np.ndarray, num_clients: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Round scalars and [N] per-client arrays of one split's columns (``names``: ``num_<split>``, the task's loss
+    and score, then pairs of further (loss, score) columns), weighted by the split's samples."""
+    n, loss, score = block[:, 0], block[:, 1], block[:, 2]
+    loss_name, score_name = task.columns(names[0].removeprefix("num_") + "_")
+    clients = {name: np.full(num_clients, np.nan) for name in (loss_name, score_name, *names[3:])}
+    clients[loss_name][eids], clients[score_name][eids] = loss, score
+    pooled = float(np.sum(n * loss) / np.sum(n))
+    scalars = {
+        loss_name: pooled,
+        score_name: task.pooled_score(pooled, float(np.sum(n * score) / np.sum(n))),
+        f"{score_name}_mean": float(np.mean(score)),
+        f"{score_name}_std": float(np.std(score)),
+    }
+    extra = names[3:]
+    for j, name in enumerate(extra):
+        values = block[:, 3 + j]
+        clients[name][eids] = values
+        scalars[name] = float(np.sum(n * values) / np.sum(n))
+    for loss_col, score_col in zip(extra[::2], extra[1::2], strict=True):  # RMSE: the root of the pooled MSE
+        scalars[score_col] = task.pooled_score(scalars[loss_col], scalars[score_col])
+    return scalars, clients
+
+
+LOSSES = ("train_loss", "test_loss", "test_mse", "val_loss", "val_mse")  # a NaN or infinity here stops the run
+
+
 def non_finite(scalars: dict[str, float], server_state: dict[str, np.ndarray]) -> list[str]:
     """What became NaN or infinite: losses, or any floating part of the server's state."""
-    bad = [k for k in ("train_loss", "test_loss", "test_mse") if not math.isfinite(scalars.get(k, 0.0))]
+    bad = [k for k in LOSSES if not math.isfinite(scalars.get(k, 0.0))]
     bad += [
         f"server state {k}"
         for k, v in server_state.items()
@@ -156,9 +198,11 @@ PROTOCOL_TOTALS = {  # per-client protocol table -> its round total in /rounds
 }
 
 
-def protocol_ledger(algo, trained: list[int], evaluated: bool, downloaded: Iterable[int] = ()) -> dict[str, np.ndarray]:
+def protocol_ledger(
+    algo, trained: list[int], evaluated: Iterable[int], downloaded: Iterable[int] = ()
+) -> dict[str, np.ndarray]:
     """The round's protocol bytes per client, int64 [N]: what each trained client downloaded and uploaded, and
-    (on an evaluation round) what every client downloaded to be evaluated; 0 for a client that moved nothing.
+    what each ``evaluated`` client downloaded to be evaluated; 0 for a client that moved nothing.
     ``downloaded``: clients that downloaded but never uploaded (the simulated network's dropped, late and
     over-selected clients)."""
     n = algo.setup.num_clients
@@ -166,7 +210,8 @@ def protocol_ledger(algo, trained: list[int], evaluated: bool, downloaded: Itera
     down[trained], up[trained] = training_bytes(algo, trained)
     downloaded = [int(k) for k in downloaded]
     down[downloaded] = training_bytes(algo, downloaded)[0]
-    evaluation = evaluation_bytes(algo, range(n)) if evaluated else np.zeros(n, dtype=np.int64)
+    evaluation, evaluated = np.zeros(n, dtype=np.int64), [int(k) for k in evaluated]
+    evaluation[evaluated] = evaluation_bytes(algo, evaluated)
     return {"protocol_bytes_down": down, "protocol_bytes_up": up, "protocol_eval_bytes_down": evaluation}
 
 
@@ -202,7 +247,8 @@ class Recorder:
         )
         scalars.update({k: float(v) for k, v in algorithm_metrics.items()})
         downloaded = () if network is None else network.downloaded
-        protocol = protocol_ledger(self.algo, clients, evaluated[0] is not None, downloaded)
+        evaluated_ids = () if evaluated[0] is None else evaluated[0][:, 0].astype(np.int64)
+        protocol = protocol_ledger(self.algo, clients, evaluated_ids, downloaded)
         per_client.update(protocol)
         scalars.update({PROTOCOL_TOTALS[name]: float(values.sum()) for name, values in protocol.items()})
         if network is not None:
