@@ -127,3 +127,34 @@ def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path
         server, _ = writer.read_checkpoint(done)
         assert server
         writer.close("interrupted")
+
+
+def test_sigterm_to_the_launcher_of_a_hung_job_leaves_no_survivor(tmp_path):
+    """A worker stops answering (SIGSTOP: it never reaches the next collective). SIGTERM to the launcher:
+    rank 0 cannot finish its round, ends the job after its grace period; no process is left, and the file
+    keeps its committed rounds, readable for a resume."""
+    out = tmp_path / "hung.h5"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pfl_mpi", "run", "-n", "3", "--out", str(out), "--set", "rounds=100000", *TINY],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait(lambda: _committed(out) >= 2 or launcher.poll() is not None, "two committed rounds")
+        assert launcher.poll() is None, launcher.communicate()
+        _wait(lambda: len(process_tree(launcher.pid)) >= 5, "launcher, mpiexec, proxy and 3 ranks")
+        processes = process_tree(launcher.pid)
+        os.kill(_target(launcher, "worker"), signal.SIGSTOP)
+        os.kill(launcher.pid, signal.SIGTERM)
+        _, err = launcher.communicate(timeout=DEADLINE)
+        _wait(lambda: not any(alive(p) for p in processes), "every process of the job to end")
+    finally:
+        for pid in process_tree(launcher.pid) if launcher.poll() is None else ():
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+    assert launcher.returncode == 143, err
+    assert "did not stop within its grace period after SIGTERM" in err and "Traceback" not in err, err
+    check_reopenable(out)
+    assert _committed(out) >= 2
