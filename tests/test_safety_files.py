@@ -399,3 +399,20 @@ def test_ctrl_c_of_a_launched_job_is_one_line(tmp_path):
         f"pfl-mpi: stopped by SIGTERM: {out} keeps {done} committed round(s), status interrupted; "
         f"continue with: pfl-mpi run --resume {out}"
     ]
+
+
+def test_two_runs_started_on_the_same_file_at_once_make_one_run(tmp_path):
+    """Two jobs given the same --out at the same moment: one writes the file; the other is refused in one line
+    (the first one's lock, or its file already in place), exit 2, and the file is the first one's, complete."""
+    out = tmp_path / "both.h5"
+    command = [sys.executable, "-m", "pfl_mpi", "run", "--out", str(out), *TINY, "--set", "rounds=20"]
+    jobs = [subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    jobs.append(subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(job.wait(timeout=300), job.stderr.read()) for job in jobs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refusal = _lines(next(err for code, err in results if code == 2))
+    assert len(refusal) == 1 and refusal[0].startswith(f"pfl-mpi: config error: output: {out} "), refusal
+    assert " is in use by pid " in refusal[0] or " exists (status " in refusal[0]
+    with h5py.File(out, "r", locking=False) as f:
+        assert f.attrs["rounds_completed"] == 20 and f.attrs["status"] == "completed"
+    assert not partial_path(out).exists() and not lock_path(out).exists()
