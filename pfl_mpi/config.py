@@ -21,6 +21,7 @@ from .data import DataConfig
 from .errors import ConfigError
 from .models import ModelConfig
 from .network import NetworkConfig
+from .runtime.novel_config import NovelConfig, check_novel
 from .training.config import TrainConfig
 
 NAME_MAX = 100  # characters of a run name
@@ -78,6 +79,7 @@ class RunConfig(BaseModel):
     algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
     comm: CommConfig = Field(default_factory=CommConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    novel: NovelConfig = Field(default_factory=NovelConfig, description="serving novel clients (data.novel_clients)")
 
     @field_validator("name")
     @classmethod
@@ -240,6 +242,7 @@ def validate(raw: dict[str, Any], base: Path | None = None, *, schema_only: bool
     if schema_only:
         cfg.plugins = [find_plugin(entry, base) for entry in cfg.plugins]
         _check_architectures(cfg, None)
+        check_novel(cfg, None)
         return cfg
     from .algorithms import resolve
 
@@ -247,6 +250,7 @@ def validate(raw: dict[str, Any], base: Path | None = None, *, schema_only: bool
     cls, params = resolve(cfg.algorithm)
     cfg.algorithm = {"name": cls.name, **params.model_dump(mode="json")}
     _check_architectures(cfg, cls)
+    check_novel(cfg, cls)  # data.novel_clients: a count that leaves clients to train, an algorithm that serves them
     from .training.task_checks import check_task
 
     check_task(cfg, cls)  # task, train.loss (imported after the plugins) and train.optimizer_state

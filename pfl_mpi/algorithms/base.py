@@ -85,7 +85,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -110,6 +110,9 @@ from ..wire import (
     packed_size,
     unpack,
 )
+
+if TYPE_CHECKING:
+    from .novel_clients import NovelBudget
 
 __all__ = [  # the message declarations and payload helpers, for algorithm files to import from here
     "Broadcast",
@@ -252,6 +255,9 @@ class Algorithm:
     replaces_train: dict[str, str] = {}
     # trains with a cross-entropy of its own instead of ``setup.loss``: refuses a regression task and train.loss
     own_loss: bool = False
+    # serves a client that never trained (``data.novel_clients``) after the last round, by ``serve_novel`` or
+    # ``novel_fit`` (docs/novel_clients.md); an algorithm that does not is refused with novel clients
+    serves_novel: bool = False
 
     def __init__(self, params: BaseModel, setup: Setup):
         self.params = params
@@ -423,6 +429,19 @@ class Algorithm:
         """(test loss, test accuracy) of the model ``load_for_eval`` loaded for ``client``, then one value per
         name of ``eval_metrics``; override for another inference rule (e.g. FedProto's nearest prototype)."""
         return self.setup.task.evaluate(self.setup.model_for(client.id), *client.test)
+
+    def serve_novel(self, client: Client, payload: torch.Tensor | None, budget: NovelBudget) -> None:
+        """Load into ``setup.model_for(client.id)`` what a novel client (one that never trained) is served after
+        training, adapted on its training split within ``budget`` (``novel_clients.fit_params``). ``payload``: its
+        evaluation downlink; ``client.state``: a copy of its state as initialised; ``client.generator``: of a round
+        never trained. Declared with ``serves_novel``."""
+        raise NotImplementedError
+
+    def novel_fit(self, clients: list[int], trained: list[int], budget: NovelBudget) -> object | None:
+        """An exchange with the server that serves the novel ``clients`` (every rank builds it; pFedHN's
+        ``novel_clients.EmbeddingFit``), or None: ``serve_novel`` serves each client alone. ``trained``: the
+        clients that trained."""
+        return None
 
     def load_global_for_eval(self, client: Client, payload: torch.Tensor | None) -> None:
         """Load into ``setup.model_for(client.id)`` the server's global model, for algorithms that keep one beside the

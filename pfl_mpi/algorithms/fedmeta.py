@@ -68,6 +68,7 @@ class FedMeta(Algorithm):
     Params = FedMetaParams
     down = Broadcast()
     eval_down = Broadcast()
+    serves_novel = True  # as every client: theta adapted on its training split (``serve_novel``)
     replaces_train = {
         "lr": "algorithm.alpha (inner) and algorithm.beta (outer)",
         "batch_size": "algorithm.support_fraction (support and query sets are whole splits)",
@@ -185,3 +186,7 @@ class FedMeta(Algorithm):
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         theta, alpha = self._unpack(payload)
         self.fn.load(self.adapt(theta, alpha, *client.train, create_graph=False))
+
+    def serve_novel(self, client: Client, payload: torch.Tensor, budget) -> None:
+        """As every client: theta after its own ``inner_steps`` on the training split (not the budget's)."""
+        self.load_for_eval(client, payload)

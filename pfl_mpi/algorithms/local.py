@@ -12,6 +12,7 @@ import torch
 from ..models.params import ParamLayout
 from ..training.loop import Means
 from .base import Algorithm, Client, Setup, Update
+from .novel_clients import NovelBudget, fit_params
 from .registry import register
 
 
@@ -20,6 +21,7 @@ class Local(Algorithm):
     name = "local"
     down = None
     up = None
+    serves_novel = True  # a model trained from scratch for the budget
 
     def __init__(self, params, setup: Setup):
         super().__init__(params, setup)
@@ -43,3 +45,8 @@ class Local(Algorithm):
 
     def load_for_eval(self, client: Client, payload: None) -> None:
         self.layout.load(self.setup.model, client.state["model"])
+
+    def serve_novel(self, client: Client, payload: None, budget: NovelBudget) -> None:
+        """A model trained from its initialisation (the client's never-trained state) for ``budget.epochs``."""
+        self.layout.load(self.setup.model, client.state["model"])
+        fit_params(self, client, self.setup.params, budget)

@@ -144,5 +144,9 @@ class PerFedAvg(SharedModelAlgorithm):
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.fn.load(self.personalise(client, payload))
 
+    def serve_novel(self, client: Client, payload: torch.Tensor, budget) -> None:
+        """A novel client is served as every client: w after its own ``eval_steps`` steps (not the budget's)."""
+        self.load_for_eval(client, payload)
+
     def load_global_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.shared.load(client, payload)  # w before the personalisation steps

@@ -25,6 +25,7 @@ from ..seeding import derive_seed
 from ..training.grouped_optimizer import Grouped
 from ..training.loop import SGD
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
+from .novel_clients import embedding_fit
 from .registry import register
 
 _HYPERNETWORK_SEED = 0x4846  # stream tag of the hypernetwork's initialisation
@@ -76,6 +77,8 @@ class PFedHN(Algorithm):
         "schedule": "algorithm.inner_lr",
     }
     up = Gathered()
+    serves_novel = True
+    novel_fit = embedding_fit  # a novel client: a new embedding fitted with phi frozen (novel_clients.EmbeddingFit)
 
     def personal(self, param_name: str) -> bool:
         """Whether a parameter is a client's own instead of generated. pFedHN generates everything."""

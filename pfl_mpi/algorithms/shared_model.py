@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from ..models.params import ParamLayout, split_names
 from .base import Algorithm, Broadcast, Client, Phase, Setup
+from .novel_clients import NovelBudget, fit_params
 from .server_opt import ServerOptConfig, ServerOptimizer
 from .weighting import client_weight
 
@@ -122,6 +123,7 @@ class SharedModelAlgorithm(Algorithm):
 
     down = Broadcast()
     eval_down = Broadcast()
+    serves_novel = True  # the global model w, adapted: ``serve_novel``
 
     def personal(self, param_name: str) -> bool:
         """Whether a parameter stays on its client (never moves); by default none does."""
@@ -157,6 +159,15 @@ class SharedModelAlgorithm(Algorithm):
 
     def load_for_eval(self, client: Client, payload: torch.Tensor) -> None:
         self.shared.load(client, payload)
+
+    def serve_novel(self, client: Client, payload: torch.Tensor, budget: NovelBudget) -> None:
+        """The global model w (the payload's first ``shared.numel`` values) with the client's initial personal
+        parameters; the personal ones (FedPer's and FedRep's head, LG-FedAvg's base) fitted on the frozen shared
+        ones, or, when none is personal, all of w fine-tuned, for ``budget.epochs``."""
+        self.shared.load(client, payload[: self.shared.numel])
+        named = dict(self.setup.model.named_parameters())
+        personal = [named[n] for n in self.shared.personal_layout.names]
+        fit_params(self, client, personal or self.setup.params, budget)
 
 
 class TrainsFromW(SharedModelAlgorithm):

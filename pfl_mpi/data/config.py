@@ -243,6 +243,18 @@ class DataConfig(BaseModel):
     public: PublicConfig | None = Field(
         None, description="A public data set shared by all clients (FedMD); None: none. See PublicConfig."
     )
+    novel_clients: int | float = Field(
+        0,
+        ge=0,
+        description="Novel clients, held out of training: partitioned and hosted like the others but never sampled, "
+        "never aggregated; after the last round each is served by its algorithm's rule (docs/novel_clients.md). "
+        "A count, or a fraction in (0, 1) of the clients (rounded). Which ones: drawn from the data seed.",
+    )
+
+    def novel_count(self, num_clients: int) -> int:
+        """How many of ``num_clients`` clients ``novel_clients`` holds out."""
+        n = self.novel_clients
+        return int(round(n * num_clients)) if isinstance(n, float) else int(n)
 
     @model_validator(mode="after")
     def _eval_split_is_deprecated(self) -> DataConfig:

@@ -21,6 +21,7 @@ never what.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -45,7 +46,8 @@ from .build import build_algorithm
 from .client_store import ClientStore
 from .device import select_device, set_threads
 from .evaluation import Evaluator
-from .placement import place_clients, sample_clients
+from .novel import NovelServing
+from .placement import novel_clients, place_clients, sample_clients, training_clients
 from .progress import Progress
 from .record import META_COLUMNS, Recorder
 
@@ -82,6 +84,9 @@ class Engine:
         set_threads(cfg.threads)
         self.data = load_federated(cfg.data, cfg.seed)
         self.num_clients = self.data.num_clients
+        data_seed = cfg.seed if cfg.data.seed is None else cfg.data.seed  # data.novel_clients: never sampled
+        self.novel = novel_clients(data_seed, self.num_clients, cfg.data.novel_count(self.num_clients))
+        self.training = training_clients(self.num_clients, self.novel)
         self.host = place_clients(self.data.train_sizes, world.workers)
         self.all_clients = make_plan(np.arange(self.num_clients), self.host, world.size)
         self.hosted = self.all_clients.of_rank(world.rank)
@@ -106,20 +111,28 @@ class Engine:
         elif world.is_server:
             self.writer = self._create_file(histograms)
         self.network = simulated_network(  # None unless network.enabled
-            cfg, self.data.train_sizes, lambda c: training_bytes(self.algo, c), sample_clients, self.start_round
+            cfg,
+            self.data.train_sizes,
+            lambda c: training_bytes(self.algo, c),
+            functools.partial(sample_clients, pool=self.training),
+            self.start_round,
         )
         self.progress = Progress(cfg.rounds, self.start_round, enabled=show_progress and world.is_server)
         self.evaluate = Evaluator(
             self.algo,
             self.transport,
             self.host,
-            self.hosted,
+            [k for k in self.hosted if k not in set(self.novel.tolist())],
             self._client,
             cfg.seed,
             cfg.rounds,
             cfg.finetune_epochs,
             cfg.data.eval_splits,  # data.eval_on
+            clients=self.training,  # the novel clients are served and scored apart (self.serve_novel)
         )
+        self.serve_novel = None
+        if len(self.novel):
+            self.serve_novel = NovelServing(self.algo, self.transport, self.host, self._client, cfg, self.novel)
         if world.is_server:
             self.recorder = Recorder(
                 self.writer, self.algo, self.layout, self.metric_names, world.workers, self.progress
@@ -156,7 +169,7 @@ class Engine:
             return torch.zeros(0)
         counts = np.zeros(self.data.num_classes, dtype=np.float64)
         if histograms is not None:
-            counts[:] = histograms.sum(axis=0)
+            counts[:] = histograms[self.training].sum(axis=0)  # the novel clients' data stay unseen
         self.world.broadcast(counts, "setup")
         return torch.from_numpy(counts / counts.sum()).float()
 
@@ -214,7 +227,8 @@ class Engine:
             return int(control[1])
 
         net = self.network.round(t) if self.network else None  # over-selects; keeps the clients that arrive
-        sampled = net.kept if net else sample_clients(cfg.seed, t, self.num_clients, cfg.sampled_per_round)
+        pool = self.training  # every client but the novel ones
+        sampled = net.kept if net else sample_clients(cfg.seed, t, self.num_clients, cfg.sampled_per_round, pool)
         plan = make_plan(sampled, self.host, w.size)
         mine = plan.of_rank(w.rank)
         payloads = self.transport.down(t, plan, "train") if plan.order else []  # none: nobody arrived
@@ -247,6 +261,7 @@ class Engine:
             w.gatherv(packed, counts_per_rank(plan, sizes), state_rows, "state")
 
         evaluated = self.evaluate(t) if self._eval_due(t) else (None, ())
+        novel = self.serve_novel(t) if self.serve_novel and t == cfg.rounds - 1 else None
         ledgers = w.gather_rows(np.concatenate([w.ledger.as_row(), times.row()]), "ledger")
         w.ledger.reset()  # messages before the first round (setup, restore) count in that round
         if w.is_server:
@@ -261,6 +276,7 @@ class Engine:
                 ledgers,
                 self._snapshot_due(t),
                 net,
+                novel,
             )
             if self.divergence is not None:
                 self.stop_code = EXIT_DIVERGED

@@ -63,12 +63,15 @@ class Evaluator:
         rounds: int,
         finetune_epochs: int,
         splits: tuple[str, ...] = ("test",),
+        clients: np.ndarray | None = None,
     ):
         self.algo, self.transport, self.host, self.hosted = algo, transport, host, hosted
         self.client, self.seed, self.rounds, self.finetune_epochs = client, seed, rounds, finetune_epochs
         self.splits = splits
         self.size = transport.world.size
-        self.all_clients = make_plan(np.arange(len(host)), host, self.size)
+        # the clients evaluated (``hosted``: this rank's of them): all but the novel ones (runtime/novel.py)
+        self.clients = np.arange(len(host)) if clients is None else np.asarray(clients, dtype=np.int64)
+        self.all_clients = make_plan(self.clients, host, self.size)
 
     def __call__(self, t: int) -> tuple[np.ndarray | None, tuple[str, ...]]:
         """The rows of every client on the server (None elsewhere) and the names of their columns
@@ -154,7 +157,7 @@ class Evaluator:
         if not isinstance(down, PerClient):
             return [self.all_clients]
         itemsize = WIRE_DTYPES[down.dtype].itemsize
-        clients = np.arange(len(self.host))
+        clients = self.clients
         largest = max(self.algo.down_numel_of(int(k)) for k in clients) * itemsize
         block = max(1, EVAL_BLOCK_BYTES // max(largest, 1))
         return [make_plan(clients[i : i + block], self.host, self.size) for i in range(0, len(clients), block)]

@@ -9,6 +9,7 @@ import numpy as np
 from ..seeding import derive_seed
 
 _SAMPLING = 1  # tag that separates the sampling stream from other streams of the same seed
+_NOVEL = 0x4E4F56  # tag of the draw of the novel clients
 
 
 def place_clients(sizes: np.ndarray, workers: list[int]) -> np.ndarray:
@@ -22,9 +23,27 @@ def place_clients(sizes: np.ndarray, workers: list[int]) -> np.ndarray:
     return host
 
 
-def sample_clients(seed: int, round: int, num_clients: int, per_round: int) -> np.ndarray:
-    """The sorted client ids of round ``round``: a function of (seed, round) only."""
-    if per_round >= num_clients:
-        return np.arange(num_clients)
+def sample_clients(
+    seed: int, round: int, num_clients: int, per_round: int, pool: np.ndarray | None = None
+) -> np.ndarray:
+    """The sorted client ids of round ``round``: a function of (seed, round) only. ``pool``: the sorted ids that
+    may train (``training_clients``); None: all ``num_clients`` (the same draw as a pool of every client)."""
+    pool = np.arange(num_clients) if pool is None else np.asarray(pool, dtype=np.int64)
+    if per_round >= len(pool):
+        return pool.copy()
     rng = np.random.default_rng(derive_seed(seed, _SAMPLING, round))
-    return np.sort(rng.choice(num_clients, size=per_round, replace=False))
+    return pool[np.sort(rng.choice(len(pool), size=per_round, replace=False))]
+
+
+def novel_clients(data_seed: int, num_clients: int, count: int) -> np.ndarray:
+    """The sorted ids of the ``count`` novel clients (``data.novel_clients``: held out of training), a function of
+    the data seed only: the same clients are held out whatever the training seed, the ranks and the algorithm."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(data_seed, _NOVEL))
+    return np.sort(rng.choice(num_clients, size=count, replace=False)).astype(np.int64)
+
+
+def training_clients(num_clients: int, novel: np.ndarray) -> np.ndarray:
+    """The sorted ids of the clients that may be sampled: all but the novel ones."""
+    return np.setdiff1d(np.arange(num_clients, dtype=np.int64), novel)

@@ -21,6 +21,7 @@ from ..store import RunWriter
 from ..store.nested import flatten_state
 from ..training.tasks import CLASSIFICATION, Task
 from ..wire.protocol import evaluation_bytes, training_bytes
+from .novel import NovelRows, novel_record
 
 RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
 META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
@@ -237,10 +238,12 @@ class Recorder:
         ledgers: np.ndarray,
         snapshot: bool,
         network: RoundNetwork | None = None,
+        novel: NovelRows | None = None,
     ) -> DivergenceError | None:
         """Summarise round t (``clients``: the trained clients in the order of their rows) and keep it to
         write; a NaN or infinity is not kept but returned as the error that stops the run. ``network``: the
-        round's ``RoundNetwork`` when the network is simulated (its tables and counts are recorded)."""
+        round's ``RoundNetwork`` when the network is simulated (its tables and counts are recorded). ``novel``:
+        the served novel clients' rows (runtime/novel.py), in the last round."""
         num_clients = self.algo.setup.num_clients
         scalars, per_client, comm, ranks = summarise(
             t, num_clients, self.metric_names, client_rows, evaluated, ledgers, self.workers, self.algo.setup.task
@@ -254,6 +257,10 @@ class Recorder:
         if network is not None:
             per_client.update(network.client_tables(num_clients))
             scalars.update(network.scalars())
+        if novel is not None:
+            novel_scalars, novel_clients = novel_record(self.algo.setup.task, novel, num_clients)
+            scalars.update(novel_scalars)
+            per_client.update(novel_clients)
         server_state = flatten_state(self.algo.server_state())
         bad = non_finite(scalars if len(clients) else {**scalars, "train_loss": 0.0}, server_state)  # none trained
         if bad:
