@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--by", action="append", default=[], metavar="KEY", help="the compared key (report --by; default: the grid's)"
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen, run nothing")
+    parser.add_argument("--no-report", action="store_true", help="skip the grouped report at the end")
     parser.add_argument(
         "--tune",
         action="store_true",
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     code = 1 if failed else 0
     if failed:
         print(f"pfl-mpi: {len(failed)} of {len(tasks)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-    if files:
+    if files and not args.no_report:
         by = args.by or list(dict.fromkeys(key for t in tasks for key in t.point))  # the grid's keys are compared
         code = max(code, _report(files, Path(args.report) if args.report else runs_dir / "report", by))
     if args.tune:
