@@ -245,3 +245,15 @@ def test_resume_serves_novel_clients_as_a_straight_run(tmp_path, name):
         assert np.array_equal(
             _read(resumed, "clients", name)[-1], _read(straight, "clients", name)[-1], equal_nan=True
         ), name
+
+
+def test_novel_clients_are_scored_on_every_split_of_eval_on(tmp_path):
+    sets = {**NOVEL, "data.val_fraction": 0.25, "novel.epochs": 1}
+    both = _run(tiny_config(tmp_path / "both.h5", **sets, **{"data.eval_on": "[val, test]"})).cfg.output_path
+    test = _run(tiny_config(tmp_path / "test.h5", **sets)).cfg.output_path
+    for name in ("novel_test_acc", "novel_test_loss"):  # scoring val beside test changes nothing of test
+        assert np.array_equal(_read(both, "clients", name), _read(test, "clients", name), equal_nan=True)
+    val = _read(both, "clients", "novel_val_acc")[-1]
+    assert np.isfinite(val).sum() == 3 and np.isfinite(_read(both, "rounds", "novel_val_acc")[-1])
+    with h5py.File(test) as f:
+        assert "novel_val_acc" not in f["rounds"]

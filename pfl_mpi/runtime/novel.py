@@ -12,17 +12,18 @@ evaluation, :class:`NovelServing` serves each one (docs/novel_clients.md):
   and an uplink (``up``) of the novel clients moved by the transport like a training round, then their evaluation
   downlink (``eval_down``) and the scores.
 
+Each served model is scored on every split of ``data.eval_on`` (test, val), like the regular evaluation.
+
 A novel client works on a copy of its state and draws from the generator of round ``rounds`` (never trained), as
 the fine-tuning after the last round does; its stored state never changes. The rows reach the server by one
-Gatherv (``eval_metrics``); the record gets ``novel_test_loss``/``novel_test_acc`` (the task's metrics: pooled
-over the novel clients by test samples, ``*_mean``/``*_std`` over clients) and per client the same names and the
-protocol bytes of the serving (``protocol_novel_bytes_down``/``_up``).
+Gatherv (``eval_metrics``); the record gets, per split, ``novel_test_loss``/``novel_test_acc`` (``novel_val_*``;
+the task's metrics: pooled over the novel clients by the split's samples, ``*_mean``/``*_std`` over clients) and
+per client the same names and the protocol bytes of the serving (``protocol_novel_bytes_down``/``_up``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,32 +31,21 @@ import numpy as np
 from ..algorithms import Algorithm, Client
 from ..algorithms.novel_clients import NovelBudget
 from ..seeding import client_generator
-from ..training.tasks import Task
 from ..wire.plan import make_plan
 from ..wire.protocol import evaluation_bytes, training_bytes
 from ..wire.transport import Transport
+from .evaluation import on_split
+from .novel_record import NovelRows
 from .placement import training_clients
 
 if TYPE_CHECKING:
     from ..config import RunConfig
-
-PREFIX = "novel_test_"  # the task's two metrics of a novel client: novel_test_loss, novel_test_acc
 
 
 def budget_of(cfg: RunConfig) -> NovelBudget:
     """The ``novel`` section of a run config, resolved (epochs None: train.local_epochs)."""
     epochs = cfg.train.local_epochs if cfg.novel.epochs is None else cfg.novel.epochs
     return NovelBudget(epochs=epochs, steps=cfg.novel.steps, lr=cfg.novel.lr)
-
-
-@dataclass
-class NovelRows:
-    """What the server records of the novel clients: per client (``clients`` order) its id, test samples and
-    the task's two metrics, and the protocol bytes its serving downloaded and uploaded."""
-
-    rows: np.ndarray  # [n, 4]: client, num_test, loss, score
-    bytes_down: np.ndarray  # int64 [n]
-    bytes_up: np.ndarray  # int64 [n]
 
 
 class NovelServing:
@@ -73,6 +63,7 @@ class NovelServing:
         """``client(k, t)``: client k in round t on its host; ``novel``: the sorted ids of the novel clients."""
         self.algo, self.transport, self.host, self.client = algo, transport, host, client
         self.seed, self.rounds, self.budget = cfg.seed, cfg.rounds, budget_of(cfg)
+        self.splits = cfg.data.eval_splits
         self.novel = [int(k) for k in novel]
         self.trained = [int(k) for k in training_clients(len(host), novel)]
         self.plan = make_plan(np.asarray(self.novel, dtype=np.int64), host, transport.world.size)
@@ -94,15 +85,24 @@ class NovelServing:
             scores = []
             for client, payload in zip(clients, self.transport.down(t, self.plan, "eval"), strict=True):
                 algo.serve_novel(client, payload, self.budget)
-                scores.append(algo.evaluate_client(client)[:2])
+                scores.append(self._scores(client))
             down = evaluation_bytes(algo, self.plan.order)
             up = np.zeros(len(self.plan.order), dtype=np.int64)
         else:
             scores, down, up = self._exchange(fit, t, clients)
-        rows = [[c.id, c.data.y_test.shape[0], *s] for c, s in zip(clients, scores, strict=True)]
-        rows = np.array(rows, dtype=np.float64).reshape(len(clients), 4)
-        gathered = self.transport.gather_rows(self.plan, rows, "eval_metrics")
-        return None if gathered is None else NovelRows(gathered, down, up)
+        rows = np.array([[c.id, *s] for c, s in zip(clients, scores, strict=True)], dtype=np.float64)
+        gathered = self.transport.gather_rows(
+            self.plan, rows.reshape(len(clients), 1 + 3 * len(self.splits)), "eval_metrics"
+        )
+        return None if gathered is None else NovelRows(self.splits, gathered, down, up)
+
+    def _scores(self, client: Client) -> list[float]:
+        """Per split: its samples and the task's two metrics of the model loaded for ``client``."""
+        out = []
+        for split in self.splits:
+            on = on_split(client, split)
+            out += [float(on.data.y_test.shape[0]), *self.algo.evaluate_client(on)[:2]]
+        return out
 
     def _exchange(self, fit, t: int, clients: list[Client]) -> tuple[list, np.ndarray, np.ndarray]:
         """``budget.steps`` exchanges of ``fit`` (down, the clients' ``client_update``, up, the server's
@@ -120,33 +120,6 @@ class NovelServing:
         scores = []
         for client, payload in zip(clients, transport.down(t, self.plan, "eval"), strict=True):
             self.algo.load_for_eval(client, payload)
-            scores.append(self.algo.evaluate_client(client)[:2])
+            scores.append(self._scores(client))
         down, up = training_bytes(fit, order)
         return scores, down * self.budget.steps + evaluation_bytes(fit, order), up * self.budget.steps
-
-
-def novel_record(task: Task, novel: NovelRows, num_clients: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """The round scalars and [N] per-client arrays of the served novel clients."""
-    ids, n_test, loss, score = (novel.rows[:, i] for i in range(4))
-    ids = ids.astype(np.int64)
-    loss_name, score_name = task.columns(PREFIX)
-    clients = {loss_name: np.full(num_clients, np.nan), score_name: np.full(num_clients, np.nan)}
-    clients[loss_name][ids], clients[score_name][ids] = loss, score
-    down, up = np.zeros(num_clients, dtype=np.int64), np.zeros(num_clients, dtype=np.int64)
-    down[ids], up[ids] = novel.bytes_down, novel.bytes_up  # both in the plan's order
-    clients["protocol_novel_bytes_down"], clients["protocol_novel_bytes_up"] = down, up
-    pooled = float(np.sum(n_test * loss) / np.sum(n_test))
-    scalars = {
-        loss_name: pooled,
-        score_name: task.pooled_score(pooled, float(np.sum(n_test * score) / np.sum(n_test))),
-        f"{score_name}_mean": float(np.mean(score)),
-        f"{score_name}_std": float(np.std(score)),
-        "protocol_bytes_novel": float(down.sum() + up.sum()),
-    }
-    return scalars, clients
-
-
-def novel_metric_names(task: Task) -> tuple[str, ...]:
-    """The per-round names the novel clients' serving records (for reports)."""
-    loss_name, score_name = task.columns(PREFIX)
-    return (loss_name, score_name, f"{score_name}_mean", f"{score_name}_std")

@@ -21,7 +21,7 @@ from ..store import RunWriter
 from ..store.nested import flatten_state
 from ..training.tasks import CLASSIFICATION, Task
 from ..wire.protocol import evaluation_bytes, training_bytes
-from .novel import NovelRows, novel_record
+from .novel_record import NovelRows, novel_record
 
 RANK_FIELDS = ("compute_seconds", "aggregate_seconds", "cpu_seconds", "wall_seconds")
 META_COLUMNS = ("client", "weight", "num_train")  # first columns of a training-metrics row
