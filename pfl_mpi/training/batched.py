@@ -158,7 +158,7 @@ def batched_local_training(
             regulariser = regulariser.permuted(perm)
     active = [sum(1 for n in plan.steps if n > s) for s in range(plan.index.shape[0])]  # a prefix trains
     plain = regulariser is None and _plain_sgd(cfg) and set(names) == set(params)
-    chain = linear_chain(model, set(params)) if plain else None
+    chain = linear_chain(model, set(params), tuple(x_all.shape[1:])) if plain else None
     if chain is not None:  # plain SGD of a Linear/ReLU chain: explicit steps, no autograd
         weight = (plan.mask / plan.size.unsqueeze(-1)).to(x_all.device)  # 1/b per real row, 0 on padding
         totals = chain_sgd(chain, params, x_all, y_all, plan.index.to(x_all.device), weight, active, lr)

@@ -1,10 +1,14 @@
-"""Plain SGD of a block of clients whose model is a chain of Linear, ReLU and Flatten layers, written out by hand:
-the forward pass, the cross-entropy's gradient (softmax minus one-hot, times each row's weight) and the backward
-pass are explicit batched GEMMs and element-wise operations, without autograd. Each Linear layer's input gradient
-is taken from its weights as they were, then the layer steps in place: ``w += -lr * g^T x`` (one ``baddbmm_``)
-and ``b += -lr * sum(g)``; no gradient tensor is kept. It computes what the autograd path of ``batched.py``
-computes for plain SGD (the same steps; float rounding apart), with fewer and cheaper kernels: on a CPU the
-generic ``log_softmax``, ReLU backward and advanced indexing cost as much as a small GEMM."""
+"""Plain SGD of a block of clients whose model is a chain of Linear and ReLU layers (after an optional Flatten of
+the input), written out by hand: the forward pass, the cross-entropy's gradient (softmax minus one-hot, times each
+row's weight) and the backward pass are explicit batched GEMMs and element-wise operations, without autograd.
+Each Linear layer's input gradient is taken from its weights as they were, then the layer steps in place:
+``w += -lr * g^T x`` (one ``baddbmm_``) and ``b += -lr * sum(g)``; no gradient tensor is kept.
+
+Activations are kept feature-major, ``[K, features, B]``: every GEMM then reads the weights ``[K, out, in]`` as
+stored and the activations as stored, the layout in which the CPU's batched GEMMs measured fastest. It computes
+what the autograd path of ``batched.py`` computes for plain SGD (the same steps; float rounding apart), with
+fewer and cheaper kernels: on a CPU the generic ``log_softmax``, ReLU backward and advanced indexing each cost
+as much as a small GEMM. See docs/batched.md."""
 
 from __future__ import annotations
 
@@ -15,26 +19,29 @@ from ..models.nets import SplitModel
 from .stacked import Stacked
 
 Op = tuple[str, str, str | None]
-"""One layer of a chain: ("linear", weight name, bias name or None), ("relu", "", None), ("flatten", "", None)."""
+"""One layer of a chain: ("linear", weight name, bias name or None) or ("relu", "", None)."""
 
 
-def linear_chain(model: nn.Module, names: set[str]) -> list[Op] | None:
-    """``model``'s layers in the order ``stacked.stacked_forward`` runs them, or None when it is not a chain of
-    Linear, ReLU, Identity and Flatten(1, -1) layers (through ``Sequential`` and a split model) whose Linear
-    layers use every parameter of ``names`` exactly once."""
+def linear_chain(model: nn.Module, names: set[str], sample_shape: tuple[int, ...]) -> list[Op] | None:
+    """``model``'s layers in the order ``stacked.stacked_forward`` runs them (Identity layers and a Flatten of the
+    input left out), or None when the model is not such a chain (through ``Sequential`` and a split model) of
+    Linear layers that use every parameter of ``names`` exactly once, or when its samples (``sample_shape``) are
+    not vectors and not flattened before the first Linear layer."""
     ops: list[Op] = []
+    flat = len(sample_shape) == 1
 
     def walk(module: nn.Module, prefix: str) -> bool:
+        nonlocal flat
         if type(module) is SplitModel:
             return walk(module.base, "base.") and walk(module.head, "head.")
-        if type(module) is nn.Sequential:
-            return all(walk(child, f"{prefix}{name}.") for name, child in module.named_children())
-        if type(module) is nn.Linear:
+        if type(module) is nn.Sequential:  # every use: named_children would skip a repeated module
+            return all(walk(child, f"{prefix}{name}.") for name, child in module._modules.items())
+        if type(module) is nn.Linear and flat:
             ops.append(("linear", f"{prefix}weight", None if module.bias is None else f"{prefix}bias"))
         elif type(module) is nn.ReLU:
             ops.append(("relu", "", None))
         elif type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1):
-            ops.append(("flatten", "", None))
+            flat = flat or not any(kind == "linear" for kind, _, _ in ops)  # of the input: samples become vectors
         elif type(module) is not nn.Identity:
             return False
         return True
@@ -42,7 +49,7 @@ def linear_chain(model: nn.Module, names: set[str]) -> list[Op] | None:
     if not walk(model, ""):
         return None
     used = [n for kind, w, b in ops if kind == "linear" for n in (w, b) if n is not None]
-    return ops if len(used) == len(set(used)) and set(used) == names and used else None
+    return ops if used and len(used) == len(set(used)) and set(used) == names else None
 
 
 @torch.no_grad()
@@ -65,49 +72,41 @@ def chain_sgd(
     for s in range(steps):
         a = active[s]
         rows = index[s, :a].reshape(-1)
-        h = x_all.index_select(0, rows).view(a, b, *x_all.shape[1:])
-        saved: list[torch.Tensor] = []  # per op: a linear's input, a ReLU's output, the shape before a flatten
+        x = x_all.index_select(0, rows).view(a, b, -1)  # [K, B, features]: a copy, free to change in place
+        h = x.transpose(1, 2)  # feature-major from here on: [K, features, B]
+        saved: list[torch.Tensor] = []  # per op: a Linear's input, a ReLU's output
         for kind, w_name, b_name in ops:
             if kind == "linear":
-                w, flat = params[w_name][:a], h.reshape(a, -1, h.shape[-1])
-                saved.append(flat)
-                out = torch.bmm(flat, w.transpose(1, 2))
+                saved.append(h)
+                h = torch.bmm(params[w_name][:a], h)
                 if b_name is not None:
-                    out.add_(params[b_name][:a].unsqueeze(1))
-                h = out.view(*h.shape[:-1], w.shape[1])
-            elif kind == "relu":
-                h = h.relu_()  # in place: a layer's output, or the block's gathered copy of the data
-                saved.append(h)
+                    h.add_(params[b_name][:a].unsqueeze(2))
             else:
+                h = h.relu_()
                 saved.append(h)
-                h = h.flatten(2)
-        y = y_all.index_select(0, rows).view(a, b, 1)
-        g, losses[s, :a] = _cross_entropy_grad(h.reshape(a, b, -1), y, weight[s, :a])
+        y = y_all.index_select(0, rows).view(a, 1, b)
+        g, losses[s, :a] = _cross_entropy_grad(h, y, weight[s, :a].unsqueeze(1))
         for i in range(len(ops) - 1, first - 1, -1):
             kind, w_name, b_name = ops[i]
             if kind == "linear":
-                w, x = params[w_name][:a], saved[i]
-                g = g.reshape(a, -1, w.shape[1])
-                grad_x = torch.bmm(g, w) if i > first else None  # from the weights before the step
-                w.baddbmm_(g.transpose(1, 2), x, alpha=-lr)
+                w = params[w_name][:a]
+                grad_x = torch.bmm(w.transpose(1, 2), g) if i > first else None  # from the weights before the step
+                w.baddbmm_(g, saved[i].transpose(1, 2), alpha=-lr)
                 if b_name is not None:
-                    params[b_name][:a].add_(g.sum(dim=1), alpha=-lr)
+                    params[b_name][:a].add_(g.sum(dim=2), alpha=-lr)
                 g = grad_x
-            elif kind == "relu":
-                g = g.view(saved[i].shape).mul_(saved[i].sign())  # 0 where the ReLU was 0: its derivative
             else:
-                g = g.reshape(saved[i].shape)
+                g = g.mul_(saved[i].sign())  # 0 where the ReLU was 0: its derivative
     return losses.sum(dim=0)
 
 
 def _cross_entropy_grad(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """For logits ``[K, B, C]``, labels ``[K, B, 1]`` and row weights ``[K, B]``: the gradient of
-    ``sum_j weight[i, j] * cross_entropy(logits[i, j], y[i, j])`` with respect to the logits (softmax - one-hot,
-    times the row's weight), and that weighted loss per client ``[K]``."""
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    """For logits ``[K, C, B]`` (classes along dim 1), labels ``[K, 1, B]`` and row weights ``[K, 1, B]``: the
+    gradient of ``sum_j weight[i, 0, j] * cross_entropy(logits[i, :, j], y[i, 0, j])`` with respect to the logits
+    (softmax - one-hot, times the row's weight), and that weighted loss per client ``[K]``."""
+    shifted = logits - logits.amax(dim=1, keepdim=True)
     exp = shifted.exp()
-    total = exp.sum(dim=-1, keepdim=True)
-    w = weight.unsqueeze(-1)
-    ce = total.log().sub_(shifted.gather(-1, y))  # -log softmax at the label
-    grad = exp.mul_(w / total).scatter_add_(-1, y, -w)
-    return grad, (ce * w).sum(dim=(1, 2))
+    total = exp.sum(dim=1, keepdim=True)
+    ce = total.log().sub_(shifted.gather(1, y))  # -log softmax at the label
+    grad = exp.mul_(weight / total).scatter_add_(1, y, -weight)
+    return grad, (ce * weight).sum(dim=(1, 2))

@@ -33,7 +33,7 @@ def stacked_forward(module: nn.Module, params: Stacked, x: torch.Tensor, prefix:
     and flattening act on the stacked tensor, ``Sequential`` chains and a split model (``base``, ``head``) recurse;
     any other module runs under ``vmap`` of ``functional_call``."""
     if isinstance(module, nn.Sequential):
-        for name, child in module.named_children():
+        for name, child in module._modules.items():  # every use (named_children skips a repeated module)
             x = stacked_forward(child, params, x, f"{prefix}{name}.")
         return x
     if isinstance(module, nn.Linear):
