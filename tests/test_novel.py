@@ -257,3 +257,27 @@ def test_novel_clients_are_scored_on_every_split_of_eval_on(tmp_path):
     assert np.isfinite(val).sum() == 3 and np.isfinite(_read(both, "rounds", "novel_val_acc")[-1])
     with h5py.File(test) as f:
         assert "novel_val_acc" not in f["rounds"]
+
+
+# -- what the user sees -------------------------------------------------------------------------------------------
+def test_summary_info_and_report_show_the_novel_clients(tmp_path, capsys):
+    from pfl_mpi.cli import main
+    from pfl_mpi.report.load import load_run
+    from pfl_mpi.report.tables import comparison_table, summarise
+
+    out = tmp_path / "cli.h5"
+    sets = {"rounds": 2, "data.num_clients": 10, "data.partition": "shards", "model.hidden": "[16]", **NOVEL}
+    assert main(["run", *(f"--set={k}={v}" for k, v in sets.items()), "--out", str(out)]) == 0
+    acc, mean, std = (
+        _read(out, "rounds", n)[-1] for n in ("novel_test_acc", "novel_test_acc_mean", "novel_test_acc_std")
+    )
+    line = f"  novel clients, served after round 2: test acc {acc:.4f} (client mean {mean:.4f} +- {std:.4f})"
+    assert line in capsys.readouterr().out.splitlines()  # the run's summary
+    assert main(["info", str(out)]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    run = load_run(out)
+    row = summarise(run)
+    assert row["novel_acc"] == acc and row["novel_client_mean"] == mean
+    header = comparison_table([run]).splitlines()[0]
+    assert "| novel test acc | novel client mean acc |" in header
+    assert "novel test acc" not in comparison_table([load_run(_run(tiny_config(tmp_path / "p.h5")).cfg.output_path)])

@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..runtime.novel_record import novel_line
     from ..store import read_summary
 
     try:
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 f"test MSE {r['test_mse'][i]:.4f}"
             )
         print(f"  last train loss {r['train_loss'][-1]:.4f}")
+        if novel_line(r):  # data.novel_clients
+            print(novel_line(r))
         if "protocol_bytes_down" in r:
             print(
                 f"  protocol bytes (what the clients would send in a deployment): down "

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, ConfigError, Interrupted
 from ..runtime.cluster import Stopper, launch_mismatch, launcher_rank, requeued
+from ..runtime.novel_record import novel_line
 from ..store.writer import RunFileWriteError
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ def _summary(metrics: dict[str, float], rounds: dict[str, np.ndarray], path: Pat
         )
     if "finetune_test_acc" in metrics:
         lines.append(f"  after local fine-tuning: test accuracy {metrics['finetune_test_acc']:.4f}")
+    lines += [line for line in [novel_line(rounds)] if line]  # data.novel_clients
     if "protocol_bytes_down" in rounds:
         lines.append(
             f"  protocol bytes (the clients' downloads and uploads): down {rounds['protocol_bytes_down'].sum():.3e}, "

@@ -36,6 +36,9 @@ VAL_COLUMNS = (
     ("test_at_best_val", "test acc at best val"),
 )
 
+# with novel clients (data.novel_clients): their score after serving (pooled by test samples, and client mean)
+NOVEL_COLUMNS = (("novel_acc", "novel test acc"), ("novel_client_mean", "novel client mean acc"))
+
 
 def summarise(run: Run) -> dict[str, object]:
     """The table's row for one run (numbers as in the file: sums over the committed rounds)."""
@@ -63,6 +66,7 @@ def summarise(run: Run) -> dict[str, object]:
         )
     if run.val_score is not None:
         row.update(_validation(run))
+    row.update(_novel(run))
     ft = r.get(f"finetune_{run.score}")
     if ft is not None and np.any(~np.isnan(ft)):
         row["finetune_acc"] = float(ft[~np.isnan(ft)][-1])
@@ -93,6 +97,20 @@ def _validation(run: Run) -> dict[str, object]:
     }
 
 
+def _novel(run: Run) -> dict[str, float]:
+    """The novel clients' score (``novel_test_acc``, or ``novel_test_rmse``) and its client mean, where served."""
+    score = run.rounds.get(f"novel_{run.score}")
+    if score is None or not np.any(~np.isnan(score)):
+        return {}
+    last = int(np.flatnonzero(~np.isnan(score))[-1])
+    return {"novel_acc": float(score[last]), "novel_client_mean": float(run.rounds[f"novel_{run.score}_mean"][last])}
+
+
+def has_novel(runs: list[Run]) -> bool:
+    """Whether any of ``runs`` served novel clients (the tables then show their columns)."""
+    return any(f"novel_{run.score}" in run.rounds for run in runs)
+
+
 def has_validation(runs: list[Run]) -> bool:
     """Whether any of ``runs`` evaluated a validation split (the tables then show its columns)."""
     return any(run.val_score is not None for run in runs)
@@ -107,7 +125,8 @@ def _columns(runs: list[Run]) -> list[tuple[str, str]]:
     """COLUMNS (titled RMSE rather than acc when every run is a regression) and a column per
     ``protocol_bytes_*`` field that any of the runs has."""
     extra = sorted({name for run in runs for name in protocol_fields(run)})
-    columns = [*COLUMNS[:9], *(VAL_COLUMNS if has_validation(runs) else ()), *COLUMNS[9:]]
+    columns = [*COLUMNS[:9], *(VAL_COLUMNS if has_validation(runs) else ()), *COLUMNS[9:10]]
+    columns += [*(NOVEL_COLUMNS if has_novel(runs) else ()), *COLUMNS[10:]]
     return [*((k, score_title(t, runs)) for k, t in columns), *((name, name.replace("_", " ")) for name in extra)]
 
 
@@ -150,12 +169,15 @@ STATISTICS = (
 )
 
 VAL_STATISTICS = tuple((k, title, ".1f" if k == "best_val_round" else ".4f") for k, title in VAL_COLUMNS)
+NOVEL_STATISTICS = tuple((k, title, ".4f") for k, title in NOVEL_COLUMNS)
 
 
 def group_statistics(groups: list[Group]) -> list[dict[str, object]]:
     """Per group: its legend, n, seeds, rounds, and (mean, sample std, count) of every statistic and of
     every ``protocol_bytes_*`` total, over the group's runs (NaN values, e.g. no fine-tuning, left out)."""
     extra = sorted({name for g in groups for run in g.runs for name in protocol_fields(run)})
+    if has_novel([run for g in groups for run in g.runs]):
+        extra = [*(k for k, _, _ in NOVEL_STATISTICS), *extra]
     if has_validation([run for g in groups for run in g.runs]):
         extra = [*(k for k, _, _ in VAL_STATISTICS), *extra]
     out = []
@@ -190,7 +212,8 @@ def group_table(groups: list[Group]) -> str:
     stats = group_statistics(groups)
     extra = [k for k in (stats[0] if stats else {}) if k.startswith("protocol_bytes_")]
     val = VAL_STATISTICS if stats and "final_val_acc" in stats[0] else ()
-    columns = [*STATISTICS[:4], *val, *STATISTICS[4:], *((k, k.replace("_", " "), ".4g") for k in extra)]
+    novel = NOVEL_STATISTICS if stats and "novel_acc" in stats[0] else ()
+    columns = [*STATISTICS[:4], *val, *novel, *STATISTICS[4:], *((k, k.replace("_", " "), ".4g") for k in extra)]
     runs = [run for g in groups for run in g.runs]
     header = ["group", "n", "seeds", "rounds", *(score_title(title, runs) for _, title, _ in columns)]
     rows = [

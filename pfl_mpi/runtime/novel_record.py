@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..training.tasks import Task
+if TYPE_CHECKING:
+    from ..training.tasks import Task
 
 PREFIX = "novel_"  # the task's two metrics of a novel client on a split: novel_test_loss, novel_val_acc, ...
 
@@ -48,3 +50,20 @@ def novel_metric_names(task: Task, splits: tuple[str, ...] = ("test",)) -> tuple
         loss_name, score_name = task.columns(f"{PREFIX}{split}_")
         names += (loss_name, score_name, f"{score_name}_mean", f"{score_name}_std")
     return names
+
+
+def novel_line(rounds: dict[str, np.ndarray]) -> str | None:
+    """The novel clients' scores in the last round that served them, in one line (run summary, ``pfl-mpi info``),
+    or None for a run without novel clients. ``rounds``: the per-round table (scalars of one round are arrays of
+    one value)."""
+    scores = sorted(k for k in rounds if k.startswith(PREFIX) and k.endswith(("_acc", "_rmse")))
+    if not scores:
+        return None
+    last = np.flatnonzero(~np.isnan(np.atleast_1d(rounds[scores[0]])))
+    if not len(last):
+        return None
+    i, parts = int(last[-1]), []
+    for name in scores:
+        value, mean, std = (float(np.atleast_1d(rounds[key])[i]) for key in (name, f"{name}_mean", f"{name}_std"))
+        parts.append(f"{name.removeprefix(PREFIX).replace('_', ' ')} {value:.4f} (client mean {mean:.4f} +- {std:.4f})")
+    return f"  novel clients, served after round {i + 1}: " + ", ".join(parts)

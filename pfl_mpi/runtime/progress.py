@@ -83,6 +83,8 @@ def round_line(total: int, m: dict[str, float]) -> str:
             parts.append(f"{name} {m[name]:.4f}")
     if _present(m, "finetune_test_acc"):
         parts.append(f"finetuned_acc {m['finetune_test_acc']:.4f}")
+    if _present(m, "novel_test_acc"):  # data.novel_clients, served after the last round
+        parts.append(f"novel_acc {m['novel_test_acc']:.4f}")
     if "protocol_bytes_down" in m:  # what the round's clients downloaded and uploaded (the protocol ledger)
         parts += [f"down {_fmt_bytes(m['protocol_bytes_down'])}", f"up {_fmt_bytes(m['protocol_bytes_up'])}"]
     if "simulated_time" in m:  # the simulated network: how long the server waited, and its clock since the start
