@@ -6,6 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.runtime import Engine
@@ -115,3 +116,31 @@ def test_what_the_batched_loop_cannot_run_trains_sequentially(tmp_path, batched_
     for name in ("train_loss", "test_acc"):
         a, b = committed(tmp_path / "four.h5", "rounds", name), committed(tmp_path / "one.h5", "rounds", name)
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_after_a_block_the_model_holds_its_own_tensors_and_the_last_clients_parameters(tmp_path, monkeypatch):
+    """While a block runs the model shows each client's trained slice of the block (no copy); afterwards its
+    parameters are their own tensors again, holding what the last client's steps left in the model."""
+    checked: list[bool] = []
+    train_in_blocks = client_blocks.train_in_blocks
+
+    def checking(algo, clients, payloads):
+        model = algo.setup.model_for(clients[0].id)
+        own = [p.data_ptr() for p in model.parameters()]
+        last: list = []
+        finish = algo.finish_training
+
+        def keeping(client, payload, means):  # what the model shows to the client's last step
+            last[:] = [p.detach().clone() for p in model.parameters()]
+            return finish(client, payload, means)
+
+        monkeypatch.setattr(algo, "finish_training", keeping)
+        updates = list(train_in_blocks(algo, clients, payloads))
+        assert [p.data_ptr() for p in model.parameters()] == own
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), last, strict=True))
+        checked.append(True)
+        yield from updates
+
+    monkeypatch.setattr(client_blocks, "train_in_blocks", checking)
+    _run(_cfg("fedavg", tmp_path / "blocks.h5", 4, rounds=2))
+    assert checked == [True, True]

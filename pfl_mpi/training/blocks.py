@@ -49,8 +49,9 @@ def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
     Each client's ``client_steps`` runs to its first training: it loads its start into the model and yields the
     options, and its start is copied into the block's stacks. Clients whose options the batched loop cannot run
     (see ``batchable``, ``BATCHED_OPTIONS``) or that differ from the block's (trained parameters, lr,
-    regulariser) train at once, alone, as in the sequential path. The block trains; each client's trained
-    parameters are loaded into the model and its steps resume with its means, up to its next training (a
+    regulariser) train at once, alone, as in the sequential path. The block trains; the model shows each client's
+    trained parameters (its parameters' ``data`` are the block's slices of that client, until the block ends) and
+    its steps resume with its means, up to its next training (a
     further pass of the block: FedRep's body after its head, Ditto's v after w) or its Update."""
     setup = algo.setup
     for block in blocks(list(zip(clients, payloads, strict=True)), setup.client_batch):
@@ -61,37 +62,50 @@ def train_in_blocks(algo, clients: Sequence, payloads: Sequence) -> Iterator:
         done: list = [None] * len(block)
         waiting = list(range(len(block)))  # clients whose steps have not started
         resumed: list[tuple] = []  # (client, the means of its last training, its trained parameters)
-        while waiting or resumed:
-            group: list[tuple[int, dict]] = []
-            stacks = {n: p.new_empty(len(block), *p.shape) for n, p in named}
-            signature = None
-            for i, means, trained in [(i, None, None) for i in waiting] + resumed:
-                if trained is not None:
+        own_data = [p.data for _, p in named]
+        try:
+            while waiting or resumed:
+                group: list[tuple[int, dict]] = []
+                stacks = {n: p.new_empty(len(block), *p.shape) for n, p in named}
+                signature = None
+                for i, means, trained in [(i, None, None) for i in waiting] + resumed:
+                    if trained is not None:  # the model shows the client's trained parameters (no copy)
+                        for n, p in named:
+                            p.data = trained[n]
+                    options, done[i] = _advance(steps[i], means)
+                    while options is not None:  # a training the block cannot share: alone, now
+                        client = block[i][0]
+                        own = _signature(algo, client, options, names_of)
+                        why = batchable(model, setup.train, *client.train, augment=setup.augment, loss=task_loss(setup))
+                        alike = setup.model_for(client.id) is model and own == (signature or own)
+                        if own is not None and why is None and alike:
+                            break
+                        options, done[i] = _advance(steps[i], algo.train_with(client, options))
+                    if options is None:
+                        continue
+                    signature = own
                     with torch.no_grad():
                         for n, p in named:
-                            p.copy_(trained[n])
-                options, done[i] = _advance(steps[i], means)
-                while options is not None:  # a training the block cannot share: alone, now
-                    client = block[i][0]
-                    own = _signature(algo, client, options, names_of)
-                    why = batchable(model, setup.train, *client.train, augment=setup.augment, loss=task_loss(setup))
-                    alike = setup.model_for(client.id) is model and own == (signature or own)
-                    if own is not None and why is None and alike:
-                        break
-                    options, done[i] = _advance(steps[i], algo.train_with(client, options))
-                if options is None:
-                    continue
-                signature = own
-                with torch.no_grad():
-                    for n, p in named:
-                        stacks[n][len(group)].copy_(p)
-                group.append((i, options))
-            waiting, resumed = [], []
-            if group:
-                params = {n: t[: len(group)] for n, t in stacks.items()}
-                means = _train_group(algo, model, block, group, params, signature)
-                resumed = [(i, means[j], {n: t[j] for n, t in params.items()}) for j, (i, _) in enumerate(group)]
+                            stacks[n][len(group)].copy_(p)
+                    group.append((i, options))
+                waiting, resumed = [], []
+                if group:
+                    params = {n: t[: len(group)] for n, t in stacks.items()}
+                    means = _train_group(algo, model, block, group, params, signature)
+                    resumed = [(i, means[j], {n: t[j] for n, t in params.items()}) for j, (i, _) in enumerate(group)]
+        finally:
+            _own_data_back(named, own_data)
         yield from done
+
+
+@torch.no_grad()
+def _own_data_back(named: list[tuple[str, nn.Parameter]], own_data: list[torch.Tensor]) -> None:
+    """The model's parameters back on their own tensors, holding what the model showed last (as if each client's
+    trained parameters had been copied into the model)."""
+    for (_, p), data in zip(named, own_data, strict=True):
+        if p.data_ptr() != data.data_ptr():
+            data.copy_(p)
+            p.data = data
 
 
 def _train_group(algo, model: nn.Module, block: list, group: list, params: Stacked, signature: tuple) -> list[Means]:
