@@ -30,7 +30,7 @@ from ..test_datasets_fixtures import (
 )
 
 PAPERS = Path(__file__).parents[2] / "configs" / "papers"
-SHORT = ["rounds=2", "eval_every=1", "state_every=1"]
+SHORT = ["rounds=2", "eval_every=1", "state_every=2"]  # one snapshot (pFedHN's hypernetwork: seconds to write)
 COMM = MPI.COMM_WORLD
 
 
@@ -46,18 +46,24 @@ def root() -> Iterator[Path]:
         write_shakespeare(path / "shakespeare")
         write_hf(path)
         write_split_file(path / "own.h5")
-        (path / "own.yaml").write_text(
-            "name: own-split\nseed: 0\nclients_per_round: 3\n"
-            f"data: {{name: file, path: {path / 'own.h5'}, num_clients: 5, min_samples: 2, eval_split: val}}\n"
-            "model: {name: mlp, hidden: [8]}\ntrain: {batch_size: 4}\nalgorithm: {name: fedper}\n",
-            encoding="utf-8",
-        )
-        (path / "hf.yaml").write_text(
-            "name: hf-fedper\nseed: 0\nclients_per_round: 3\n"
-            f"data: {{name: hf, root: {path / 'hf'}, num_clients: 4, min_samples: 2, hf: {{x: img, client: who}}}}\n"
-            "model: {name: cnn2d, cnn2d_fc: [16]}\ntrain: {batch_size: 4}\nalgorithm: {name: fedper}\n",
-            encoding="utf-8",
-        )
+        with h5py.File(path / "own.h5") as f:  # the same arrays as .npz, client ids and split as unicode strings
+            np.savez(path / "own.npz", **{k: f[k][()].astype(str) if f[k].dtype.kind == "S" else f[k][()] for k in f})
+        for suffix in ("h5", "npz"):
+            (path / f"own-{suffix}.yaml").write_text(
+                f"name: own-split-{suffix}\nseed: 0\nclients_per_round: 3\n"
+                f"data: {{name: file, path: {path / f'own.{suffix}'}, num_clients: 5, min_samples: 2, "
+                "eval_on: [val, test]}\n"
+                "model: {name: mlp, hidden: [8]}\ntrain: {batch_size: 4}\nalgorithm: {name: fedper}\n",
+                encoding="utf-8",
+            )
+        for layout in ("hf", "parquet"):  # save_to_disk, and the same splits as parquet files
+            (path / f"{layout}.yaml").write_text(
+                f"name: {layout}-fedper\nseed: 0\nclients_per_round: 3\n"
+                f"data: {{name: hf, root: {path / layout}, num_clients: 4, min_samples: 2, "
+                "hf: {x: img, client: who}}\n"
+                "model: {name: cnn2d, cnn2d_fc: [16]}\ntrain: {batch_size: 4}\nalgorithm: {name: fedper}\n",
+                encoding="utf-8",
+            )
     COMM.Barrier()
     yield path
     COMM.Barrier()
@@ -65,16 +71,25 @@ def root() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+FEWER = ["data.num_clients=10", "algorithm.inner_steps=5"]
 CASES = {
-    "cifar10-pfedhn": ("papers", ["data.root={root}/cifar"]),
-    "cifar100-pfedhn": ("papers", ["data.root={root}/cifar/cifar-100-python"]),
+    # 10 of the papers' 50 clients and 5 of pFedHN's 50 inner steps: the fixtures' batches, dealt as the papers do
+    "cifar10-pfedhn": ("papers", ["data.root={root}/cifar", *FEWER]),
+    "cifar100-pfedhn": ("papers", ["data.root={root}/cifar/cifar-100-python", *FEWER]),
+    "cifar100-coarse": (
+        "papers:cifar100-pfedhn",
+        ["data.root={root}/cifar", "data.cifar100_labels=coarse", "data.classes_per_client=2", *FEWER],
+    ),
     "femnist-fedavg": ("papers", ["data.root={root}/femnist", "data.num_clients=5", "data.max_clients=5"]),
     "shakespeare-fedavg": (
         "papers",
         ["data.root={root}/shakespeare", "data.num_clients=4", "data.max_clients=4", "clients_per_round=2"],
     ),
     "hf": ("root", []),
-    "own": ("root", []),  # a file with string client ids and its own train/val/test split, evaluated on val
+    "parquet": ("root", []),
+    # files with string client ids and their own train/val/test split, evaluated on val and test
+    "own-h5": ("root", []),
+    "own-npz": ("root", []),
     "cifar10-augmented": (  # augmentation on, FedAvg on pFedHN's CNN: the same metrics on any number of ranks
         "papers:cifar10-pfedhn",
         [
@@ -106,10 +121,21 @@ def test_dataset_config_under_mpi_like_one_process(name: str, root: Path) -> Non
     if COMM.Get_rank() == 0:
         one = load_config(config, [*sets, f"output={root / f'{name}-one.h5'}"])
         assert Engine(one, SerialWorld(), show_progress=False).run() == 0
-        for metric in ("train_loss", "test_acc", "test_loss"):
+        metrics = ["train_loss", "test_acc", "test_loss"] + (["val_acc", "val_loss"] if "own" in name else [])
+        for metric in metrics:
             a, b = committed(out, "rounds", metric), committed(one.output_path, "rounds", metric)
             assert len(a) == 2 and np.isfinite(a).all()
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=metric)
+        for metric in metrics[1:]:  # every client's held-out scores
+            a, b = committed(out, "clients", metric), committed(one.output_path, "clients", metric)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"clients/{metric}")
+        if "data.augment" in str(sets):  # augmentation is on: without it the same run trains otherwise
+            plain = [s for s in sets if not s.startswith("data.augment")]
+            off = load_config(config, [*plain, f"output={root / f'{name}-off.h5'}"])
+            assert Engine(off, SerialWorld(), show_progress=False).run() == 0
+            assert not np.allclose(
+                committed(out, "rounds", "train_loss"), committed(off.output_path, "rounds", "train_loss")
+            )
         with h5py.File(out) as f, h5py.File(one.output_path) as g:
             assert f.attrs["status"] == "completed" and f.attrs["world_size"] == COMM.Get_size()
             for column in ("train_sizes", "test_sizes", "label_histograms", "client_names", "val_sizes"):
