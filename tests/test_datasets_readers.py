@@ -348,6 +348,29 @@ def test_val_fraction_takes_validation_out_of_training_samples() -> None:
     assert "val_sizes" in fd.partition_columns() and plain.partition_columns() == {}
 
 
+def test_a_rank_keeps_no_parsed_leaf_file_once_its_clients_are_built(tmp_path: Path, monkeypatch) -> None:
+    """Memory: after start-up a rank holds its clients' samples only, not the json files they came from."""
+    from pfl_mpi.comm.serial import SerialWorld
+    from pfl_mpi.config import load_config
+    from pfl_mpi.data.leaf import LeafReader
+    from pfl_mpi.runtime import Engine
+
+    readers: list[LeafReader] = []
+    init = LeafReader.__init__
+
+    def recording(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        readers.append(self)
+
+    monkeypatch.setattr(LeafReader, "__init__", recording)
+    write_femnist(tmp_path / "femnist")
+    sets = [f"data.root={tmp_path / 'femnist'}", "data.num_clients=8", "data.max_clients=8", "clients_per_round=2"]
+    config = Path(__file__).parents[1] / "configs" / "papers" / "femnist-fedavg.yaml"
+    engine = Engine(load_config(config, [*sets, f"output={tmp_path / 'run.h5'}"]), SerialWorld(), show_progress=False)
+    assert len(engine.client_data) == 8 and readers[-1].parsed == 4  # 2 train and 2 test files, each parsed once
+    assert not readers[-1]._cached
+
+
 def test_leaf_clients_in_increasing_order_parse_each_file_once(tmp_path: Path, monkeypatch) -> None:
     """Building clients as the engine does (increasing ids) parses each json file once, then the cache is emptied."""
     from pfl_mpi.data import leaf

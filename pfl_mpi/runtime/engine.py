@@ -101,7 +101,8 @@ class Engine:
         self.writer: RunWriter | None = None
         if world.is_worker:
             self.store = ClientStore(self.layout.specs, self.hosted, self.algo.initial_client_state, groups)
-            self.client_data = {k: _to_device(self.data.client(k), self.device) for k in self.hosted}
+            hosted = self.data.clients(self.hosted)  # in increasing order, then the reader's cache is emptied
+            self.client_data = {k: _to_device(hosted[k], self.device) for k in self.hosted}
         histograms = self._label_histograms()
         self.algo.setup.label_distribution = self._label_distribution(histograms)
         if world.is_server:
