@@ -4,6 +4,7 @@ parquet, files with a split array; official test splits, validation, sub-sampled
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -132,12 +133,28 @@ def test_missing_cifar_names_data_root_and_the_file(tmp_path: Path, name: str, e
     assert info.value.key == "data.root" and expected in info.value.message
 
 
-def test_missing_data_set_exits_2_with_one_line_before_mpi(tmp_path: Path, capsys) -> None:
-    config = REPO / "configs" / "papers" / "cifar10-pfedhn.yaml"
-    code = main(["run", str(config), "--set", f"data.root={tmp_path}", "-n", "2", "--out", str(tmp_path / "r.h5")])
+MISSING = {  # config, the key named, what the line says was expected
+    "cifar10": ("papers/cifar10-pfedhn", "data.root", "data_batch_1"),
+    "cifar100": ("papers/cifar100-pfedhn", "data.root", "cifar-100-python/train"),
+    "femnist": ("papers/femnist-fedavg", "data.root", "train/*.json"),
+    "shakespeare": ("papers/shakespeare-fedavg", "data.root", "train/*.json"),
+    "hf": ("default", "data.root", "save_to_disk"),
+    "file": ("default", "data.path", "no such file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISSING))
+def test_missing_data_set_exits_2_with_one_line_before_mpi(tmp_path: Path, capsys, name: str) -> None:
+    config, key, expected = MISSING[name]
+    where = tmp_path / "nowhere"
+    sets = [f"data.root={where}"] if name != "file" else [f"data.path={where}.npz"]
+    sets += [f"data.name={name}", "data.partition=iid"] if config == "default" and name == "hf" else []
+    sets += ["data.name=file", "data.partition=iid"] if name == "file" else []
+    argv = ["run", str(REPO / "configs" / f"{config}.yaml"), *(t for s in sets for t in ("--set", s))]
+    code = main([*argv, "-n", "2", "--out", str(tmp_path / "r.h5")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "data.root" in err[0] and "data_batch_1" in err[0]
+    assert key in err[0] and expected in err[0] and str(where) in err[0]
     assert not (tmp_path / "r.h5").exists()
 
 
@@ -238,6 +255,53 @@ def test_hf_from_disk_natural_clients_and_official_test(hf_dirs, layout: str) ->
             expected = arrays[split]["pixels"][rows].transpose(0, 3, 1, 2).astype(np.float32) / 255
             np.testing.assert_allclose(x.numpy(), expected, rtol=0, atol=1e-7)
             np.testing.assert_array_equal(y.numpy(), arrays[split]["labels"][rows])
+
+
+def _hf_feature_files(root: Path) -> dict[str, np.ndarray]:
+    """Numeric features (a list column), labels, no client column; train, validation and test written as parquet
+    files (``root/parquet``) and as the .arrow files save_to_disk leaves (``root/arrow``), named by split."""
+    import datasets
+
+    rng = np.random.default_rng(3)
+    arrays = {}
+    for part in ("parquet", "arrow"):
+        (root / part).mkdir(parents=True)
+    for split, n in (("train", 40), ("validation", 12), ("test", 12)):
+        feat = np.round(rng.normal(size=(n, 3)), 3).astype(np.float32)
+        feat[:, 0] = np.arange(n) + {"train": 0, "validation": 100, "test": 200}[split]  # traceable rows
+        ds = datasets.Dataset.from_dict({"feat": feat.tolist(), "label": rng.integers(0, 2, n).tolist()})
+        ds.to_parquet(str(root / "parquet" / f"{split}-00000-of-00001.parquet"))
+        ds.save_to_disk(str(root / "disk" / split))
+        shutil.copy(next((root / "disk" / split).glob("*.arrow")), root / "arrow" / f"{split}-00000.arrow")
+        arrays[split] = feat
+    return arrays
+
+
+def test_hf_arrow_and_parquet_files_of_features_without_client_ids(tmp_path: Path) -> None:
+    """A feature column, no client column (the partitioner deals out train), a validation split evaluated
+    (eval_on): each client's rows come from the right split, and .arrow and .parquet files give the same clients."""
+    arrays = _hf_feature_files(tmp_path)
+    seen = {}
+    for layout in ("arrow", "parquet"):
+        cfg = DataConfig(
+            name="hf",
+            root=str(tmp_path / layout),
+            num_clients=4,
+            min_samples=2,
+            hf={"x": "feat"},
+            eval_on=["val", "test"],
+        )
+        fd = load_federated(cfg, 0)
+        assert fd.input_shape == (3,) and fd.num_classes == 2 and fd.client_names is None
+        clients = [fd.client(k) for k in range(4)]
+        train = np.concatenate([c.x_train.numpy() for c in clients])
+        np.testing.assert_array_equal(np.sort(train[:, 0]), arrays["train"][:, 0])  # the train split, dealt whole
+        for split, part in (("validation", "x_val"), ("test", "x_test")):
+            rows = np.concatenate([getattr(c, part).numpy() for c in clients])
+            assert set(rows[:, 0]) <= set(arrays[split][:, 0]) and len(rows) == len(set(rows[:, 0]))
+        assert (fd.val_sizes > 0).all() and (fd.test_sizes > 0).all()
+        seen[layout] = [tuple(t.numpy().tobytes() for t in (c.x_train, c.x_val, c.x_test)) for c in clients]
+    assert seen["arrow"] == seen["parquet"]
 
 
 def test_hf_offline_and_a_missing_column_names_its_key(hf_dirs) -> None:
