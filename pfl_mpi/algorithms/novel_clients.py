@@ -60,13 +60,13 @@ class EmbeddingFit:
     up = Gathered()
 
     def __init__(self, algorithm: PFedHN, clients: list[int], trained: list[int] | None, budget: NovelBudget):
-        self.algorithm, self.clients = algorithm, list(clients)
+        self.algorithm, self.row = algorithm, {int(k): i for i, k in enumerate(clients)}  # client -> row of v
         self.lr = algorithm.params.lr if budget.lr is None else budget.lr
         self.v: torch.Tensor | None = None  # [len(clients), d] on the server
         self._graph: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         if hasattr(algorithm, "hnet"):  # the server
             start = start_embedding(algorithm.hnet, trained)
-            self.v = start.expand(len(self.clients), -1).clone().requires_grad_(True)
+            self.v = start.expand(len(self.row), -1).clone().requires_grad_(True)
 
     def down_numel(self) -> int:
         return self.algorithm.down_numel()
@@ -82,7 +82,7 @@ class EmbeddingFit:
 
     def downlink(self, round: int, clients: list[int], phase: Phase) -> torch.Tensor:
         """theta_k = h(v_k; phi) of ``clients`` (novel ones); in "train" the graph to v is kept for ``aggregate``."""
-        rows = torch.as_tensor([self.clients.index(k) for k in clients], dtype=torch.long)
+        rows = torch.as_tensor([self.row[k] for k in clients], dtype=torch.long)
         if phase == "eval":
             with torch.no_grad():
                 return self.algorithm.hnet.generate(self.v[rows])

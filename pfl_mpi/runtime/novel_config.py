@@ -29,10 +29,10 @@ class NovelConfig(BaseModel):
         "train.local_epochs; 0: served as it is",
     )
     steps: int = Field(
-        50,
+        20,
         ge=0,
         description="pfedhn, pfedhn-pc: steps fitting the novel client's embedding with phi frozen (each: theta "
-        "down, algorithm.inner_steps local steps, delta up)",
+        "down, algorithm.inner_steps local steps, delta up: steps x inner_steps local steps in all)",
     )
     lr: float | None = Field(
         None, gt=0, description="learning rate of the adaptation; None: train.lr (pfedhn: algorithm.lr)"
