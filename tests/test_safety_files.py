@@ -416,3 +416,49 @@ def test_two_runs_started_on_the_same_file_at_once_make_one_run(tmp_path):
     with h5py.File(out, "r", locking=False) as f:
         assert f.attrs["rounds_completed"] == 20 and f.attrs["status"] == "completed"
     assert not partial_path(out).exists() and not lock_path(out).exists()
+
+
+FULL_AT = """\
+import errno
+import os
+
+from pfl_mpi.store.writer import RunWriter
+
+AT = int(os.environ.get("PFL_TEST_FULL_AT", "-1"))
+_check_room = RunWriter._check_room
+
+
+def check_room(self, t, scalars):
+    if t == AT:  # the disk is full when round AT + 1 starts writing
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return _check_room(self, t, scalars)
+
+
+RunWriter._check_room = check_room
+"""
+
+
+def test_a_full_disk_just_after_a_block_of_rows_leaves_every_committed_row_and_resumes_exactly(tmp_path):
+    """The per-round datasets grow 64 rows at a time, and seconds_io is written after its round's commit:
+    a run stopped by a full disk at round 66 (a plugin fills the disk) must leave all 65 committed rows of
+    every dataset on disk (the process ends without closing the file), and resume to the unbroken result."""
+    from pfl_mpi.store.writer import ROUND_BLOCK
+
+    (tmp_path / "full_at.py").write_text(FULL_AT, encoding="utf-8")
+    at, rounds = ROUND_BLOCK + 1, ROUND_BLOCK + 3
+    broken, unbroken = tmp_path / "broken.h5", tmp_path / "unbroken.h5"
+    common = [*TINY, "--set", f"rounds={rounds}", "--set", f"plugins=[{tmp_path / 'full_at.py'}]"]
+    run = pfl("run", "--out", str(broken), *common, env=_env(PFL_TEST_FULL_AT=str(at)))
+    assert run.returncode == EXIT_WRITE, run.stderr
+    assert _lines(run.stderr) == [
+        f"pfl-mpi: cannot write {broken} (round {at + 1}): No space left on device; the file keeps at least {at} "
+        f"committed round(s): make room, then continue it with pfl-mpi run --resume {broken}"
+    ]
+    with h5py.File(broken, "r", locking=False) as f:
+        assert int(f.attrs["rounds_completed"]) == at and f.attrs["status"] == "running"
+        short = {name: ds.shape[0] for name, ds in f["rounds"].items() if ds.shape[0] < at}
+    assert short == {}, f"datasets with fewer rows than the {at} committed rounds: {short}"
+    resumed = pfl("run", "--resume", str(broken), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert pfl("run", "--out", str(unbroken), *common).returncode == 0
+    _assert_same_run(broken, unbroken, rounds)

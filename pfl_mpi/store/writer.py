@@ -339,7 +339,11 @@ class RunWriter:
 
     @_guarded
     def set_round_value(self, t: int, name: str, value: float) -> None:
-        """Overwrite one per-round scalar (e.g. the seconds spent writing the round itself)."""
+        """Overwrite one per-round scalar (e.g. the seconds spent writing the round itself, after its commit).
+        From here on ``append_round`` grows ``name`` with the others: a later round's row exists (NaN until
+        set) when that round is committed, so a value written after its commit never resizes the dataset
+        between two flushes (a run stopped then would leave fewer rows than committed rounds)."""
+        self._round_names.add(name)
         self._append(ROUNDS, name, t, value, np.float64)
 
     @_guarded
