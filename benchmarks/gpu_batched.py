@@ -1,12 +1,14 @@
-"""Sequential against batched client training on one device: the library's loop one client at a time, and
-blocks of K clients (training/batched.py) for K in {1, 10, 50, 100}.
+"""Sequential against batched client training on one device: the library's loop one client at a time, a bare
+PyTorch loop (throughput.py's), and blocks of K clients (training/batched.py) for K in {1, 10, 50, 100}; and, for
+each K, the batched GEMMs alone (the bound: what a round of blocks of K would take if nothing but its GEMMs ran).
 
 The workload is issue 15's W1: 100 clients x 200 samples (60 float features, 10 classes), the MLP
 60-256-256-10, batch 32, one local epoch of plain SGD: 7 steps per client, one round = 700 client steps.
 Every configuration trains the same clients from the same start with the same permutations; the script
 checks that the batched parameters equal the sequential ones (the largest relative difference is printed)
-and reports the median wall time over ``--repeats`` rounds after one warm-up round, and the speed-up in the
-least process CPU time of a round (steadier than wall time on a shared CPU; on a GPU read the wall time,
+and reports the median wall time over ``--repeats`` rounds after one warm-up round (the paths interleaved:
+each repetition times every path once), and the speed-ups in the least process CPU time of a round over the
+library's loop and over the bare loop (steadier than wall time on a shared CPU; on a GPU read the wall time,
 the host's CPU time is not the device's). Runs on any GPU node
 (``--device cuda``, the default when one is visible) and on the CPU.
 
@@ -17,10 +19,12 @@ the host's CPU time is not the device's). Runs on any GPU node
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pfl_mpi.training.batched import batched_local_training
@@ -85,36 +89,72 @@ def main(argv: list[str] | None = None) -> int:
             out += [{n: t[j] for n, t in stacked.items()} for j in range(len(block))]
         return out
 
-    def timed(run) -> tuple[float, float, list[dict[str, torch.Tensor]]]:
-        """Median wall seconds and least process CPU seconds of a round (after a warm-up), and its result."""
-        result = run()  # warm-up
-        seconds, cpu = [], []
-        for _ in range(a.repeats):
+    def bare() -> list[dict[str, torch.Tensor]]:
+        """The plain PyTorch loop of throughput.py's bare ranks: one torch.optim.SGD, no library code."""
+        out, params = [], list(model.parameters())
+        opt = torch.optim.SGD(params, lr=cfg.lr)
+        for (x, y), gen in zip(data, generators(), strict=True):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(start[n])
+            order = torch.randperm(x.shape[0], generator=gen).to(device)
+            for first in range(0, x.shape[0], a.batch_size):
+                idx = order[first : first + a.batch_size]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return out
+
+    def gemms_only(k: int) -> None:
+        """The batched GEMMs of a round in blocks of k (what chain_sgd.py runs: per step and layer a forward GEMM,
+        an input-gradient GEMM but for the first layer, a weight-update GEMM), and nothing else: the bound."""
+        for block in blocks(list(range(a.clients)), k):
+            w = [t.clone() for n, t in stack([start] * len(block)).items() if n.endswith("weight")]
+            x = torch.randn(len(block), w[0].shape[2], a.batch_size, device=device)
+            for _ in range(-(-a.samples // a.batch_size)):
+                acts = [x]
+                for weight in w:
+                    acts.append(torch.bmm(weight, acts[-1]))
+                g = acts.pop()
+                for i in range(len(w) - 1, -1, -1):
+                    g_in = torch.bmm(w[i].transpose(1, 2), g) if i else None
+                    w[i].baddbmm_(g, acts[i].transpose(1, 2), alpha=-1e-12)
+                    g = g_in
+
+    runs = {"sequential": sequential, "bare loop": bare}
+    runs.update({f"batched K={k}": (lambda k=k: batched(k)) for k in a.blocks})
+    runs.update({f"GEMMs only K={k}": (lambda k=k: gemms_only(k)) for k in a.blocks})
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    results = {name: run() for name, run in runs.items()}  # warm-up
+    for _ in range(a.repeats):  # interleaved: each repetition times every path once
+        for name, run in runs.items():
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            result = run()
+            run()
             sync(device)
-            seconds.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        return statistics.median(seconds), min(cpu), result
-
+            seconds[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     steps = a.clients * -(-a.samples // a.batch_size)
-    base, base_cpu, reference = timed(sequential)
+    base, base_cpu, reference = statistics.median(seconds["sequential"]), min(cpu["sequential"]), results["sequential"]
+    bare_cpu = min(cpu["bare loop"])
     print(f"device {device}, {a.clients} clients x {a.samples} samples, MLP {widths + [10]}, B={a.batch_size}")
-    head = f"{'path':<16}{'round (ms)':>12}{'client steps/s':>16}{'speed-up':>10}{'CPU speed-up':>14}"
-    print(head + f"{'max rel. diff':>15}")
-    print(f"{'sequential':<16}{1e3 * base:>12.1f}{steps / base:>16.0f}{1.0:>10.2f}{1.0:>14.2f}{0.0:>15.1e}")
-    for k in a.blocks:
-        seconds, cpu, result = timed(lambda k=k: batched(k))
-        diff = max(
-            float((r[n] - s[n]).abs().max() / s[n].abs().max().clamp_min(1e-12))
-            for r, s in zip(result, reference, strict=True)
-            for n in s
-        )
-        label, rate = f"batched K={k}", steps / seconds
-        line = f"{label:<16}{1e3 * seconds:>12.1f}{rate:>16.0f}{base / seconds:>10.2f}{base_cpu / cpu:>14.2f}"
-        print(line + f"{diff:>15.1e}")
+    head = f"{'path':<18}{'round (ms)':>12}{'client steps/s':>16}{'speed-up':>10}{'CPU speed-up':>14}"
+    print(head + f"{'CPU vs bare':>13}{'max rel. diff':>15}")
+    for name in runs:
+        wall, least, result = statistics.median(seconds[name]), min(cpu[name]), results[name]
+        diff = "" if result is None else f"{max(_difference(r, s) for r, s in zip(result, reference, strict=True)):.1e}"
+        line = f"{name:<18}{1e3 * wall:>12.1f}{steps / wall:>16.0f}{base / wall:>10.2f}{base_cpu / least:>14.2f}"
+        print(line + f"{bare_cpu / least:>13.2f}{diff:>15}")
+    print("load average", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0
+
+
+def _difference(result: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest relative difference of any parameter (max |a - b| / max |b|)."""
+    return max(float((result[n] - r).abs().max() / r.abs().max().clamp_min(1e-12)) for n, r in reference.items())
 
 
 if __name__ == "__main__":
