@@ -13,6 +13,7 @@ from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.data import load_federated
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.runtime import Engine
+from pfl_mpi.runtime.build import build_algorithm
 from pfl_mpi.runtime.placement import novel_clients, sample_clients, training_clients
 from pfl_mpi.seeding import client_generator
 from pfl_mpi.training.loop import evaluate
@@ -281,3 +282,32 @@ def test_summary_info_and_report_show_the_novel_clients(tmp_path, capsys):
     header = comparison_table([run]).splitlines()[0]
     assert "| novel test acc | novel client mean acc |" in header
     assert "novel test acc" not in comparison_table([load_run(_run(tiny_config(tmp_path / "p.h5")).cfg.output_path)])
+
+
+def test_every_algorithm_serves_novel_clients_or_refuses_them(tmp_path):
+    """Each algorithm refuses novel clients in one line, or serves one: its evaluation payload, ``serve_novel``
+    (pFedHN: ``novel_fit``, run end to end above) and a finite score, the client's state untouched."""
+    from pfl_mpi.algorithms.registry import _REGISTRY, algorithm_names
+
+    served = []
+    for name in algorithm_names():
+        if not _REGISTRY[name].serves_novel:
+            with pytest.raises(ConfigError, match=f"data.novel_clients: {name} does not serve novel clients"):
+                tiny_config(tmp_path / f"{name}.h5", name, **NOVEL)
+            continue
+        cfg = tiny_config(tmp_path / f"{name}.h5", name, **NOVEL)
+        data = load_federated(cfg.data, cfg.seed)
+        algo = build_algorithm(cfg, data)
+        algo.init_server()
+        if algo.novel_fit([9], list(range(9)), NovelBudget(1, 1, None)) is None:
+            payload = algo.downlink(0, [9], "eval") if algo.eval_down is not None else None
+            payload = payload[0] if payload is not None and payload.dim() == 2 else payload
+            state = algo.initial_client_state(9)
+            client = Client(9, 1, data.client(9), {k: v.clone() for k, v in state.items()}, client_generator(0, 9, 1))
+            algo.serve_novel(client, payload, NovelBudget(epochs=1, steps=1, lr=None))
+            assert np.isfinite(algo.evaluate_client(client)[:2]).all(), name
+            assert all(torch.equal(client.state[k], v) for k, v in state.items()), name
+        served.append(name)
+    assert {"fedavg", "fedper", "fedrep", "lgfedavg", "ditto", "perfedavg", "local", "pfedhn", "pfedhn-pc"} <= set(
+        served
+    )
