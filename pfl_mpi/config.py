@@ -157,11 +157,26 @@ def _is_path(entry: str) -> bool:
     return entry.endswith(".py") or "/" in entry or "\\" in entry
 
 
+def _absolute_plugins(entries: list, base: Path) -> list:
+    """``plugins`` entries with their relative file paths made absolute against ``base``."""
+    return [
+        str(base / p) if isinstance(p, str) and _is_path(p) and not Path(p).expanduser().is_absolute() else p
+        for p in entries
+    ]
+
+
+def _not_found(entry: str, why: object) -> ConfigError:
+    """A module name that is not importable; says how to name a file of that name in the working directory."""
+    hint = f" (the working directory is not searched: give the file, ./{entry}.py)"
+    return ConfigError("plugins", f"cannot import {entry!r}: {why}{hint if Path(f'{entry}.py').is_file() else ''}")
+
+
 def import_plugin(entry: str, base: Path | None = None) -> str:
     """Import one ``plugins`` entry and return how the configuration keeps it.
 
-    A path to a .py file (relative to ``base``, the config file's directory, or absolute) is imported
-    from that file and kept as an absolute path. A module name is imported from sys.path; failing that,
+    A path to a .py file (``load_config`` makes a config file's relative paths absolute against its
+    directory, and those given by ``--set`` against the working directory) is imported from that file
+    and kept as an absolute path. A module name is imported from sys.path; failing that,
     from ``base``, and then kept as the file's absolute path, so that a resume finds it from anywhere.
     The working directory is not searched (``python -m pfl_mpi`` removes it from sys.path)."""
     if _is_path(entry):
@@ -176,7 +191,7 @@ def import_plugin(entry: str, base: Path | None = None) -> str:
     except ImportError as err:
         beside = base / f"{entry}.py" if base else None
         if beside is None or not beside.is_file() or err.name != entry:
-            raise ConfigError("plugins", f"cannot import {entry!r}: {err}") from None
+            raise _not_found(entry, err) from None
         _import_file(beside.resolve())
         return str(beside.resolve())
     except Exception as err:  # noqa: BLE001 - a plugin that fails at import: one line, not a traceback
@@ -199,7 +214,7 @@ def find_plugin(entry: str, base: Path | None = None) -> str:
         return entry
     beside = base / f"{entry}.py" if base else None
     if beside is None or not beside.is_file():
-        raise ConfigError("plugins", f"cannot import {entry!r}: no module named {entry!r}")
+        raise _not_found(entry, f"no module named {entry!r}")
     return str(beside.resolve())
 
 
@@ -298,8 +313,8 @@ def load_config(
         raise ConfigError("config", f"{path} must hold a mapping of keys to values")
     base = Path(path).resolve().parent if path else None
     if base is not None and isinstance(raw.get("plugins"), list):  # the file's own entries: relative to it
-        raw["plugins"] = [
-            str(base / p) if isinstance(p, str) and _is_path(p) and not Path(p).expanduser().is_absolute() else p
-            for p in raw["plugins"]
-        ]
-    return validate(apply_overrides(raw, overrides or []), base, schema_only=schema_only)
+        raw["plugins"] = _absolute_plugins(raw["plugins"], base)
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw.get("plugins"), list):  # --set plugins=[...]: relative to the working directory
+        raw["plugins"] = _absolute_plugins(raw["plugins"], Path.cwd())
+    return validate(raw, base, schema_only=schema_only)

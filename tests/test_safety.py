@@ -254,3 +254,23 @@ def test_an_exception_on_a_worker_mid_run_ends_every_rank_with_its_message(work)
     assert "RuntimeError: rank 1 broke mid-run" in result.stderr
     with h5py.File(out, "r", locking=False) as f:
         assert 1 <= int(f.attrs["rounds_completed"]) < 30 and f.attrs["status"] == "running"
+
+
+def test_a_plugin_in_the_working_directory_is_found_when_given_as_a_file(work):
+    """The config lives elsewhere (sub/), the plugin in the working directory: ``--set plugins=[./myalgo.py]``
+    is relative to the working directory and imports it; ``[myalgo]`` is not searched there, and the one
+    line says how to name the file."""
+    (work / "sub").mkdir(exist_ok=True)
+    (work / "sub" / "cfg.yaml").write_text(TINY, encoding="utf-8")
+    impossible = ["--set", "data.partition=shards", "--set", "data.classes_per_client=11"]
+    sets = ["--set", "algorithm.name=myalgo", *impossible]
+    runs = {
+        p: _start(["run", "sub/cfg.yaml", "--set", f"plugins=[{p}]", *sets], work) for p in ("./myalgo.py", "myalgo")
+    }
+    by_path, by_name = _finish(runs["./myalgo.py"]), _finish(runs["myalgo"])
+    assert by_path.returncode == 2 and len(by_path.lines()) == 1, by_path.stderr
+    assert by_path.lines()[0].startswith("pfl-mpi: config error: data.classes_per_client: "), by_path.stderr
+    assert by_name.returncode == 2 and by_name.lines() == [
+        "pfl-mpi: config error: plugins: cannot import 'myalgo': No module named 'myalgo' "
+        "(the working directory is not searched: give the file, ./myalgo.py)"
+    ]
