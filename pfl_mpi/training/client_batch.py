@@ -8,7 +8,7 @@ from torch import nn
 
 from .loop import TrainConfig
 
-CPU_BUDGET_MB = 48.0  # ``auto`` on a CPU: blocks near the caches (W1: K = 26; K = 17-50 took the least CPU)
+CPU_BUDGET_MB = 48.0  # ``auto`` on a CPU: blocks near the caches (W1: K = 26; K = 6-50 measured alike)
 GPU_FRACTION = 0.5  # ``auto`` on a GPU: half of the device's memory
 MAX_AUTO = 256
 
