@@ -83,7 +83,8 @@ def _metric(run: Run, name: str) -> np.ndarray:
 
 
 def accuracy_loss(groups: list[Group], path: Path) -> Path:
-    """Test accuracy (and the global model's, and after fine-tuning) and train/test loss against rounds."""
+    """Test accuracy (and the global model's, after fine-tuning, of the served novel clients) and train/test loss
+    against rounds."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4.6))
     x, colours = _x(groups), _colours(groups)
     styles = [("test accuracy / test loss", {"ls": "-", "marker": "o", "ms": 3})]
@@ -96,12 +97,14 @@ def accuracy_loss(groups: list[Group], path: Path) -> Path:
             styles.append(("global model accuracy", {"ls": ":", "marker": "s", "ms": 3}))
         _band(loss_ax, x, [_metric(r, loss) for r in runs], colour)
         _band(loss_ax, x, [_metric(r, "train_loss") for r in runs], colour, "--", band=False)
-        fine = [_metric(r, f"finetune_{score}") for r in runs]
-        mean, std, count = series(fine)
-        if np.any(count > 0):
-            i = int(np.flatnonzero(count > 0)[-1])
-            acc_ax.errorbar(x[i], mean[i], yerr=0 if count[i] < 2 else std[i], fmt="*", ms=12, color=colour)
-            styles.append(("after fine-tuning", {"ls": "", "marker": "*", "ms": 10}))
+        marks = ((f"finetune_{score}", "*", "after fine-tuning"), (f"novel_{score}", "D", "novel clients, served"))
+        for name, marker, label in marks:
+            mean, std, count = series([_metric(r, name) for r in runs])
+            if np.any(count > 0):
+                i = int(np.flatnonzero(count > 0)[-1])
+                ms = 12 if marker == "*" else 7
+                acc_ax.errorbar(x[i], mean[i], yerr=0 if count[i] < 2 else std[i], fmt=marker, ms=ms, color=colour)
+                styles.append((label, {"ls": "", "marker": marker, "ms": ms - 2}))
     styles.append(("train loss of the sampled clients", {"ls": "--"}))
     acc_ax.set(ylabel="test accuracy (fraction, weighted by test samples)", title="Test accuracy")
     if all(r.score == "test_rmse" for g in groups for r in g.runs):  # task regression
