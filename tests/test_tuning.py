@@ -11,6 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
+from pfl_mpi.algorithms.ditto import Ditto
+from pfl_mpi.algorithms.fedper import FedPer
 from pfl_mpi.algorithms.fedprox import FedProx
 from pfl_mpi.algorithms.pfedhn import PFedHN
 from pfl_mpi.algorithms.registry import _REGISTRY, algorithm_names
@@ -80,7 +82,27 @@ def test_sweep_tune_lists_the_declared_grid_evaluated_on_val_and_test(tmp_path, 
     code = main(["sweep", CONFIG, *SETS, "--tune", "--seeds", "0", "--runs-dir", str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert [line.split()[1] for line in out.splitlines()] == [f"default-{v}:" for v in (0.01, 0.03, 0.1, 0.3)]
+    lrs = FedPer.tuning_grid["train.lr"]  # FedPer's: the default grid
+    assert [line.split()[1] for line in out.splitlines()] == [f"default-{v}:" for v in lrs] and len(lrs) == 4
+
+
+def test_a_set_grid_key_replaces_it_where_declared_and_is_added_where_no_grid_has_it(tmp_path, capsys):
+    import yaml
+
+    configs = []
+    for name in ("fedprox", "ditto"):
+        raw = yaml.safe_load(Path(CONFIG).read_text())
+        raw.update(name=name, algorithm={"name": name})
+        configs.append(tmp_path / f"{name}.yaml")
+        configs[-1].write_text(yaml.safe_dump(raw))
+    grid = ["--set-grid", "algorithm.mu=0.5", "--set-grid", "train.momentum=0.0,0.5"]
+    code = main(["sweep", *map(str, configs), *SETS, "--tune", *grid, "--runs-dir", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    names = [line.split("] ", 1)[1].split(":")[0] for line in out.splitlines()]
+    assert names == ["fedprox-0.5-0.0", "fedprox-0.5-0.5"] + [
+        f"ditto-{lam}-{m}" for lam in Ditto.tuning_grid["algorithm.lam"] for m in ("0.0", "0.5")
+    ]
 
 
 def test_sweep_tune_without_a_validation_split_exits_2(tmp_path, capsys):
@@ -121,20 +143,72 @@ def test_the_choice_averages_seeds_and_minimises_a_loss(tmp_path):
         choose([Trial({"k": "x"}, [])])
 
 
-def test_sweep_tune_runs_the_grid_and_records_the_best_validation_point(tmp_path, capsys):
+TIMINGS = ("seconds", "cpu", "wall", "waiting")  # per-round timings differ between any two runs
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """``sweep --tune`` of FedPer's train.lr over two values (each run a process of its own): runs dir, output."""
+    runs = tmp_path_factory.mktemp("tune")
     grid = ["--set-grid", "train.lr=0.01,0.5"]  # replaces the declared values of train.lr
-    code = main(["sweep", CONFIG, *SETS, "--tune", *grid, "--runs-dir", str(tmp_path), "--jobs", "2"])
+    argv = ["sweep", CONFIG, *SETS, "--tune", *grid, "--runs-dir", str(runs), "--jobs", "2", "--no-report"]
+    return runs, argv
+
+
+def test_sweep_tune_runs_the_grid_and_records_the_best_validation_point(tuned, capsys):
+    runs, argv = tuned
+    code = main(argv)
     out = capsys.readouterr().out
     assert code == 0, out
+    assert not (runs / "report").exists()
     final = {}
     for lr in ("0.01", "0.5"):
-        with h5py.File(tmp_path / f"default-{lr}.h5", "r", locking=False) as f:
+        with h5py.File(runs / f"default-{lr}.h5", "r", locking=False) as f:
             final[lr] = (float(f["rounds/val_acc"][-1]), float(f["rounds/test_acc"][-1]))
     assert final["0.01"][0] != final["0.5"][0]
     best = max(final, key=lambda lr: final[lr][0])
-    held = json.loads((tmp_path / "tuning.json").read_text())["default"]
+    held = json.loads((runs / "tuning.json").read_text())["default"]
     assert held["best"] == {"train.lr": best} and held["set"] == [f"train.lr={best}"]
     assert [(t["point"]["train.lr"], t["score"], t["test"]) for t in held["trials"]] == [
         (lr, *final[lr]) for lr in ("0.01", "0.5")
     ]
     assert f"best: --set train.lr={best}  (val_acc {final[best][0]:.4f})" in out
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of a run file but the timings, by path."""
+    found = {}
+
+    def keep(name: str, obj) -> None:  # visititems stops at a callback that returns a value
+        if isinstance(obj, h5py.Dataset) and not any(word in name.rsplit("/", 1)[-1] for word in TIMINGS):
+            found[name] = obj[()]
+
+    with h5py.File(path, "r", locking=False) as f:
+        f.visititems(keep)
+    assert len(found) > 20  # rounds, clients, checkpoint, ...
+    return found
+
+
+def test_in_process_workers_write_the_same_files(tuned, tmp_path, capsys):
+    runs, argv = tuned
+    if not (runs / "tuning.json").exists():
+        assert main(argv) == 0
+    mine = [*argv[: argv.index("--runs-dir")], "--runs-dir", str(tmp_path), "--jobs", "2", "--no-report"]
+    assert main([*mine, "--in-process"]) == 0, capsys.readouterr().out
+    for lr in ("0.01", "0.5"):
+        one, other = _datasets(runs / f"default-{lr}.h5"), _datasets(tmp_path / f"default-{lr}.h5")
+        assert one.keys() == other.keys()
+        for name, value in one.items():
+            assert np.array_equal(value, other[name], equal_nan=value.dtype.kind == "f"), name
+    assert "(in a sweep worker)" in (tmp_path / "logs" / "default-0.5.log").read_text()
+    held = [json.loads((d / "tuning.json").read_text())["default"] for d in (runs, tmp_path)]
+    assert held[0]["trials"] == held[1]["trials"] and held[0]["best"] == held[1]["best"]
+
+
+def test_in_process_needs_one_rank(tmp_path, capsys):
+    code = main(["sweep", CONFIG, *SETS, "--in-process", "-n", "2", "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 2
+        and err == "pfl-mpi: config error: --in-process: runs each task in a worker process of one rank: drop -n 2"
+    )

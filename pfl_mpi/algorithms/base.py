@@ -234,7 +234,7 @@ class Algorithm:
     Params: ClassVar[type[BaseModel]] = NoParams
     # hyper-parameters to tune on validation (``pfl-mpi sweep --tune``): config key -> values, every algorithm
     # TUNING_TRIALS points in all (docs/tuning.md); default: the clients' learning rate
-    tuning_grid: ClassVar[dict[str, list]] = {"train.lr": [0.01, 0.03, 0.1, 0.3]}
+    tuning_grid: ClassVar[dict[str, list]] = {"train.lr": [0.03, 0.1, 0.3, 1.0]}
     # What the algorithm is, declared in one way: attributes, read from the instance (a class sets them, an
     # ``__init__`` may override one that depends on the setup, e.g. signSGD's vote dtype).
     down: Down | None = Broadcast()  # the training downlink

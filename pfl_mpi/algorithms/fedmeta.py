@@ -63,7 +63,7 @@ class FedMetaParams(BaseModel):
 @register
 class FedMeta(Algorithm):
     name = "fedmeta"
-    tuning_grid = {"algorithm.alpha": [0.05, 0.2], "algorithm.beta": [0.003, 0.01]}
+    tuning_grid = {"algorithm.alpha": [0.2, 0.5], "algorithm.beta": [0.01, 0.03]}
     own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = FedMetaParams
     down = Broadcast()

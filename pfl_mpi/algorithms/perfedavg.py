@@ -74,7 +74,7 @@ class PerFedAvg(SharedModelAlgorithm):
     """FedAvg's server and messages; its own local steps and personalised evaluation."""
 
     name = "perfedavg"
-    tuning_grid = {"algorithm.alpha": [0.01, 0.05], "algorithm.beta": [0.03, 0.1]}
+    tuning_grid = {"algorithm.alpha": [0.05, 0.1], "algorithm.beta": [0.1, 0.3]}
     own_loss = True  # its own cross-entropy: classification only, no train.loss
     Params = PerFedAvgParams
     up = WeightedSum()

@@ -62,7 +62,7 @@ class PFedHNParams(BaseModel):
 @register
 class PFedHN(Algorithm):
     name = "pfedhn"
-    tuning_grid = {"algorithm.inner_lr": [0.01, 0.05], "algorithm.lr": [0.01, 0.05]}
+    tuning_grid = {"algorithm.inner_lr": [0.05, 0.15], "algorithm.lr": [0.05, 0.15]}
     Params = PFedHNParams
     down = PerClient()
     eval_down = PerClient()  # theta_i of every client, generated after the round's update

@@ -44,9 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen, run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the grouped report at the end")
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the tasks inside J long-lived worker processes (one rank each) instead of one process per run: "
+        "Python and torch start J times, not once per run (small runs are mostly start-up)",
+    )
+    parser.add_argument(
         "--tune",
         action="store_true",
-        help="tune: each config's algorithm's tuning_grid (--set-grid replaces or adds keys), evaluated on "
+        help="tune: each config's algorithm's tuning_grid (a --set-grid key replaces its values in the grids that "
+        "declare it, or is added to every grid if none does), evaluated on "
         "data.eval_on [val, test]; the best point on --tune-metric goes to RUNS_DIR/tuning.json (docs/tuning.md)",
     )
     parser.add_argument(
@@ -100,10 +107,47 @@ def _run_one(command: list[str], log: Path) -> tuple[int, float]:
     return code, time.monotonic() - start
 
 
+def run_in_this_process(command: list[str], log: str) -> tuple[int, float]:
+    """``_run_one`` inside a long-lived worker (--in-process): ``pfl-mpi run`` called here, its output (this
+    process's stdout and stderr, redirected for the call) appended to ``log``. Saves starting Python and
+    importing torch for every run; the run file is the same (a run is a function of its config and seed)."""
+    import os
+    import traceback
+
+    from ..cli import main
+
+    start = time.monotonic()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as f:
+        f.write(f"$ {' '.join(command)}  (in a sweep worker)\n".encode())
+        f.flush()
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            code = main(command[3:])  # after: python -m pfl_mpi
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    return code, time.monotonic() - start
+
+
 def _check(args: argparse.Namespace) -> None:
     for name in ("ranks", "jobs"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name}", f"must be at least 1, not {getattr(args, name)}")
+    if args.in_process and args.ranks > 1:
+        raise ConfigError("--in-process", f"runs each task in a worker process of one rank: drop -n {args.ranks}")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -138,10 +182,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     logs.mkdir(parents=True, exist_ok=True)
 
+    workers = None
+    if args.in_process:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+
     def work(item) -> tuple[str, int]:
         i, task, out, verb = item
         log = logs / f"{task.name}.log"
-        code, seconds = _run_one(_command(task, out, args.ranks), log)
+        command = _command(task, out, args.ranks)
+        if workers is None:
+            code, seconds = _run_one(command, log)
+        else:
+            code, seconds = workers.submit(run_in_this_process, command, str(log)).result()
         result = "done" if code == 0 else f"FAILED (exit {code}), log {log}"
         done = {"start": "started", "continue": "continued"}.get(verb, "ran")
         print(f"[{i:>{width}}/{len(tasks)}] {task.name}: {done}, {result} in {seconds:.1f} s", flush=True)
@@ -153,6 +208,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     except KeyboardInterrupt:  # the runs got the signal too; their files keep every completed round
         print("pfl-mpi: sweep interrupted: the same command continues it", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if workers is not None:
+            workers.shutdown(cancel_futures=True)
     failed = [name for name, code in results if code]
     files = [runs_dir / f"{t.name}.h5" for t in tasks if t.name not in failed]
     code = 1 if failed else 0
@@ -172,10 +230,13 @@ def _tuning_tasks(args: argparse.Namespace) -> list:
     from ..tuning import eval_overrides, merge_grids, tuning_grid_for
 
     overrides = eval_overrides(args.overrides)
+    declared = [tuning_grid_for(config, overrides) for config in args.configs]
+    anywhere = {key for grid in declared for key, _ in grid}
     tasks = []
-    for config in args.configs:
-        grid = merge_grids(tuning_grid_for(config, overrides), parse_grid(args.grid))
-        tasks += expand([config], overrides, grid, args.seeds)
+    for config, grid in zip(args.configs, declared, strict=True):
+        mine = {key for key, _ in grid}  # a key some grid declares replaces its values there only
+        given = [(key, values) for key, values in parse_grid(args.grid) if key in mine or key not in anywhere]
+        tasks += expand([config], overrides, merge_grids(grid, given), args.seeds)
     return number_repeated_names(tasks)
 
 
