@@ -2,8 +2,8 @@
 :func:`training.local_training` trains it alone.
 
 The K clients' parameters (and momentum buffers) are stacked along a leading client dimension and one
-forward/backward runs through ``torch.func.vmap`` over ``functional_call``: every kernel works on all K
-clients at once. What stays per client:
+forward/backward serves all K (batched GEMMs; ``vmap`` of ``functional_call`` for other layers; plain SGD of a
+Linear/ReLU chain is written out by hand in ``chain_sgd.py``): every kernel works on all K. What stays per client:
 
 - its batches: the permutation of each epoch comes from its own generator, drawn exactly as
   ``epoch_batches`` draws it, so client k sees the same minibatches as in the sequential loop;
