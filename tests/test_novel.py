@@ -122,6 +122,14 @@ def test_novel_clients_never_train_never_move_bytes_and_keep_their_state(tmp_pat
     np.testing.assert_allclose(engine.algo.setup.label_distribution.numpy(), counts / counts.sum(), rtol=1e-6)
 
 
+def test_the_simulated_network_selects_no_novel_client(tmp_path):
+    sets = {**NOVEL, "network.enabled": "true", "network.over_selection": 0.5, "rounds": 4}
+    engine = _run(tiny_config(tmp_path / "net.h5", **sets))
+    status = _read(engine.cfg.output_path, "clients", "network_status")
+    assert (status[:, engine.novel] == 0).all() and (status[:, engine.training] > 0).sum() == 4 * 6
+    assert np.isfinite(_read(engine.cfg.output_path, "rounds", "novel_test_acc")[-1])
+
+
 def test_without_novel_clients_nothing_changes(tmp_path):
     plain = _run(tiny_config(tmp_path / "a.h5", clients_per_round=4)).cfg.output_path
     zero = _run(tiny_config(tmp_path / "b.h5", clients_per_round=4, **{"data.novel_clients": 0})).cfg.output_path
