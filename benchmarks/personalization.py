@@ -78,14 +78,14 @@ SPLIT = {"num_clients": 50, "partition": "shards", "classes_per_client": 2, "val
 # the same number for every algorithm; --grid full runs the declared grids
 SMALL = {
     "default": {"train.lr": ["0.1", "0.3"]},
-    "fedprox": {"algorithm.mu": ["0.01", "0.1"]},
-    "ditto": {"algorithm.lam": ["0.01", "0.05"]},
-    "fedamp": {"algorithm.lambda": ["0.01", "0.1"], "algorithm.alpha_k": ["1.0"]},
+    "fedprox": {"algorithm.mu": ["0.01", "0.1"], "train.lr": ["0.3"]},
+    "ditto": {"algorithm.lam": ["0.01", "0.1"], "train.lr": ["0.3"]},
+    "fedamp": {"algorithm.lambda": ["0.01", "0.1"], "train.lr": ["0.3"]},
     "pfedhn": {"algorithm.inner_lr": ["0.05", "0.15"], "algorithm.lr": ["0.05"]},
     "pfedhn-pc": {"algorithm.inner_lr": ["0.05", "0.15"], "algorithm.lr": ["0.05"]},
     "perfedavg": {"algorithm.alpha": ["0.05", "0.1"], "algorithm.beta": ["0.1"]},
     "fedmeta": {"algorithm.alpha": ["0.2", "0.5"], "algorithm.beta": ["0.01"]},
-    "fedrep": {"algorithm.tau_h": ["5", "10"]},
+    "fedrep": {"algorithm.tau_h": ["5", "10"], "train.lr": ["0.3"]},
 }
 
 

@@ -50,7 +50,7 @@ class DittoParams(FedAvgParams):
 @register
 class Ditto(SharedModelAlgorithm):
     name = "ditto"
-    tuning_grid = {"algorithm.lam": [0.01, 0.05, 0.2, 1.0]}  # docs/tuning.md
+    tuning_grid = {"algorithm.lam": [0.01, 0.1], "train.lr": [0.1, 0.3]}  # docs/tuning.md
     Params = DittoParams
     up = WeightedSum()  # w down and w_k - w up, as in FedAvg
     client_metrics = ("train_loss", "personal_train_loss")

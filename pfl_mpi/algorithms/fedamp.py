@@ -63,7 +63,7 @@ class FedAMPParams(BaseModel):
 @register
 class FedAMP(Algorithm):
     name = "fedamp"
-    tuning_grid = {"algorithm.lambda": [0.01, 0.1], "algorithm.alpha_k": [1.0, 3.0]}
+    tuning_grid = {"algorithm.lambda": [0.01, 0.1], "train.lr": [0.1, 0.3]}  # docs/tuning.md
     Params = FedAMPParams
     down = PerClient()
     up = Gathered()

@@ -61,7 +61,7 @@ class FedProxParams(FedAvgParams):
 @register
 class FedProx(SharedModelAlgorithm):
     name = "fedprox"
-    tuning_grid = {"algorithm.mu": [0.001, 0.01, 0.1, 1.0]}  # docs/tuning.md
+    tuning_grid = {"algorithm.mu": [0.01, 0.1], "train.lr": [0.1, 0.3]}  # docs/tuning.md
     Params = FedProxParams
     up = WeightedSum()  # w down and w_k - w up, as in FedAvg
     client_metrics = ("train_loss", "local_epochs", "straggler")
