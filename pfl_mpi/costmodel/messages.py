@@ -38,7 +38,7 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
     """The messages of training round ``t`` (no evaluation) of ``cfg`` on ``world_size`` ranks."""
     from ..data import load_federated
     from ..runtime.build import build_algorithm
-    from ..runtime.placement import place_clients, sample_clients
+    from ..runtime.placement import held_out, place_clients, sample_clients
     from ..runtime.record import META_COLUMNS, RANK_FIELDS
     from ..wire.plan import make_plan
     from ..wire.transport import Transfer, Transport
@@ -49,7 +49,8 @@ def round_messages(cfg, world_size: int, t: int = 1) -> list[Message]:
     algo = build_algorithm(cfg, data)
     workers = world_size - 1
     host = place_clients(data.train_sizes, list(range(1, world_size)))
-    plan = make_plan(sample_clients(cfg.seed, t, data.num_clients, cfg.sampled_per_round), host, world_size)
+    pool = held_out(cfg, data.num_clients)[1]  # never a novel client (data.novel_clients)
+    plan = make_plan(sample_clients(cfg.seed, t, data.num_clients, cfg.sampled_per_round, pool), host, world_size)
     per_worker = len(plan.order) / workers  # mean sampled clients per worker
 
     def mean_per_worker(numel_of) -> float:

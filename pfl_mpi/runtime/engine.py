@@ -47,7 +47,7 @@ from .client_store import ClientStore
 from .device import select_device, set_threads
 from .evaluation import Evaluator
 from .novel import NovelServing
-from .placement import novel_clients, place_clients, sample_clients, training_clients
+from .placement import held_out, place_clients, sample_clients
 from .progress import Progress
 from .record import META_COLUMNS, Recorder
 
@@ -84,9 +84,7 @@ class Engine:
         set_threads(cfg.threads)
         self.data = load_federated(cfg.data, cfg.seed)
         self.num_clients = self.data.num_clients
-        data_seed = cfg.seed if cfg.data.seed is None else cfg.data.seed  # data.novel_clients: never sampled
-        self.novel = novel_clients(data_seed, self.num_clients, cfg.data.novel_count(self.num_clients))
-        self.training = training_clients(self.num_clients, self.novel)
+        self.novel, self.training = held_out(cfg, self.num_clients)  # data.novel_clients: never sampled
         self.host = place_clients(self.data.train_sizes, world.workers)
         self.all_clients = make_plan(np.arange(self.num_clients), self.host, world.size)
         self.hosted = self.all_clients.of_rank(world.rank)

@@ -47,3 +47,11 @@ def novel_clients(data_seed: int, num_clients: int, count: int) -> np.ndarray:
 def training_clients(num_clients: int, novel: np.ndarray) -> np.ndarray:
     """The sorted ids of the clients that may be sampled: all but the novel ones."""
     return np.setdiff1d(np.arange(num_clients, dtype=np.int64), novel)
+
+
+def held_out(cfg, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run's novel clients (``data.novel_clients``, drawn from the data seed) and the clients that may train,
+    both sorted; ``num_clients``: the clients the data set holds."""
+    data_seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
+    novel = novel_clients(data_seed, num_clients, cfg.data.novel_count(num_clients))
+    return novel, training_clients(num_clients, novel)
