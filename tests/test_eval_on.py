@@ -166,7 +166,7 @@ def test_progress_line_report_and_csv_show_val(tmp_path: Path) -> None:
     best = int(np.nanargmax(val))
     assert main(["report", str(cfg.output_path), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "best val acc" in report and "test acc at best val" in report
+    assert "best val acc" in report and "test acc at best val" in report and "`/rounds/val_acc`" in report
     groups = (tmp_path / "report" / "groups.csv").read_text().splitlines()
     header, row = groups[0].split(","), groups[1].split(",")
     assert math.isclose(float(row[header.index("test_at_best_val_mean")]), test[best])

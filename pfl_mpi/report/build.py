@@ -12,7 +12,7 @@ from . import plots
 from .cost import NO_NETWORK, cost_table, write_cost_csv
 from .groups import Group, differences, fairness, group_runs, known_keys, name_groups, shown
 from .load import Run, load_run
-from .tables import comparison_table, group_table, label_table, write_group_csv
+from .tables import comparison_table, group_table, has_validation, label_table, write_group_csv
 
 FIGURES = (
     ("accuracy_loss.png", plots.accuracy_loss, "Test accuracy and loss"),
@@ -45,6 +45,13 @@ class Report:
     differences: dict[str, list[str]]  # config key -> its value in each group
     warning: str | None = None
     tables: list[str] = field(default_factory=list)  # the group table, then the cost table
+
+
+VAL_NOTE = (
+    "Runs with a validation split (`data.eval_on: [val, test]`): final and best val acc are `/rounds/val_acc` at the "
+    "last and the best evaluated round, and test acc at best val is `/rounds/test_acc` of that round (the "
+    "selection on validation, reported on test).\n"
+)
 
 
 def _name_runs(runs: list[Run]) -> None:
@@ -138,7 +145,7 @@ def make_report(
         "samples) at the last and the best evaluated round; client mean is `/rounds/test_acc_mean` at the "
         "last evaluation. Bytes are sums over the committed rounds of `bytes_down + bytes_up` (the algorithm) "
         "and of all three with `bytes_other`; wall time is the sum of `/rounds/seconds_wall`. The same "
-        "numbers at full precision: `groups.csv`.\n",
+        "numbers at full precision: `groups.csv`.\n" + (VAL_NOTE if has_validation(runs) else ""),
         "## Communication cost\n",
         costs + "\n",
         COST_NOTE + (TARGET_NOTE.format(target=target) if target is not None else "") + "\n",
