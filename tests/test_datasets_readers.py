@@ -304,6 +304,38 @@ def test_hf_arrow_and_parquet_files_of_features_without_client_ids(tmp_path: Pat
     assert seen["arrow"] == seen["parquet"]
 
 
+def test_hf_parquet_is_read_by_column_and_row_group(tmp_path: Path, monkeypatch) -> None:
+    """Memory: start-up reads the label and client columns of parquet files, never x whole; building a client reads
+    x from the row groups that hold its rows only."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    who = np.repeat(np.array(["ann", "bo", "cy", "di"]), 8)
+    feat = np.arange(len(who) * 2, dtype=np.float32).reshape(-1, 2)
+    for split in ("train", "test"):
+        data = {"feat": feat.tolist(), "label": (np.arange(len(who)) % 2).tolist(), "who": who.tolist()}
+        datasets.Dataset.from_dict(data).to_parquet(str(tmp_path / f"{split}-0.parquet"), batch_size=8)
+    assert pq.ParquetFile(tmp_path / "train-0.parquet").num_row_groups == 4  # one client per row group
+    whole, groups = [], []
+    read, read_row_group = pq.ParquetFile.read, pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read", lambda f, columns=None, **k: (whole.append(columns), read(f, columns, **k))[1]
+    )
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda f, i, columns=None, **k: (groups.append(i), read_row_group(f, i, columns, **k))[1],
+    )
+    cfg = DataConfig(name="hf", root=str(tmp_path), num_clients=4, min_samples=2, hf={"x": "feat", "client": "who"})
+    fd = load_federated(cfg, 0)
+    assert ["feat"] not in whole and ["label"] in whole and ["who"] in whole
+    assert len(groups) == 1  # the shape of x, from one row group
+    groups.clear()
+    c = fd.client(fd.client_names.index("cy"))
+    assert groups == [2, 2]  # train and test: the third row group of each file
+    np.testing.assert_array_equal(c.x_train.numpy(), feat[who == "cy"])
+
+
 def test_hf_offline_and_a_missing_column_names_its_key(hf_dirs) -> None:
     import os
 

@@ -6,9 +6,10 @@ name, e.g. ``train-00000-of-00001.parquet``, go to that split; with no such name
 Columns and splits: ``data.hf`` (``x``, ``y``, ``client``, ``train_split``, ``test_split``, ``val_split``).
 
 Needs the ``datasets`` package (``pip install 'pfl_mpi[hf]'``), imported only here and only with
-``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1``: nothing is looked up on the hub. Arrow data are memory-mapped,
-so start-up reads the label (and client) columns only; a client's rows are decoded when it is built. Images
-(``Image`` features) become float32 [C, H, W] in [0, 1]; numeric columns are used as they are.
+``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1``: nothing is looked up on the hub. Arrow data are memory-mapped
+and parquet files are read by column and row group (``ParquetSplit``), so start-up reads the label (and client)
+columns only; a client's rows are read and decoded when it is built. Images (``Image`` features) become float32
+[C, H, W] in [0, 1]; numeric columns are used as they are.
 """
 
 from __future__ import annotations
@@ -59,33 +60,73 @@ def _splits(cfg: DataConfig, root: Path) -> dict[str, Any]:
             f"no {root / 'dataset_dict.json'} nor {root / 'state.json'} (a save_to_disk directory), nor .parquet / "
             f".arrow files at {root}",
         )
+    if parquet and arrow:
+        raise ConfigError(KEY, f"{root} holds both .parquet and .arrow files: keep one format")
     names = [n for n in (cfg.hf.train_split, cfg.hf.test_split, cfg.hf.val_split) if n]
-    groups: dict[str, list[Any]] = {}
+    groups: dict[str, list[Path]] = {}
     for path in parquet + arrow:
         split = next((n for n in names if path.name.startswith(n)), None)
-        groups.setdefault(split or "", []).append(_open(ds, path))
+        groups.setdefault(split or "", []).append(path)
     if any(groups.keys() - {""}) and "" in groups:
         raise ConfigError(KEY, f"{root}: files {[p.name for p in parquet + arrow]} do not all begin with a split name")
     if set(groups) == {""}:
         groups = {cfg.hf.train_split: groups[""]}
-    return {name: parts[0] if len(parts) == 1 else ds.concatenate_datasets(parts) for name, parts in groups.items()}
+    if parquet:
+        return {name: ParquetSplit(ds, paths) for name, paths in groups.items()}
+    opened = {name: [_open_arrow(ds, path) for path in paths] for name, paths in groups.items()}
+    return {name: parts[0] if len(parts) == 1 else ds.concatenate_datasets(parts) for name, parts in opened.items()}
 
 
-def _open(ds: Any, path: Path) -> Any:
+def _open_arrow(ds: Any, path: Path) -> Any:
     try:
-        if path.suffix == ".arrow":
-            return ds.Dataset.from_file(str(path))
-        import pyarrow.parquet as pq
-        from datasets.table import InMemoryTable
-
-        return ds.Dataset(InMemoryTable(pq.read_table(path)))
+        return ds.Dataset.from_file(str(path))  # memory-mapped
     except Exception as exc:
         raise ConfigError(KEY, f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class ParquetSplit:
+    """One split's parquet files, never read whole: a column when asked (labels and client ids, at start-up), and
+    the rows of a client from the row groups that hold them (``rows``), decoded with the files' features."""
+
+    def __init__(self, ds: Any, paths: list[Path]):
+        import pyarrow.parquet as pq
+
+        try:
+            self.files = [pq.ParquetFile(path, memory_map=True) for path in paths]
+        except Exception as exc:
+            raise ConfigError(KEY, f"cannot read {paths[0].parent} as parquet: {type(exc).__name__}: {exc}") from exc
+        schema = self.files[0].schema_arrow
+        self.features = ds.Features.from_arrow_schema(schema)
+        self.column_names = list(schema.names)
+        self.groups = [(f, g) for f in self.files for g in range(f.num_row_groups)]
+        self.starts = np.cumsum([0, *(f.metadata.row_group(g).num_rows for f, g in self.groups)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def column(self, name: str) -> np.ndarray:
+        parts = [f.read(columns=[name]).column(0).to_numpy(zero_copy_only=False) for f in self.files]
+        return np.concatenate(parts) if parts else np.empty(0)
+
+    def rows(self, rows: np.ndarray, name: str) -> list[Any]:
+        """The values of column ``name`` in ``rows`` (in that order), decoded (an ``Image`` to an array)."""
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        out: list[Any] = [None] * len(rows)
+        feature = self.features[name]
+        for g in np.unique(which):
+            file, group = self.groups[g]
+            mine = np.flatnonzero(which == g)
+            values = file.read_row_group(group, columns=[name]).column(0).take(rows[mine] - self.starts[g])
+            for i, value in zip(mine, values.to_pylist(), strict=True):
+                out[i] = np.asarray(feature.decode_example(value)) if hasattr(feature, "decode_example") else value
+        return out
 
 
 def _column(dataset: Any, name: str, key: str, split: str) -> np.ndarray:
     if name not in dataset.column_names:
         raise ConfigError(key, f"split {split!r} has no column {name!r} (it has: {', '.join(dataset.column_names)})")
+    if isinstance(dataset, ParquetSplit):
+        return np.asarray(dataset.column(name))
     return np.asarray(dataset.data.column(name).to_numpy(zero_copy_only=False))
 
 
@@ -107,16 +148,21 @@ class HfReader:
     """x of rows over the splits (train, then val, then test), decoded per split from the memory-mapped data."""
 
     def __init__(self, parts: list[Any], column: str):
-        self.parts = [p.with_format("numpy") for p in parts]
+        self.parts = [p if isinstance(p, ParquetSplit) else p.with_format("numpy") for p in parts]
         self.column = column
         self.starts = np.cumsum([0, *(len(p) for p in parts)])
+
+    def _values(self, part: Any, rows: np.ndarray) -> Any:
+        if isinstance(part, ParquetSplit):
+            return part.rows(rows, self.column)
+        return part[rows.tolist()][self.column]
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         which = np.searchsorted(self.starts, rows, side="right") - 1
         out: np.ndarray | None = None
         for i in np.unique(which):
             mask = which == i
-            x = _as_x(self.parts[i][(rows[mask] - self.starts[i]).tolist()][self.column])
+            x = _as_x(self._values(self.parts[i], rows[mask] - self.starts[i]))
             if out is None:
                 out = np.empty((len(rows), *x.shape[1:]), dtype=np.float32)
             out[mask] = x
