@@ -145,6 +145,7 @@ def bare_rank(a: argparse.Namespace) -> None:
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=a.lr)
     w = nn.utils.parameters_to_vector(params).detach().clone()
+    sizes = [p.numel() for p in params]
     acc = torch.zeros(w.numel() + 1)
     gen = torch.Generator().manual_seed(a.seed + rank)
     times = np.zeros((a.rounds, 4))  # wall, compute, allreduce, cpu
@@ -152,8 +153,9 @@ def bare_rank(a: argparse.Namespace) -> None:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         acc.zero_()
         for x, y, n in clients:
-            with torch.no_grad():
-                nn.utils.vector_to_parameters(w, params)
+            with torch.no_grad():  # a copy: vector_to_parameters would make the parameters views of w, trained in place
+                for p, chunk in zip(params, w.split(sizes), strict=True):
+                    p.copy_(chunk.view_as(p))
             for _ in range(a.epochs):
                 order = torch.randperm(x.shape[0], generator=gen)
                 for start in range(0, x.shape[0], a.batch_size):
