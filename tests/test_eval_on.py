@@ -175,3 +175,31 @@ def test_progress_line_report_and_csv_show_val(tmp_path: Path) -> None:
     rounds = (tmp_path / "csv" / "rounds.csv").read_text().splitlines()[0].split(",")
     assert {"val_acc", "val_loss", "test_acc"} <= set(rounds)
     shutil.rmtree(tmp_path / "report")
+
+
+def test_run_summary_and_info_show_val_beside_test(tmp_path: Path, capsys) -> None:
+    """``pfl-mpi run``'s closing summary and ``pfl-mpi info`` give the validation scores of the last evaluated
+    round on a line of their own, before the test scores, with the file's values."""
+    from pfl_mpi.report.score_lines import score_lines
+
+    cfg = _own(tmp_path / "own-run.h5", _own_file(tmp_path / "own.h5"), **{"data.eval_on": "[val, test]"})
+    engine = _run(cfg)
+    val = committed(cfg.output_path, "rounds", "val_acc")
+    lines = score_lines(engine.last_metrics, "final")
+    assert [line.split(" (")[0] for line in lines] == [
+        f"  final validation accuracy {val[-1]:.4f}",
+        f"  final test accuracy {committed(cfg.output_path, 'rounds', 'test_acc')[-1]:.4f}",
+    ]
+    assert main(["info", str(cfg.output_path)]) == 0
+    out = capsys.readouterr().out
+    last = len(val)  # eval_every 2 of 4 rounds: the last round is evaluated
+    assert f"  last evaluation (round {last}): validation accuracy {val[-1]:.4f}" in out
+    assert out.index("validation accuracy") < out.index("test accuracy")
+
+
+def test_score_lines_name_regression_scores_and_skip_what_was_not_evaluated() -> None:
+    from pfl_mpi.report.score_lines import score_lines
+
+    values = {"test_rmse": 0.5, "test_rmse_mean": 0.45, "test_rmse_std": 0.1, "test_mse": 0.25, "val_acc": math.nan}
+    assert score_lines(values, "final") == ["  final test RMSE 0.5000 (client mean 0.4500 +- 0.1000), test MSE 0.2500"]
+    assert score_lines({"test_acc": math.nan}, "final") == []

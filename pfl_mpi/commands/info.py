@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..report.score_lines import score_lines
     from ..runtime.novel_record import novel_line
     from ..store import read_summary
 
@@ -35,22 +36,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(line)
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
     if summary.rounds_completed:
-        evaluated = [i for i, v in enumerate(r.get("test_acc", [])) if not math.isnan(v)]
-        if evaluated:
-            i = evaluated[-1]
-            print(
-                f"  last evaluation (round {i + 1}): test accuracy {r['test_acc'][i]:.4f} "
-                f"(client mean {r['test_acc_mean'][i]:.4f} +- {r['test_acc_std'][i]:.4f}), "
-                f"test loss {r['test_loss'][i]:.4f}"
-            )
-        rmse = [i for i, v in enumerate(r.get("test_rmse", [])) if not math.isnan(v)]  # task regression
-        if rmse:
-            i = rmse[-1]
-            print(
-                f"  last evaluation (round {i + 1}): test RMSE {r['test_rmse'][i]:.4f} "
-                f"(client mean {r['test_rmse_mean'][i]:.4f} +- {r['test_rmse_std'][i]:.4f}), "
-                f"test MSE {r['test_mse'][i]:.4f}"
-            )
+        for i in _last_evaluated(r):
+            for line in score_lines(
+                {k: v[i] for k, v in r.items() if v.ndim == 1}, f"last evaluation (round {i + 1}):"
+            ):
+                print(line)
         print(f"  last train loss {r['train_loss'][-1]:.4f}")
         if novel_line(r):  # data.novel_clients
             print(novel_line(r))
@@ -159,3 +149,10 @@ def comm_summary(path) -> str:
     if "waiting" not in comm:
         lines.append("  (written before waiting was recorded: waiting shows 0)")
     return "\n".join(lines)
+
+
+def _last_evaluated(rounds: dict) -> list[int]:
+    """[the index of the last round with an evaluated score], or [] before the first evaluation."""
+    scores = [rounds[name] for name in ("val_acc", "test_acc", "val_rmse", "test_rmse") if name in rounds]
+    evaluated = [i for i in range(len(scores[0]) if scores else 0) if any(not math.isnan(s[i]) for s in scores)]
+    return evaluated[-1:]

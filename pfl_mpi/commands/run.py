@@ -16,7 +16,6 @@ stops the run after the round in flight, committed, with status ``interrupted`` 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import traceback
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, ConfigError, Interrupted
+from ..report.score_lines import score_lines
 from ..runtime.cluster import Stopper, launch_mismatch, launcher_rank, requeued
 from ..runtime.novel_record import novel_line
 from ..store.writer import RunFileWriteError
@@ -239,18 +239,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _summary(metrics: dict[str, float], rounds: dict[str, np.ndarray], path: Path) -> str:
     """The lines printed after the last round (``rounds``: the run file's per-round table)."""
-    acc = metrics.get("test_acc", math.nan)
-    lines = [f"done: {int(metrics['round']) + 1} rounds, wrote {path}"]
-    if not math.isnan(acc):
-        lines.append(
-            f"  final test accuracy {acc:.4f} (client mean {metrics['test_acc_mean']:.4f} "
-            f"+- {metrics['test_acc_std']:.4f}), test loss {metrics['test_loss']:.4f}"
-        )
-    if not math.isnan(metrics.get("test_rmse", math.nan)):  # task regression
-        lines.append(
-            f"  final test RMSE {metrics['test_rmse']:.4f} (client mean {metrics['test_rmse_mean']:.4f} "
-            f"+- {metrics['test_rmse_std']:.4f}), test MSE {metrics['test_mse']:.4f}"
-        )
+    lines = [f"done: {int(metrics['round']) + 1} rounds, wrote {path}", *score_lines(metrics, "final")]
     if "finetune_test_acc" in metrics:
         lines.append(f"  after local fine-tuning: test accuracy {metrics['finetune_test_acc']:.4f}")
     lines += [line for line in [novel_line(rounds)] if line]  # data.novel_clients
