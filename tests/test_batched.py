@@ -160,6 +160,28 @@ def test_auto_fits_the_memory_budget():
     assert choose_client_batch(TrainConfig(client_batch="auto"), model, torch.device("cpu"), sample, 64) > 1
 
 
+def test_ranks_sharing_a_gpu_split_its_auto_budget(monkeypatch):
+    """On a GPU, auto's budget is GPU_FRACTION of the device's memory divided among the ranks bound to it (the
+    node's ranks over its GPUs, rounded up); a CPU and an explicit memory_mb are not divided."""
+    from types import SimpleNamespace
+
+    from pfl_mpi.runtime.device import ranks_per_device
+    from pfl_mpi.training.client_batch import GPU_FRACTION, budget_bytes
+
+    memory = 8 * 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=memory))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [ranks_per_device(gpu, n) for n in (1, 2, 3, 5)] == [1, 1, 2, 3]
+    assert ranks_per_device(cpu, 5) == 1
+    auto = TrainConfig(client_batch="auto")
+    assert budget_bytes(auto, gpu) == int(GPU_FRACTION * memory)
+    assert budget_bytes(auto, gpu, sharing=3) == int(GPU_FRACTION * memory) // 3
+    assert budget_bytes(auto, cpu, sharing=3) == budget_bytes(auto, cpu)
+    fixed = TrainConfig(client_batch={"memory_mb": 10})
+    assert budget_bytes(fixed, gpu, sharing=3) == 10 * 2**20
+
+
 def _peak_bytes(run) -> int:
     """The peak of torch's CPU allocations while ``run()`` runs, from the profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile

@@ -39,7 +39,7 @@ class MPIWorld(World):
         self.comm = MPI.COMM_WORLD.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank = node.Get_rank()
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self.hosts = self.comm.allgather(MPI.Get_processor_name())  # small metadata, once
         self.clock_offset, self.clock_error = self.sync_clocks()

@@ -16,7 +16,7 @@ class SerialWorld(World):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rank, self.size, self.local_rank = 0, 1, 0
+        self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
         self.hosts = [socket.gethostname()]
 
     def broadcast(self, buf: np.ndarray, label: str) -> None:

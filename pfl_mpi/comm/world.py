@@ -29,6 +29,7 @@ class World(abc.ABC):
     rank: int
     size: int
     local_rank: int  # rank among the processes of this node (for GPU binding)
+    local_size: int  # processes on this node (ranks that may share its GPUs)
     hosts: list[str]  # host name of every rank (known on every rank)
 
     def __init__(self) -> None:

@@ -15,8 +15,11 @@ from ..training.loop import TrainConfig
 from ..training.tasks import model_outputs, probe_loss, resolve_task, training_loss
 
 
-def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | None = None) -> Algorithm:
-    """One model per architecture group (on ``device``), the ``Setup`` and the algorithm of ``cfg``.
+def build_algorithm(
+    cfg: RunConfig, data: FederatedData, device: torch.device | None = None, sharing: int = 1
+) -> Algorithm:
+    """One model per architecture group (on ``device``, bound to ``sharing`` ranks), the ``Setup`` and the
+    algorithm of ``cfg``.
 
     The models are initialised from ``cfg.seed`` (``build_models``); raises ``ConfigError`` naming the key
     when the algorithm cannot use them or its parameters do not fit the model or the data."""
@@ -45,16 +48,19 @@ def build_algorithm(cfg: RunConfig, data: FederatedData, device: torch.device | 
         task=task,
         loss=training_loss(task, cfg.train.loss),
     )
-    setup.client_batch = resolve_client_batch(cfg, data, models[0], device)
+    setup.client_batch = resolve_client_batch(cfg, data, models[0], device, sharing)
     return cls(params, setup)
 
 
-def resolve_client_batch(cfg: RunConfig, data: FederatedData, model: torch.nn.Module, device: torch.device) -> int:
-    """``train.client_batch`` as K (``auto``: from the memory budget, the model and the largest client)."""
+def resolve_client_batch(
+    cfg: RunConfig, data: FederatedData, model: torch.nn.Module, device: torch.device, sharing: int = 1
+) -> int:
+    """``train.client_batch`` as K (``auto``: from the memory budget, the model, the largest client and the ranks
+    ``sharing`` the device)."""
     if isinstance(cfg.train.client_batch, int):
         return cfg.train.client_batch
     sample = data.client(0).x_train[:1]
-    return choose_client_batch(cfg.train, model, device, sample, int(max(data.train_sizes, default=1)))
+    return choose_client_batch(cfg.train, model, device, sample, int(max(data.train_sizes, default=1)), sharing)
 
 
 def ignored_train_keys(cls: type[Algorithm], finetune_epochs: int) -> dict[str, str]:

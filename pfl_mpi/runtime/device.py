@@ -20,6 +20,14 @@ def select_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def ranks_per_device(device: torch.device, local_size: int) -> int:
+    """How many of this node's ``local_size`` ranks ``select_device`` binds to ``device`` at most (a GPU shared by
+    several ranks: each one's ``auto`` block gets that share of its memory); 1 on the CPU."""
+    if device.type != "cuda":
+        return 1
+    return -(-local_size // torch.cuda.device_count())
+
+
 def set_threads(threads: int) -> None:
     """Pin torch (and OpenMP libraries started later) to ``threads`` threads on this rank."""
     os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -44,7 +44,7 @@ from ..wire.protocol import training_bytes
 from ..wire.transport import Transport, counts_per_rank
 from .build import build_algorithm
 from .client_store import ClientStore
-from .device import select_device, set_threads
+from .device import ranks_per_device, select_device, set_threads
 from .evaluation import Evaluator
 from .novel import NovelServing
 from .placement import held_out, place_clients, sample_clients
@@ -89,7 +89,8 @@ class Engine:
         self.all_clients = make_plan(np.arange(self.num_clients), self.host, world.size)
         self.hosted = self.all_clients.of_rank(world.rank)
         self.device = select_device(cfg.device, world.local_rank) if world.is_worker else torch.device("cpu")
-        self.algo: Algorithm = build_algorithm(cfg, self.data, self.device)
+        sharing = ranks_per_device(self.device, world.local_size)  # ranks bound to one GPU split its auto budget
+        self.algo: Algorithm = build_algorithm(cfg, self.data, self.device, sharing)
         self.transport = Transport(world, self.algo)
         groups = self.algo.setup.groups
         self.layout = StateLayout(self.algo.state_specs(), groups)  # each client's state, by architecture group

@@ -38,23 +38,30 @@ def client_bytes(model: nn.Module, cfg: TrainConfig, sample: torch.Tensor, max_s
     return item * (4 * numel + 3 * cfg.batch_size * activations[0]) + per_sample * max_samples + plan
 
 
-def budget_bytes(cfg: TrainConfig, device: torch.device) -> int:
-    """The memory a block may use: ``client_batch.memory_mb``, else the device's default."""
+def budget_bytes(cfg: TrainConfig, device: torch.device, sharing: int = 1) -> int:
+    """The memory a block may use: ``client_batch.memory_mb``, else the device's default (a GPU: its share of
+    ``GPU_FRACTION`` of the memory when ``sharing`` ranks are bound to it)."""
     memory = getattr(cfg.client_batch, "memory_mb", None)
     if memory is not None:
         return int(memory * 2**20)
     if device.type == "cuda":
-        return int(GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+        return int(GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory) // max(1, sharing)
     return int(CPU_BUDGET_MB * 2**20)
 
 
 def choose_client_batch(
-    cfg: TrainConfig, model: nn.Module, device: torch.device, sample: torch.Tensor, max_samples: int
+    cfg: TrainConfig,
+    model: nn.Module,
+    device: torch.device,
+    sample: torch.Tensor,
+    max_samples: int,
+    sharing: int = 1,
 ) -> int:
     """K for ``train.client_batch``: the integer as given, or (``auto``) the most clients whose block fits the
-    budget (``budget_bytes``), at least 1 and at most ``MAX_AUTO``. A pure function of the configuration, the model
-    and the device's kind and size, so every rank on like devices chooses the same K."""
+    budget (``budget_bytes``; ``sharing``: the ranks bound to this GPU), at least 1 and at most ``MAX_AUTO``. A pure
+    function of the configuration, the model, the device's kind and size and its sharing; K changes no result (a
+    client's training does not depend on the clients of its block), only speed and memory."""
     if isinstance(cfg.client_batch, int):
         return cfg.client_batch
     per_client = client_bytes(model, cfg, sample.to(device), max_samples)
-    return max(1, min(MAX_AUTO, budget_bytes(cfg, device) // per_client))
+    return max(1, min(MAX_AUTO, budget_bytes(cfg, device, sharing) // per_client))
