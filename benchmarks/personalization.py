@@ -20,6 +20,7 @@ per round too, sampled like the others.
     .venv/bin/python benchmarks/personalization.py --readme           # this machine: ~20 min on 2 shared cores
     .venv/bin/python benchmarks/personalization.py --rounds 100 --epochs 5 --jobs 16 --ranks 1   # bigger machine
     .venv/bin/python benchmarks/personalization.py --datasets digits --algorithms fedavg local --rounds 5
+    .venv/bin/python benchmarks/personalization.py --set train.client_batch=auto --out-dir runs/pers-batched
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def experiment(dataset: str, algorithm: str, args: argparse.Namespace, steps: in
     # serving a novel client: novel_epochs epochs of local training, or pFedHN's embedding steps of the same
     # local work (each step runs inner_steps = S local steps, i.e. E epochs)
     serving = {"novel": {"epochs": args.novel_epochs, "steps": max(1, args.novel_epochs // args.epochs)}}
-    return {
+    config = {
         "name": algorithm,
         "seed": 0,
         "rounds": args.rounds or spec["rounds"],
@@ -130,6 +131,16 @@ def experiment(dataset: str, algorithm: str, args: argparse.Namespace, steps: in
         "algorithm": section,
         **(serving if novel else {}),
     }
+    for item in args.set:  # --set KEY=VALUE: into every run (a train key the algorithm ignores stays out)
+        key, value = item.split("=", 1)
+        *path, leaf = key.split(".")
+        if path == ["train"] and leaf in ignored:
+            continue
+        section = config
+        for part in path:
+            section = section.setdefault(part, {})
+        section[leaf] = yaml.safe_load(value)
+    return config
 
 
 def serves_novel(algorithm: str) -> bool:
@@ -383,6 +394,13 @@ def main() -> None:
         default=[],
         metavar="KEY=V1,V2",
         help="--grid full: replace or add a grid key for every algorithm (pfl-mpi sweep --set-grid)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key for every run, e.g. train.client_batch=auto (batched clients: the same table)",
     )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "personalization")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown results file")

@@ -13,13 +13,14 @@ from ..models.split import check_buffers_handled
 from ..training.client_batch import choose_client_batch
 from ..training.loop import TrainConfig
 from ..training.tasks import model_outputs, probe_loss, resolve_task, training_loss
+from .device import ranks_per_device
 
 
 def build_algorithm(
-    cfg: RunConfig, data: FederatedData, device: torch.device | None = None, sharing: int = 1
+    cfg: RunConfig, data: FederatedData, device: torch.device | None = None, local_size: int = 1
 ) -> Algorithm:
-    """One model per architecture group (on ``device``, bound to ``sharing`` ranks), the ``Setup`` and the
-    algorithm of ``cfg``.
+    """One model per architecture group (on ``device``; ``local_size``: the ranks of this node, which share its
+    GPUs), the ``Setup`` and the algorithm of ``cfg``.
 
     The models are initialised from ``cfg.seed`` (``build_models``); raises ``ConfigError`` naming the key
     when the algorithm cannot use them or its parameters do not fit the model or the data."""
@@ -48,7 +49,7 @@ def build_algorithm(
         task=task,
         loss=training_loss(task, cfg.train.loss),
     )
-    setup.client_batch = resolve_client_batch(cfg, data, models[0], device, sharing)
+    setup.client_batch = resolve_client_batch(cfg, data, models[0], device, ranks_per_device(device, local_size))
     return cls(params, setup)
 
 

@@ -4,7 +4,8 @@ One round, in the order the messages go (labels of the ledger in brackets):
 
 1. [control]  Bcast of (round, status): the server says continue, or stop with an exit code.
 2. [down]     the algorithm's downlink: Bcast of one payload, or Scatterv of one per client.
-3.            each worker trains its sampled clients one after another (``client_update``).
+3.            each worker trains its sampled clients (``client_updates``: one after another, or in blocks of
+              ``train.client_batch``).
 4. [metrics]  Gatherv of each sampled client's (id, weight, samples, metrics).
 5. [up]       the algorithm's uplink: one Reduce of the pre-summed weighted payloads, or Gatherv.
 6.            the server aggregates (``aggregate``).
@@ -44,7 +45,7 @@ from ..wire.protocol import training_bytes
 from ..wire.transport import Transport, counts_per_rank
 from .build import build_algorithm
 from .client_store import ClientStore
-from .device import ranks_per_device, select_device, set_threads
+from .device import select_device, set_threads
 from .evaluation import Evaluator
 from .novel import NovelServing
 from .placement import held_out, place_clients, sample_clients
@@ -89,8 +90,7 @@ class Engine:
         self.all_clients = make_plan(np.arange(self.num_clients), self.host, world.size)
         self.hosted = self.all_clients.of_rank(world.rank)
         self.device = select_device(cfg.device, world.local_rank) if world.is_worker else torch.device("cpu")
-        sharing = ranks_per_device(self.device, world.local_size)  # ranks bound to one GPU split its auto budget
-        self.algo: Algorithm = build_algorithm(cfg, self.data, self.device, sharing)
+        self.algo: Algorithm = build_algorithm(cfg, self.data, self.device, world.local_size)
         self.transport = Transport(world, self.algo)
         groups = self.algo.setup.groups
         self.layout = StateLayout(self.algo.state_specs(), groups)  # each client's state, by architecture group
