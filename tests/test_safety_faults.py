@@ -21,7 +21,7 @@ import pytest
 from pfl_mpi.store import RunWriter
 from pfl_mpi.store.run_file import check_reopenable
 
-from .helpers import alive, process_tree
+from .helpers import alive, kill_tree, process_tree
 
 TINY = ["--set", "data.num_clients=8", "--set", "clients_per_round=4", "--set", "model.name=logreg"]
 TINY += ["--set", "train.batch_size=32", "--set", "device=cpu", "--set", "eval_every=5", "--quiet"]
@@ -72,10 +72,8 @@ def _target(launcher: subprocess.Popen, kind: str) -> int:
     return next(p for p in tree if _rank_of(p) == want)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
-@pytest.mark.parametrize("kind", ["launcher", "mpiexec", "rank0", "worker"])
-def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path, kind, signum):
-    out = tmp_path / "x.h5"
+def _start_long_job(out: Path) -> subprocess.Popen:
+    """A 3-rank job (launcher, mpiexec, proxy and its ranks all up) with two rounds committed to ``out``."""
     launcher = subprocess.Popen(
         [sys.executable, "-m", "pfl_mpi", "run", "-n", "3", "--out", str(out), "--set", "rounds=100000", *TINY],
         env=_env(),
@@ -87,6 +85,19 @@ def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path
         _wait(lambda: _committed(out) >= 2 or launcher.poll() is not None, "two committed rounds")
         assert launcher.poll() is None, launcher.communicate()
         _wait(lambda: len(process_tree(launcher.pid)) >= 5, "launcher, mpiexec, proxy and 3 ranks")
+    except BaseException:
+        kill_tree(launcher.pid)
+        launcher.wait()
+        raise
+    return launcher
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+@pytest.mark.parametrize("kind", ["launcher", "mpiexec", "rank0", "worker"])
+def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path, kind, signum):
+    out = tmp_path / "x.h5"
+    launcher = _start_long_job(out)
+    try:
         processes = process_tree(launcher.pid)
         os.kill(_target(launcher, kind), signum)
         if kind != "launcher" or signum != signal.SIGKILL:
@@ -134,17 +145,8 @@ def test_sigterm_to_the_launcher_of_a_hung_job_leaves_no_survivor(tmp_path):
     rank 0 cannot finish its round, ends the job after its grace period; no process is left, and the file
     keeps its committed rounds, readable for a resume."""
     out = tmp_path / "hung.h5"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "pfl_mpi", "run", "-n", "3", "--out", str(out), "--set", "rounds=100000", *TINY],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    launcher = _start_long_job(out)
     try:
-        _wait(lambda: _committed(out) >= 2 or launcher.poll() is not None, "two committed rounds")
-        assert launcher.poll() is None, launcher.communicate()
-        _wait(lambda: len(process_tree(launcher.pid)) >= 5, "launcher, mpiexec, proxy and 3 ranks")
         processes = process_tree(launcher.pid)
         os.kill(_target(launcher, "worker"), signal.SIGSTOP)
         os.kill(launcher.pid, signal.SIGTERM)
