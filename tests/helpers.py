@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pfl_mpi.algorithms import resolve
+from pfl_mpi.algorithms import algorithm_names, resolve
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.config import load_config
 from pfl_mpi.errors import ConfigError
@@ -173,3 +173,9 @@ def kill_tree(root: int) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"processes of job {root} outlived SIGKILL for 60 s")
         time.sleep(0.01)
+
+
+def built_in_algorithms() -> list[str]:
+    """The algorithms the package ships: the registry also holds what test plugins registered earlier in the
+    same process."""
+    return [n for n in algorithm_names() if resolve({"name": n})[0].__module__.startswith("pfl_mpi.algorithms.")]

@@ -17,12 +17,11 @@ import pytest
 import torch
 import yaml
 
-from pfl_mpi.algorithms import algorithm_names, resolve
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.config import load_config
 from pfl_mpi.runtime import Engine
 
-from .helpers import RecordingWorld
+from .helpers import RecordingWorld, built_in_algorithms
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 SHORT = [
@@ -46,12 +45,7 @@ def _config_of(algorithm: str) -> Path | None:
     return None
 
 
-def _built_in() -> list[str]:
-    """The algorithms the package ships (test plugins register more)."""
-    return [n for n in algorithm_names() if resolve({"name": n})[0].__module__.startswith("pfl_mpi.algorithms.")]
-
-
-BUILT_IN = _built_in()
+BUILT_IN = built_in_algorithms()
 
 
 def _cfg(algorithm: str, out: Path, rounds: int):

@@ -18,7 +18,7 @@ from pfl_mpi.runtime.placement import novel_clients, sample_clients, training_cl
 from pfl_mpi.seeding import client_generator
 from pfl_mpi.training.loop import evaluate
 
-from .helpers import flat, hand_sgd, names_of, tiny_config
+from .helpers import built_in_algorithms, flat, hand_sgd, names_of, tiny_config
 
 NOVEL = {"data.novel_clients": 3, "clients_per_round": 4, "model.hidden": "[16, 12]"}
 
@@ -295,10 +295,10 @@ def test_summary_info_and_report_show_the_novel_clients(tmp_path, capsys):
 def test_every_algorithm_serves_novel_clients_or_refuses_them(tmp_path):
     """Each algorithm refuses novel clients in one line, or serves one: its evaluation payload, ``serve_novel``
     (pFedHN: ``novel_fit``, run end to end above) and a finite score, the client's state untouched."""
-    from pfl_mpi.algorithms.registry import _REGISTRY, algorithm_names
+    from pfl_mpi.algorithms.registry import _REGISTRY
 
     served = []
-    for name in algorithm_names():
+    for name in built_in_algorithms():
         if not _REGISTRY[name].serves_novel:
             with pytest.raises(ConfigError, match=f"data.novel_clients: {name} does not serve novel clients"):
                 tiny_config(tmp_path / f"{name}.h5", name, **NOVEL)

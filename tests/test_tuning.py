@@ -15,11 +15,13 @@ from pfl_mpi.algorithms.ditto import Ditto
 from pfl_mpi.algorithms.fedper import FedPer
 from pfl_mpi.algorithms.fedprox import FedProx
 from pfl_mpi.algorithms.pfedhn import PFedHN
-from pfl_mpi.algorithms.registry import _REGISTRY, algorithm_names
+from pfl_mpi.algorithms.registry import _REGISTRY
 from pfl_mpi.cli import main
 from pfl_mpi.errors import ConfigError
 from pfl_mpi.store.layout import FORMAT
 from pfl_mpi.tuning import TUNING_TRIALS, Trial, check_tuning_grid, choose, score_trials, tuning_grid_for
+
+from .helpers import built_in_algorithms
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "default.yaml")  # FedPer on digits
@@ -28,7 +30,7 @@ SETS = [x for s in TINY for x in ("--set", s)]
 
 
 def test_every_algorithm_declares_a_valid_grid_of_the_same_size():
-    for name in algorithm_names():
+    for name in built_in_algorithms():
         grid = check_tuning_grid(_REGISTRY[name])
         assert math.prod(len(values) for _, values in grid) == TUNING_TRIALS, name
 
