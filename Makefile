@@ -35,7 +35,7 @@ run: venv
 test: venv test-unit test-mpi
 
 test-unit: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-mpi: venv
 	MPIEXEC_TIMEOUT=$(MPIEXEC_TIMEOUT) $(MPIEXEC) -n 2 $(PYTEST_MPI)
