@@ -84,3 +84,24 @@ def test_chain_steps_end_where_the_sequential_loop_ends(make, monkeypatch):
             torch.testing.assert_close(stacked[n][i], p, rtol=1e-5, atol=1e-6, msg=n)
             assert not torch.equal(p, start[n])  # it did train
         assert means[i]["train_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("make", [_odd_chain, _logreg], ids=["flatten-nobias-relus", "logreg"])
+def test_a_clients_chain_result_does_not_depend_on_its_block(make):
+    """Placement invariance: each client trained alone (K = 1) by the chain ends bit for bit where it ends in
+    the block of all of them, its parameters and its train loss (the loss summed step by step, in one order)."""
+    cfg = TrainConfig(batch_size=8, lr=0.2)
+    model = make()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(n, 3, 2, 2, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in SIZES]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    block = stack([start] * len(data))
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(len(data))]
+    together = batched_local_training(model, block, data, gens, cfg, cfg.lr, epochs=EPOCHS)
+    for i in range(len(data)):
+        alone = stack([start])
+        gen = torch.Generator().manual_seed(100 + i)
+        means = batched_local_training(model, alone, data[i : i + 1], [gen], cfg, cfg.lr, epochs=EPOCHS[i : i + 1])
+        assert means[0]["train_loss"] == together[i]["train_loss"]
+        for n in start:
+            assert torch.equal(alone[n][0], block[n][i]), n

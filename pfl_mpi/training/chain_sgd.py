@@ -68,7 +68,7 @@ def chain_sgd(
     padding). Returns each client's sum over its steps of its batch losses, ``[K]``."""
     steps, k, b = index.shape
     first = next(i for i, op in enumerate(ops) if op[0] == "linear")  # no input gradient before it
-    losses = torch.zeros(steps, k, dtype=x_all.dtype, device=x_all.device)
+    totals = torch.zeros(k, dtype=x_all.dtype, device=x_all.device)  # summed step by step: the same order for any K
     for s in range(steps):
         a = active[s]
         rows = index[s, :a].reshape(-1)
@@ -85,7 +85,8 @@ def chain_sgd(
                 h = h.relu_()
                 saved.append(h)
         y = y_all.index_select(0, rows).view(a, 1, b)
-        g, losses[s, :a] = _cross_entropy_grad(h, y, weight[s, :a].unsqueeze(1))
+        g, loss = _cross_entropy_grad(h, y, weight[s, :a].unsqueeze(1))
+        totals[:a] += loss
         for i in range(len(ops) - 1, first - 1, -1):
             kind, w_name, b_name = ops[i]
             if kind == "linear":
@@ -97,7 +98,7 @@ def chain_sgd(
                 g = grad_x
             else:
                 g = g.mul_(saved[i].sign())  # 0 where the ReLU was 0: its derivative
-    return losses.sum(dim=0)
+    return totals
 
 
 def _cross_entropy_grad(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:

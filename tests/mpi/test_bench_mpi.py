@@ -39,6 +39,9 @@ def test_a_late_rank_makes_the_root_wait():
     world.reduce_sum(np.ones(4), "up")
     world.broadcast(np.zeros(4), "control")  # nobody late here
     table = unpack_rows(world.ledger.as_row()[None])[0]
+    rows = world.gather_rows(world.ledger.as_row(), "ledger")  # as the engine does, after packing
+    world.ledger.reset()
+    # every collective is done: an assertion that fails on one rank cannot leave the others waiting in one
     waiting = table[:, FIELDS.index("waiting")]
     seconds = table[:, FIELDS.index("seconds")]
     assert np.all(waiting >= 0) and np.all(waiting <= seconds + 1e-12)
@@ -49,8 +52,6 @@ def test_a_late_rank_makes_the_root_wait():
         assert waiting[up] < 0.5 * LATE
     if world.rank in (0, last):  # a sender that left the Reduce early does wait in the Bcast, for rank 0
         assert waiting[LABELS.index("control")] < 0.5 * LATE
-    rows = world.gather_rows(world.ledger.as_row(), "ledger")  # as the engine does, after packing
-    world.ledger.reset()
     if world.rank == 0:
         everyone = unpack_rows(rows)[:, up, FIELDS.index("waiting")]
         assert everyone[0] > 0.5 * LATE and everyone[last] < 0.5 * LATE
