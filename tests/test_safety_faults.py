@@ -142,8 +142,9 @@ def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path
 
 def test_sigterm_to_the_launcher_of_a_hung_job_leaves_no_survivor(tmp_path):
     """A worker stops answering (SIGSTOP: it never reaches the next collective). SIGTERM to the launcher:
-    rank 0 cannot finish its round, ends the job after its grace period; no process is left, and the file
-    keeps its committed rounds, readable for a resume."""
+    rank 0 cannot finish its round and ends the job after its grace period, or (the worker stopped just after
+    its last message of a round) rank 0 commits and stops, and the launcher kills the job that cannot end.
+    Either way no process is left, and the file keeps its committed rounds, readable for a resume."""
     out = tmp_path / "hung.h5"
     launcher = _start_long_job(out)
     try:
@@ -157,6 +158,8 @@ def test_sigterm_to_the_launcher_of_a_hung_job_leaves_no_survivor(tmp_path):
             os.kill(pid, signal.SIGKILL)
         launcher.wait()
     assert launcher.returncode == 143, err
-    assert "did not stop within its grace period after SIGTERM" in err and "Traceback" not in err, err
+    ended_by_rank = "did not stop within its grace period after SIGTERM" in err
+    ended_by_launcher = "the job did not end within 15 s of SIGTERM" in err
+    assert (ended_by_rank or ended_by_launcher) and "Traceback" not in err, err
     check_reopenable(out)
     assert _committed(out) >= 2

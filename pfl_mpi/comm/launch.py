@@ -54,7 +54,7 @@ def make_world(poll_max: float = POLL_MAX_MS / 1000, wait: str = "polled"):
 
 
 # -- supervising mpiexec ------------------------------------------------------------------------
-STOP_GRACE = 12.0  # seconds the job gets to stop after a forwarded signal before everything left is killed
+STOP_GRACE = 15.0  # seconds the job gets to stop after a forwarded signal before everything left is killed
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
 
 
@@ -128,24 +128,53 @@ def supervise(command: list[str], grace: float = STOP_GRACE) -> int:
     """Run ``command`` (mpiexec) so that no process outlives this one, and return its exit code.
 
     SIGTERM, SIGINT and SIGHUP here are passed on to mpiexec as SIGTERM (it forwards them to the ranks,
-    which commit and stop); a second one kills it. mpiexec gets SIGTERM if this process dies (SIGKILL
-    included), and runs in its own session so that a terminal's Ctrl-C reaches only this process. This
-    process adopts the ranks when mpiexec dies (child subreaper): whatever is left when mpiexec has
-    ended gets SIGTERM, then SIGKILL after ``grace`` seconds. The exit code of a killed mpiexec is 128 + signal."""
+    which commit and stop); a second one kills it. A job still running ``grace`` seconds after the first
+    signal (a rank that never reaches the end: stopped, or hung in a collective) is killed, with one line
+    saying so. mpiexec gets SIGTERM if this process dies (SIGKILL included), and runs in its own session so
+    that a terminal's Ctrl-C reaches only this process. This process adopts the ranks when mpiexec dies
+    (child subreaper): whatever is left when mpiexec has ended gets SIGTERM, then SIGKILL after ``grace``
+    seconds. The exit code is mpiexec's (128 + signal if a signal ended it; 143 for a job killed here after
+    its grace period, as for any job that a SIGTERM ended)."""
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_term_with_parent)  # noqa: PLW1509
-    received: list[int] = []
+    received: list[tuple[int, float]] = []  # (signal, when)
 
     def forward(signum: int, frame) -> None:
-        received.append(signum)
+        received.append((signum, time.monotonic()))
         with contextlib.suppress(OSError):
             proc.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        code = proc.wait()
-        _end_leftovers(grace if len(received) < 2 else 0.0)
+        killed = _wait_or_kill(proc, received, grace)
+        _end_leftovers(grace if len(received) < 2 and not killed else 0.0)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 128 - code if code < 0 else code
+    if killed:
+        return 128 + signal.SIGTERM
+    return 128 - proc.returncode if proc.returncode < 0 else proc.returncode
+
+
+def _wait_or_kill(proc: subprocess.Popen, received: list[tuple[int, float]], grace: float) -> bool:
+    """Wait for ``proc``; kill it once ``grace`` seconds have passed since the first signal received.
+    True if it was killed here."""
+    while True:
+        try:
+            proc.wait(timeout=0.1)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        if received and time.monotonic() - received[0][1] >= grace:
+            name = signal.Signals(received[0][0]).name
+            print(
+                f"pfl-mpi: the job did not end within {grace:g} s of {name}: killing its processes; "
+                "the file keeps its committed rounds",
+                file=sys.stderr,
+                flush=True,
+            )
+            for pid in _descendants(os.getpid()):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            return True
