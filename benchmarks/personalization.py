@@ -12,10 +12,10 @@ pFedHN's split) and each algorithm:
 
 Equal budget (docs/tuning.md): every algorithm gets the same grid size, rounds, clients per round and batch
 size; per round a sampled client trains ``--epochs`` E epochs; the algorithms counted in steps get
-S = E * ceil(median training samples / batch) steps (pFedHN's inner_steps, Per-FedAvg's tau); FedRep trains its
-body for E epochs after its tuned head epochs; Ditto's personal model gets as many epochs as the global one
-(the authors' code); FedMeta keeps one inner step on its support set (its protocol). Local trains E epochs
-per round too, sampled like the others.
+S = E * ceil(median training samples / batch) steps (pFedHN's inner_steps, Per-FedAvg's tau); the algorithms
+that train two things share the E epochs: FedRep one body epoch after E - 1 head epochs, Ditto E/2 epochs of the
+global model and E/2 of the personal one; FedMeta keeps one inner step on its support set (its protocol). Local
+trains E epochs per round too, sampled like the others.
 
     .venv/bin/python benchmarks/personalization.py --readme           # this machine: ~20 min on 2 shared cores
     .venv/bin/python benchmarks/personalization.py --rounds 100 --epochs 5 --jobs 16 --ranks 1   # bigger machine
@@ -86,7 +86,6 @@ SMALL = {
     "pfedhn-pc": {"algorithm.inner_lr": ["0.05", "0.15"], "algorithm.lr": ["0.05"]},
     "perfedavg": {"algorithm.alpha": ["0.05", "0.1"], "algorithm.beta": ["0.1"]},
     "fedmeta": {"algorithm.alpha": ["0.2", "0.5"], "algorithm.beta": ["0.01"]},
-    "fedrep": {"algorithm.tau_h": ["5", "10"], "train.lr": ["0.3"]},
 }
 
 
@@ -107,12 +106,22 @@ def experiment(dataset: str, algorithm: str, args: argparse.Namespace, steps: in
 
     spec = DATASETS[dataset]
     section = dict(yaml.safe_load((ROOT / "configs" / f"{CONFIGS[algorithm]}.yaml").read_text())["algorithm"])
-    section.update({"fedrep": {"tau_b": args.epochs}, "perfedavg": {"tau": steps}}.get(algorithm, {}))
+    e = args.epochs  # E passes over a client's data per round, whatever the algorithm does with them:
+    split = {  # FedRep: one body epoch, the rest its head's; Ditto: E/2 epochs for w, the rest for v_k
+        "fedrep": {"tau_b": 1, "tau_h": max(1, e - 1)},
+        "ditto": {"personal_epochs": max(1, e - e // 2)},
+        "perfedavg": {"tau": steps},
+    }
+    section.update(split.get(algorithm, {}))
     if algorithm.startswith("pfedhn"):
         section["inner_steps"] = steps
     if algorithm == "fedprox":
         section["straggler_fraction"] = 0.0  # every client trains its E epochs
-    train = {"local_epochs": args.epochs, "batch_size": args.batch_size, "lr": spec["lr"]}
+    train = {
+        "local_epochs": max(1, e // 2) if algorithm == "ditto" else e,
+        "batch_size": args.batch_size,
+        "lr": spec["lr"],
+    }
     ignored = ignored_train_keys(resolve(section)[0], 0)
     data = {**spec["data"], **SPLIT, **({"novel_clients": novel} if novel else {})}
     # serving a novel client: novel_epochs epochs of local training, or pFedHN's embedding steps of the same

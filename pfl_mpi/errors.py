@@ -12,6 +12,15 @@ class ConfigError(ValueError):
         self.message = message
 
 
+class AgreedConfigError(ConfigError):
+    """A ConfigError that every rank raises together (after ``World.agree``), found on rank ``rank``: bad samples
+    that only the worker hosting them reads."""
+
+    def __init__(self, key: str, message: str, rank: int):
+        super().__init__(key, message)
+        self.rank = rank
+
+
 class DivergenceError(RuntimeError):
     """A loss or an aggregate became NaN or infinite; the completed rounds are kept."""
 

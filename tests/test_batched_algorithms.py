@@ -116,6 +116,25 @@ def test_what_the_batched_loop_cannot_run_trains_sequentially(tmp_path, batched_
     for name in ("train_loss", "test_acc"):
         a, b = committed(tmp_path / "four.h5", "rounds", name), committed(tmp_path / "one.h5", "rounds", name)
         np.testing.assert_array_equal(a, b, err_msg=name)
+    with h5py.File(tmp_path / "four.h5") as f:
+        assert f.attrs["client_batch"] == 4
+        assert f.attrs["client_batch_use"] == "evaluation; training one client at a time: optimizer adam"
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "k", "use"),
+    [
+        ("fedavg", 4, "training and evaluation"),
+        ("perfedavg", 4, "evaluation; training one client at a time: perfedavg trains its clients one after another"),
+        ("fedproto", 1, "nothing: fedproto trains its clients one after another"),
+    ],
+)
+def test_the_file_records_what_ran_in_blocks(tmp_path, batched_clients, algorithm, k, use):
+    """K and what used it, as ran: an algorithm that trains its clients one by one has no training block."""
+    _run(tiny_config(tmp_path / "run.h5", algorithm, rounds=1, **{"train.client_batch": 4}))
+    with h5py.File(tmp_path / "run.h5") as f:
+        assert (f.attrs["client_batch"], f.attrs["client_batch_use"]) == (k, use)
+    assert (batched_clients != []) == use.startswith("training")
 
 
 def test_after_a_block_the_model_holds_its_own_tensors_and_the_last_clients_parameters(tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def test_natural_partition_checks_the_number_of_clients_and_their_sizes(tmp_path
     path = write(tmp_path / "d.npz", arrays)
     with pytest.raises(ConfigError) as info:
         load_federated(DataConfig(name="file", path=path, num_clients=5), 0)
-    assert info.value.key == "data.num_clients" and "4 distinct ids" in info.value.message
+    assert info.value.key == "data.num_clients" and "the data set has 4 client ids" in info.value.message
     arrays["client"][:] = 3
     arrays["client"][0] = 9  # client id 9 holds one sample: it cannot have a train and a test sample
     path = write(tmp_path / "e.npz", arrays)

@@ -131,9 +131,12 @@ def write_shakespeare(root: Path, num_users: int = 6, seed: int = 0) -> dict:
     return {"users": users, "train": train, "test": test}
 
 
-def write_hf(root: Path, clients: list[str] | None = None, per_client: int = 8, seed: int = 0) -> dict:
+def write_hf(
+    root: Path, clients: list[str] | None = None, per_client: int = 8, seed: int = 0, narrow: str | None = None
+) -> dict:
     """A DatasetDict (train, test) with an Image column, a ClassLabel and a string client column, written by
-    ``save_to_disk`` to ``root/hf``, and the same splits as parquet files under ``root/parquet``."""
+    ``save_to_disk`` to ``root/hf``, and the same splits as parquet files under ``root/parquet``. The images are
+    6 x 5 pixels, those of client ``narrow`` 6 x 4."""
     import datasets
     from PIL import Image
 
@@ -147,7 +150,7 @@ def write_hf(root: Path, clients: list[str] | None = None, per_client: int = 8, 
         who = [c for c in clients for _ in range(n)]
         labels = rng.integers(0, 3, len(who))
         pixels = rng.integers(0, 256, (len(who), 6, 5, 3), dtype=np.uint8)
-        images = [Image.fromarray(p) for p in pixels]
+        images = [Image.fromarray(p if w != narrow else p[:, :4]) for p, w in zip(pixels, who, strict=True)]
         splits[split] = datasets.Dataset.from_dict(
             {"img": images, "label": labels.tolist(), "who": who}, features=features
         )

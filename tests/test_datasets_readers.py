@@ -4,7 +4,9 @@ parquet, files with a split array; official test splits, validation, sub-sampled
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -209,6 +211,33 @@ def test_shakespeare_character_outside_the_vocabulary_is_a_config_error(tmp_path
     assert info.value.key == "data.root" and "vocabulary" in info.value.message
 
 
+def _spoil_first_user(root: Path, spoil) -> None:
+    path = sorted((root / "train").glob("*.json"))[0]
+    data = json.loads(path.read_text())
+    spoil(data["user_data"][data["users"][0]])
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("written", "name", "spoil", "expected"),
+    [
+        ("femnist", "femnist", lambda u: u["x"][0].pop(), "has an x of 783 values; LEAF's femnist has 784 values"),
+        ("femnist", "femnist", lambda u: u["x"].pop(), "x for "),
+        ("femnist", "shakespeare", lambda u: None, "is data.name right?"),
+        ("shakespeare", "femnist", lambda u: None, "is data.name right?"),
+        ("shakespeare", "shakespeare", lambda u: u["x"].__setitem__(0, u["x"][0][:79]), "an x of 79 characters"),
+    ],
+    ids=["short_image", "fewer_x_than_y", "femnist_files_as_shakespeare", "shakespeare_files_as_femnist", "short_text"],
+)
+def test_leaf_samples_clients_cannot_be_built_from_are_refused_at_start_up(tmp_path, written, name, spoil, expected):
+    """Checked when the files are first read (before any rank builds a client): one line naming the file."""
+    users = (write_femnist if written == "femnist" else write_shakespeare)(tmp_path)["users"]
+    _spoil_first_user(tmp_path, spoil)
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(name=name, root=str(tmp_path), num_clients=len(users), min_samples=2), 0)
+    assert info.value.key == "data.root" and expected in info.value.message and ".json" in info.value.message
+
+
 def test_max_clients_draws_users_by_seed_in_their_order(tmp_path: Path) -> None:
     users = write_femnist(tmp_path)["users"]
 
@@ -222,7 +251,7 @@ def test_max_clients_draws_users_by_seed_in_their_order(tmp_path: Path) -> None:
         assert list(chosen) == sorted(chosen, key=users.index) and set(chosen) <= set(users)
     with pytest.raises(ConfigError) as info:  # num_clients must match what is kept
         load_federated(DataConfig(name="femnist", root=str(tmp_path), num_clients=4, max_clients=3, min_samples=2), 0)
-    assert info.value.key == "data.num_clients" and "3" in info.value.message
+    assert info.value.key == "data.num_clients" and "data.max_clients keeps 3 users" in info.value.message
 
 
 def test_missing_leaf_folder_names_data_root(tmp_path: Path) -> None:
@@ -344,6 +373,36 @@ def test_hf_offline_and_a_missing_column_names_its_key(hf_dirs) -> None:
         load_federated(DataConfig(name="hf", root=str(root / "hf"), num_clients=4, hf={"x": "pixels"}), 0)
     assert info.value.key == "data.hf.x" and "img" in info.value.message
     assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_hf_x_that_is_not_numbers_of_one_shape_names_its_key(tmp_path: Path) -> None:
+    """A string column as x: one line at start-up; images of two sizes: one line when the client is built."""
+    write_hf(tmp_path, narrow="dave")
+    cfg = {"name": "hf", "root": str(tmp_path / "hf"), "num_clients": 4, "min_samples": 2}
+    with pytest.raises(ConfigError) as info:
+        load_federated(DataConfig(**cfg, hf={"x": "who", "client": "who"}), 0)
+    assert info.value.key == "data.hf.x" and "'who' is not numbers of one shape" in info.value.message
+    fd = load_federated(DataConfig(**cfg, hf={"x": "img", "client": "who"}), 0)
+    assert fd.input_shape == (3, 6, 5) and fd.client(0).x_train.shape[1:] == (3, 6, 5)  # alice
+    with pytest.raises(ConfigError) as info:
+        fd.client(fd.client_names.index("dave"))
+    assert info.value.key == "data.hf.x" and "(3, 6, 4) beside rows of (3, 6, 5)" in info.value.message
+
+
+def test_bad_samples_found_by_one_worker_end_every_rank_with_one_line(tmp_path: Path) -> None:
+    """Only the worker hosting the client with smaller images reads them: the ranks agree, rank 0 prints the
+    worker's line, every rank exits 2 (no MPI abort), and neither file nor lock is left."""
+    write_hf(tmp_path, narrow="dave")
+    sets = ["data.name=hf", f"data.root={tmp_path / 'hf'}", "data.hf.x=img", "data.hf.client=who", "model.name=mlp"]
+    sets += ["data.num_clients=4", "data.min_samples=2", "clients_per_round=2", "rounds=2", "train.batch_size=4"]
+    out = tmp_path / "r.h5"
+    argv = ["run", *(t for s in sets for t in ("--set", s)), "-n", "3", "--out", str(out), "--quiet"]
+    run = subprocess.run([sys.executable, "-m", "pfl_mpi", *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pfl-mpi: config error: data.hf.x: column 'img' has rows"), lines
+    assert re.search(r"\(rank [12] of 3, host ", lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "parquet"]
 
 
 def test_hf_without_the_datasets_package_says_how_to_install(hf_dirs, monkeypatch) -> None:

@@ -13,16 +13,17 @@ from .helpers import alive
 
 CHILD = """
 import os, signal, sys, time
-if {ignore_term}:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ON_TERM = {{"default": signal.SIG_DFL, "ignore": signal.SIG_IGN, "exit": lambda *_: sys.exit(0)}}
+signal.signal(signal.SIGTERM, ON_TERM[{on_term!r}])
 print(os.getpid(), flush=True)
 time.sleep(600)
 """
 
 
-def _supervisor(ignore_term: bool, grace: float) -> subprocess.Popen:
-    """A process running ``supervise`` over a child that sleeps (and ignores SIGTERM if asked)."""
-    child = [sys.executable, "-c", CHILD.format(ignore_term=ignore_term)]
+def _supervisor(on_term: str, grace: float) -> subprocess.Popen:
+    """A process running ``supervise`` over a child that sleeps; on SIGTERM it dies (``default``), ignores it
+    (``ignore``) or exits from a handler as the ranks do (``exit``)."""
+    child = [sys.executable, "-c", CHILD.format(on_term=on_term)]
     script = textwrap.dedent(f"""
         import sys
         from pfl_mpi.comm.launch import supervise
@@ -38,7 +39,7 @@ def _child_pid(proc: subprocess.Popen) -> int:
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period_with_one_line():
-    proc = _supervisor(ignore_term=True, grace=1.0)
+    proc = _supervisor("ignore", grace=1.0)
     child = _child_pid(proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -50,8 +51,9 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period_with_one_
 
 
 def test_a_stopped_child_is_killed_after_the_grace_period():
-    """SIGSTOP: the child cannot even receive the SIGTERM passed on to it."""
-    proc = _supervisor(ignore_term=False, grace=1.0)
+    """SIGSTOP: the child's handler cannot run on the SIGTERM passed on to it (a default SIGTERM would still kill
+    a stopped process; a handled one waits for SIGCONT)."""
+    proc = _supervisor("exit", grace=1.0)
     child = _child_pid(proc)
     os.kill(child, signal.SIGSTOP)
     proc.send_signal(signal.SIGINT)
@@ -62,7 +64,7 @@ def test_a_stopped_child_is_killed_after_the_grace_period():
 
 
 def test_a_child_that_ends_on_the_passed_sigterm_gives_its_own_exit_and_no_line():
-    proc = _supervisor(ignore_term=False, grace=30.0)
+    proc = _supervisor("default", grace=30.0)
     child = _child_pid(proc)
     proc.send_signal(signal.SIGHUP)  # passed on as SIGTERM: the child dies of it
     _, err = proc.communicate(timeout=60)

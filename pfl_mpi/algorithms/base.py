@@ -383,14 +383,20 @@ class Algorithm:
             client = dataclasses.replace(client, generator=options.pop("generator"))
         return self.local_training(client, **options)
 
+    @property
+    def trains_in_blocks(self) -> bool:
+        """Whether ``client_updates`` trains the clients in blocks: ``setup.client_batch`` > 1 and a declared
+        ``client_steps`` (or ``begin_training``), ``client_update`` not overridden."""
+        own = type(self)
+        declares = own.client_steps is not Algorithm.client_steps or own.begin_training is not Algorithm.begin_training
+        return self.setup.client_batch > 1 and declares and own.client_update is Algorithm.client_update
+
     def client_updates(self, clients: list[Client], payloads: Sequence) -> Iterator[Update]:
         """The updates of a worker's clients of a round, in ``clients`` order (what the runtime calls). An
         algorithm that declares ``client_steps`` (or ``begin_training``/``finish_training``) trains them in
         blocks of ``setup.client_batch`` (``blocks.train_in_blocks``) unless it overrides ``client_update``;
         otherwise ``client_update`` one after another."""
-        own = type(self)
-        declares = own.client_steps is not Algorithm.client_steps or own.begin_training is not Algorithm.begin_training
-        if self.setup.client_batch > 1 and declares and own.client_update is Algorithm.client_update:
+        if self.trains_in_blocks:
             from ..training.blocks import train_in_blocks
 
             yield from train_in_blocks(self, clients, payloads)

@@ -165,6 +165,10 @@ class FedMeta(Algorithm):
         n_support = min(max(int(round(self.params.support_fraction * n)), 1), n - 1)
         return order[:n_support], order[n_support:]
 
+    def _augmented(self, x: torch.Tensor, client: Client) -> torch.Tensor:
+        """The support or query inputs under ``data.augment`` (as they are when it is off)."""
+        return x if self.setup.augment is None else self.setup.augment(x, client.generator)
+
     def meta_gradient(self, client: Client, payload: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The client's meta-gradient (flat, CPU, the uplink's layout) and its query loss."""
         if client.num_train < 2:
@@ -173,8 +177,9 @@ class FedMeta(Algorithm):
         support, query = self.split(client)
         theta, alpha = self._unpack(payload)
         first_order = self.params.variant == "fomaml"
-        phi = self.adapt(theta, alpha, x[support], y[support], create_graph=not first_order)
-        loss = self.fn.loss(phi, x[query], y[query])
+        x_support, x_query = self._augmented(x[support], client), self._augmented(x[query], client)
+        phi = self.adapt(theta, alpha, x_support, y[support], create_graph=not first_order)
+        loss = self.fn.loss(phi, x_query, y[query])
         wrt = phi if first_order else theta + (alpha or [])
         grads = torch.autograd.grad(loss, wrt)
         return self.fn.flatten(grads), float(loss.detach())

@@ -57,7 +57,6 @@ class FedRepParams(FedAvgParams):
 @register
 class FedRep(SharedModelAlgorithm):
     name = "fedrep"
-    tuning_grid = {"algorithm.tau_h": [5, 10], "train.lr": [0.1, 0.3]}  # docs/tuning.md
     Params = FedRepParams
     up = WeightedSum()  # the body's update, as FedAvg's
     replaces_train = {"local_epochs": "algorithm.tau_h (head epochs) and algorithm.tau_b (body epochs)"}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..models.params import ParamLayout
+from ..training.loop import Augment
 
 Tensors = list[torch.Tensor]
 
@@ -122,10 +123,18 @@ class BatchStream:
     when fewer than ``batch_size`` indices remain, a new permutation is drawn (the remainder is dropped),
     so consecutive batches (D, D', D'' of Per-FedAvg) are disjoint whenever the split holds enough samples.
     A batch size of at least n gives the whole split, in the order of a fresh permutation, every time.
+    ``augment`` (``data.augment``) transforms each batch's inputs, drawing from the same generator.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
-        self.x, self.y, self.generator = x, y, generator
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+        augment: Augment | None = None,
+    ):
+        self.x, self.y, self.generator, self.augment = x, y, generator, augment
         self.n = int(y.shape[0])
         self.batch_size = min(int(batch_size), self.n)
         self.order = torch.empty(0, dtype=torch.int64)
@@ -137,4 +146,5 @@ class BatchStream:
             self.pos = 0
         idx = self.order[self.pos : self.pos + self.batch_size].to(self.x.device)
         self.pos += self.batch_size
-        return self.x[idx], self.y[idx]
+        x = self.x[idx]
+        return (x if self.augment is None else self.augment(x, self.generator)), self.y[idx]

@@ -122,7 +122,7 @@ class PerFedAvg(SharedModelAlgorithm):
         return leaves(axpy(-p.beta, u, w)), float(meta_loss.detach())
 
     def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        batches = BatchStream(*client.train, self.setup.train.batch_size, client.generator)
+        batches = BatchStream(*client.train, self.setup.train.batch_size, client.generator, self.setup.augment)
         w = self.fn.unflatten(payload, self.setup.device)
         total = 0.0
         for _ in range(self.params.tau):
@@ -134,7 +134,7 @@ class PerFedAvg(SharedModelAlgorithm):
 
     def personalise(self, client: Client, payload: torch.Tensor) -> list[torch.Tensor]:
         """w after ``eval_steps`` steps of size alpha on the client's training data (its state untouched)."""
-        batches = BatchStream(*client.train, self.setup.train.batch_size, client.generator)
+        batches = BatchStream(*client.train, self.setup.train.batch_size, client.generator, self.setup.augment)
         w = self.fn.unflatten(payload, self.setup.device)
         for _ in range(self.params.eval_steps):
             _, g = self.fn.grad(w, *(client.train if self.params.eval_full_batch else batches.next()))

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for line in segment_lines(a, summary.rounds_completed):
         print(line)
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
+    if "client_batch_use" in a:  # files written before it was recorded have only client_batch
+        print(f"  clients in blocks of {a['client_batch']}: {a['client_batch_use']}")
     if summary.rounds_completed:
         for i in _last_evaluated(r):
             for line in score_lines(

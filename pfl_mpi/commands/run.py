@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, ConfigError, Interrupted
+from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, AgreedConfigError, ConfigError, Interrupted
 from ..report.score_lines import score_lines
 from ..runtime.cluster import Stopper, launch_mismatch, launcher_rank, requeued
 from ..runtime.novel_record import novel_line
@@ -384,6 +384,12 @@ def _run_ranks(args: argparse.Namespace, world, prepared, stopper: Stopper) -> i
             world.abort(EXIT_WRITE)
         world.exit(EXIT_WRITE)
         return EXIT_WRITE
+    except AgreedConfigError as err:  # every rank raised it together: none is left waiting in a collective
+        if world.is_server:
+            where = f" (rank {err.rank} of {world.size}, host {world.hosts[err.rank]})" if err.rank else ""
+            print(f"pfl-mpi: config error: {err}{where}", file=sys.stderr, flush=True)
+        _release(lock)
+        return EXIT_CONFIG
     except Exception:
         sys.stdout.flush()
         print(

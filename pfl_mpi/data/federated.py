@@ -326,7 +326,7 @@ def _partition(
     if kind == "natural":
         if client_ids is None:
             raise ConfigError("data.partition", f"'natural' needs client ids in {cfg.path or cfg.root}")
-        return natural(client_ids, n, m, names)
+        return natural(client_ids, n, m, names, sampled=cfg.max_clients is not None)
     if kind == "iid":
         return iid(len(labels), n, m, g)
     if kind == "quantity":

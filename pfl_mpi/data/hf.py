@@ -130,17 +130,21 @@ def _column(dataset: Any, name: str, key: str, split: str) -> np.ndarray:
     return np.asarray(dataset.data.column(name).to_numpy(zero_copy_only=False))
 
 
-def _as_x(values: Any) -> np.ndarray:
-    """Decoded rows -> float32 [n, ...]; images [n, H, W(, C)] uint8 -> [n, C, H, W] in [0, 1]."""
-    if isinstance(values, list):
-        values = np.stack([np.asarray(v) for v in values])
-    x = np.asarray(values)
-    if x.dtype == np.uint8 and x.ndim in (3, 4):  # decoded images
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-        return x.astype(np.float32) / 255.0
-    if x.dtype == object:
-        x = np.stack([np.asarray(v, dtype=np.float32) for v in x])
-    x = x.astype(np.float32)
+def _as_x(values: Any, column: str) -> np.ndarray:
+    """Decoded rows -> float32 [n, ...]; images [n, H, W(, C)] uint8 -> [n, C, H, W] in [0, 1]. Rows that are
+    not numbers of one shape are a ConfigError on ``data.hf.x``."""
+    try:
+        if isinstance(values, list):
+            values = np.stack([np.asarray(v) for v in values])
+        x = np.asarray(values)
+        if x.dtype == np.uint8 and x.ndim in (3, 4):  # decoded images
+            x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+            return x.astype(np.float32) / 255.0
+        if x.dtype == object:
+            x = np.stack([np.asarray(v, dtype=np.float32) for v in x])
+        x = x.astype(np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("data.hf.x", f"column {column!r} is not numbers of one shape per row: {exc}") from exc
     return x[:, None] if x.ndim == 1 else x
 
 
@@ -151,6 +155,7 @@ class HfReader:
         self.parts = [p if isinstance(p, ParquetSplit) else p.with_format("numpy") for p in parts]
         self.column = column
         self.starts = np.cumsum([0, *(len(p) for p in parts)])
+        self.shape: tuple[int, ...] | None = None
 
     def _values(self, part: Any, rows: np.ndarray) -> Any:
         if isinstance(part, ParquetSplit):
@@ -162,7 +167,14 @@ class HfReader:
         out: np.ndarray | None = None
         for i in np.unique(which):
             mask = which == i
-            x = _as_x(self._values(self.parts[i], rows[mask] - self.starts[i]))
+            x = _as_x(self._values(self.parts[i], rows[mask] - self.starts[i]), self.column)
+            if self.shape is None:
+                self.shape = x.shape[1:]  # the data set's, from its first row (read at start-up)
+            if x.shape[1:] != self.shape:
+                raise ConfigError(
+                    "data.hf.x", f"column {self.column!r} has rows of shape {x.shape[1:]} beside rows of "
+                    f"{self.shape}: every x must have one shape (resize the images first)",
+                )  # fmt: skip
             if out is None:
                 out = np.empty((len(rows), *x.shape[1:]), dtype=np.float32)
             out[mask] = x

@@ -128,12 +128,30 @@ class LeafReader:
 
 
 def _labels(name: str, y: list, path: Path) -> np.ndarray:
-    if name == "shakespeare":
-        return np.array([encode(c, str(path))[0] if len(c) == 1 else -1 for c in y], dtype=np.int64)
-    labels = np.asarray(y, dtype=np.int64)
+    try:
+        if name == "shakespeare":
+            return np.array([encode(c, str(path))[0] if len(c) == 1 else -1 for c in y], dtype=np.int64)
+        labels = np.asarray(y, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(KEY, f"{path}: its y are not LEAF {name} labels ({exc}); is data.name right?") from exc
     if len(labels) and (labels.min() < 0 or labels.max() >= FEMNIST_CLASSES):
         raise ConfigError(KEY, f"{path}: FEMNIST labels must be 0..{FEMNIST_CLASSES - 1}")
     return labels
+
+
+def _check_x(name: str, x: list, num: int, path: Path, user: str) -> None:
+    """One line at start-up for x that clients could not be built from: a count other than y's, or a sample
+    of another length or kind than the data set's (784 numbers; a string of 80 characters)."""
+    text = name == "shakespeare"
+    want, unit = (SEQ_LEN, "characters") if text else (784, "values")
+    if not isinstance(x, list) or len(x) != num:
+        raise ConfigError(KEY, f"{path}: user {user!r} has {len(x) if isinstance(x, list) else 'no list of'} x "
+                          f"for {num} y")  # fmt: skip
+    for sample in x:
+        if not isinstance(sample, str if text else list) or len(sample) != want:
+            size = f"{len(sample)} {unit}" if isinstance(sample, (str, list)) else type(sample).__name__
+            raise ConfigError(KEY, f"{path}: user {user!r} has an x of {size}; LEAF's {name} has {want} {unit} "
+                              "(is data.name right?)")  # fmt: skip
 
 
 def read(cfg: DataConfig) -> Tagged:
@@ -152,7 +170,11 @@ def read(cfg: DataConfig) -> Tagged:
                     codes.setdefault(user, len(codes))
                 elif user not in codes:
                     raise ConfigError(KEY, f"{path}: user {user!r} has test samples but no training samples")
-                y = _labels(cfg.name, data["user_data"][user]["y"], path)
+                samples = data["user_data"][user]
+                if not isinstance(samples, dict) or not isinstance(samples.get("y"), list) or "x" not in samples:
+                    raise ConfigError(KEY, f"{path}: user {user!r} has no list 'y' beside its 'x'")
+                y = _labels(cfg.name, samples["y"], path)
+                _check_x(cfg.name, samples["x"], len(y), path, user)
                 if (y < 0).any():
                     raise ConfigError(KEY, f"{path}: user {user!r} has a y that is not one LEAF character")
                 rows.block_file.append(len(rows.files) - 1)

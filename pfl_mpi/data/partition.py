@@ -185,19 +185,24 @@ def shards(
 
 
 def natural(
-    client_ids: np.ndarray, num_clients: int, min_samples: int, names: Sequence[str] | None = None
+    client_ids: np.ndarray,
+    num_clients: int,
+    min_samples: int,
+    names: Sequence[str] | None = None,
+    sampled: bool = False,
 ) -> Partition:
     """The file's own split: client k holds the samples of the k-th smallest distinct id, in file order.
 
-    ``names``: the name of each id (ids are then codes 0..U-1), for the messages."""
+    ``names``: the name of each id (ids are then codes 0..U-1), for the messages; ``sampled``: the ids are the
+    users ``data.max_clients`` kept."""
     ids, inverse, counts = np.unique(client_ids, return_inverse=True, return_counts=True)
     if names is not None:
         ids = np.asarray([names[int(i)] for i in ids], dtype=object)
     if len(ids) != num_clients:
+        have = f"data.max_clients keeps {len(ids)} users" if sampled else f"the data set has {len(ids)} client ids"
         raise ConfigError(
             "data.num_clients",
-            f"{num_clients}, but the data set's client ids have {len(ids)} distinct ids; set "
-            f"data.num_clients: {len(ids)} (or choose a partition other than natural)",
+            f"{num_clients}, but {have}; set data.num_clients: {len(ids)} (or choose a partition other than natural)",
         )
     small = np.flatnonzero(counts < min_samples)
     if len(small):

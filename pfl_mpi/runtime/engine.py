@@ -33,13 +33,14 @@ from ..algorithms import Algorithm, Client
 from ..comm import World
 from ..config import RunConfig
 from ..data import ClientData, load_federated
+from ..errors import EXIT_DIVERGED, AgreedConfigError, ConfigError
 from ..network import simulated_network
 from ..seeding import client_generator
 from ..store import RunWriter
 from ..store.layout import StateLayout
 from ..store.nested import unflatten_state
 from ..store.run_file import close_run_file, create_run_file, reopen_run_file
-from ..store.writer import block_rows
+from ..training.client_batch import batching_record
 from ..wire.plan import make_plan
 from ..wire.protocol import training_bytes
 from ..wire.transport import Transport, counts_per_rank
@@ -50,9 +51,8 @@ from .evaluation import Evaluator
 from .novel import NovelServing
 from .placement import held_out, place_clients, sample_clients
 from .progress import Progress
-from .record import META_COLUMNS, Recorder
-
-EXIT_DIVERGED = 3
+from .record import META_COLUMNS, Recorder, RoundArrivals
+from .restore import scatter_client_states
 
 
 def _to_device(data: ClientData, device: torch.device) -> ClientData:
@@ -100,8 +100,7 @@ class Engine:
         self.writer: RunWriter | None = None
         if world.is_worker:
             self.store = ClientStore(self.layout.specs, self.hosted, self.algo.initial_client_state, groups)
-            hosted = self.data.clients(self.hosted)  # in increasing order, then the reader's cache is emptied
-            self.client_data = {k: _to_device(hosted[k], self.device) for k in self.hosted}
+        self.client_data = self._load_hosted_clients()
         histograms = self._label_histograms()
         self.algo.setup.label_distribution = self._label_distribution(histograms)
         if world.is_server:
@@ -137,6 +136,20 @@ class Engine:
             self.recorder = Recorder(
                 self.writer, self.algo, self.layout, self.metric_names, world.workers, self.progress
             )
+
+    def _load_hosted_clients(self) -> dict[int, ClientData]:
+        """This worker's clients, on its device; the ranks agree first, so that bad samples only one worker reads
+        (images of another size, ...) end every rank with its one line (``AgreedConfigError``)."""
+        hosted, failure = {}, None
+        try:
+            hosted = self.data.clients(self.hosted) if self.world.is_worker else {}  # in order; the cache is emptied
+        except ConfigError as err:
+            failure = (err.key, err.message)
+        agreed = self.world.agree(None if failure is None else "\n".join(failure))
+        if agreed is not None:
+            rank, text = agreed
+            raise AgreedConfigError(*text.split("\n", 1), rank)
+        return {k: _to_device(hosted[k], self.device) for k in self.hosted}
 
     @property
     def last_metrics(self) -> dict[str, float]:
@@ -183,12 +196,11 @@ class Engine:
             self.host,
             self.layout,
             self.algo.initial_client_state,
-            {"client_batch": self.algo.setup.client_batch},  # train.client_batch resolved (training/client_batch.py)
+            batching_record(self.algo, self.data.input_shape, self.data.x_dtype),  # what train.client_batch did
         )
 
     def _restore(self) -> None:
-        """Continue a run file: server state from its checkpoint, client states scattered to their hosts
-        in blocks of clients, so that rank 0 never holds all N states."""
+        """Continue a run file: server state from its checkpoint, client states back on their hosts."""
         w = self.world
         done = np.zeros(1, dtype=np.int64)
         if w.is_server:
@@ -202,18 +214,8 @@ class Engine:
             server, tables = self.writer.read_checkpoint(self.start_round)
             self.algo.load_server_state(unflatten_state(server))
             self.writer.carry_over(self.start_round)
-        if self.layout.empty:
-            return
-        rows = block_rows(int(self.layout.group_numel.max()))
-        for start in range(0, self.num_clients, rows):
-            stop = min(start + rows, self.num_clients)
-            block = make_plan(np.arange(start, stop), self.host, w.size)
-            send = self.layout.read(tables, block.order) if w.is_server else None
-            mine = block.of_rank(w.rank)
-            recv = np.empty(int(self.layout.numels(mine).sum()), dtype=np.float32)
-            w.scatterv(send, counts_per_rank(block, self.layout.numels(block.order)), recv, "restore")
-            if w.is_worker:
-                self.store.unpack(mine, recv)
+        if not self.layout.empty:
+            scatter_client_states(w, self.layout, tables, self.host, self.store if w.is_worker else None)
 
     def _client(self, k: int, t: int) -> Client:
         return Client(k, t, self.client_data[k], self.store.views(k), client_generator(self.cfg.seed, k, t))
@@ -266,18 +268,11 @@ class Engine:
         w.ledger.reset()  # messages before the first round (setup, restore) count in that round
         if w.is_server:
             self.divergence = self.recorder.keep(
-                t,
-                plan.order,
-                (times.start_wall, times.start_cpu),
-                client_rows,
-                algorithm_metrics,
-                state_rows,
-                evaluated,
-                ledgers,
-                self._snapshot_due(t),
-                net,
-                novel,
-            )
+                RoundArrivals(
+                    t, plan.order, (times.start_wall, times.start_cpu), client_rows, algorithm_metrics, state_rows,
+                    evaluated, ledgers, snapshot=self._snapshot_due(t), network=net, novel=novel,
+                )
+            )  # fmt: skip
             if self.divergence is not None:
                 self.stop_code = EXIT_DIVERGED
         return 0

@@ -60,6 +60,23 @@ def eval_columns(
 
 
 @dataclass
+class RoundArrivals:
+    """What rank 0 holds at the end of round t, for the recorder to summarise."""
+
+    t: int
+    clients: list[int]  # the trained clients, in the order of their rows
+    started: tuple[float, float]  # the server's (wall, cpu) clock when the round began
+    client_rows: np.ndarray  # training rows: META_COLUMNS, then the algorithm's metrics
+    algorithm_metrics: dict[str, float]  # what the aggregation reported
+    state_rows: np.ndarray | None  # the trained clients' states, flat (None: the algorithm keeps none)
+    evaluated: tuple[np.ndarray | None, tuple[str, ...]]  # evaluation rows and their columns, if due
+    ledgers: np.ndarray  # every rank's message ledger and timings
+    snapshot: bool  # a global-state snapshot is due
+    network: RoundNetwork | None = None  # the round's simulated network, when there is one
+    novel: NovelRows | None = None  # the served novel clients' rows (runtime/novel.py), in the last round
+
+
+@dataclass
 class RoundRecord:
     """Everything the file gets for one round (arrays are the server's own copies)."""
 
@@ -226,29 +243,16 @@ class Recorder:
         self.pending: RoundRecord | None = None
         self.last_metrics: dict[str, float] | None = None
 
-    def keep(
-        self,
-        t: int,
-        clients: list[int],
-        started: tuple[float, float],
-        client_rows: np.ndarray,
-        algorithm_metrics: dict[str, float],
-        state_rows: np.ndarray | None,
-        evaluated: tuple[np.ndarray | None, tuple[str, ...]],
-        ledgers: np.ndarray,
-        snapshot: bool,
-        network: RoundNetwork | None = None,
-        novel: NovelRows | None = None,
-    ) -> DivergenceError | None:
-        """Summarise round t (``clients``: the trained clients in the order of their rows) and keep it to
-        write; a NaN or infinity is not kept but returned as the error that stops the run. ``network``: the
-        round's ``RoundNetwork`` when the network is simulated (its tables and counts are recorded). ``novel``:
-        the served novel clients' rows (runtime/novel.py), in the last round."""
+    def keep(self, came: RoundArrivals) -> DivergenceError | None:
+        """Summarise a round from what came up to rank 0 and keep it to write; a NaN or infinity is not kept
+        but returned as the error that stops the run."""
+        t, clients, evaluated, network, novel = came.t, came.clients, came.evaluated, came.network, came.novel
         num_clients = self.algo.setup.num_clients
         scalars, per_client, comm, ranks = summarise(
-            t, num_clients, self.metric_names, client_rows, evaluated, ledgers, self.workers, self.algo.setup.task
-        )
-        scalars.update({k: float(v) for k, v in algorithm_metrics.items()})
+            t, num_clients, self.metric_names, came.client_rows, evaluated, came.ledgers, self.workers,
+            self.algo.setup.task,
+        )  # fmt: skip
+        scalars.update({k: float(v) for k, v in came.algorithm_metrics.items()})
         downloaded = () if network is None else network.downloaded
         evaluated_ids = () if evaluated[0] is None else evaluated[0][:, 0].astype(np.int64)
         protocol = protocol_ledger(self.algo, clients, evaluated_ids, downloaded)
@@ -268,11 +272,11 @@ class Recorder:
                 f"round {t + 1}: {', '.join(bad)} became NaN or infinite; stopped, "
                 f"the file keeps the {t} completed round(s)"
             )
-        state = self.layout.split(clients, state_rows) if state_rows is not None else {}
+        state = self.layout.split(clients, came.state_rows) if came.state_rows is not None else {}
         global_state = None
-        if snapshot:
+        if came.snapshot:
             global_state = {k: v.detach().cpu().numpy().copy() for k, v in self.algo.global_state().items()}
-        self.pending = RoundRecord(t, scalars, per_client, comm, ranks, server_state, state, global_state, started)
+        self.pending = RoundRecord(t, scalars, per_client, comm, ranks, server_state, state, global_state, came.started)
         return None
 
     def flush(self, ended: tuple[float, float]) -> None:

@@ -3,6 +3,7 @@ memory budget). See docs/batched.md, "Choosing K"."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,3 +66,24 @@ def choose_client_batch(
         return cfg.client_batch
     per_client = client_bytes(model, cfg, sample.to(device), max_samples)
     return max(1, min(MAX_AUTO, budget_bytes(cfg, device, sharing) // per_client))
+
+
+def batching_record(algo, input_shape: tuple[int, ...], x_dtype) -> dict[str, object]:
+    """The run file's record of ``train.client_batch``: ``client_batch``, the K of the blocks a worker trains or
+    evaluates (1 when nothing runs in blocks), and ``client_batch_use``, what runs in blocks or why nothing does
+    (judged on a sample of zeros of the data's shape: a client's data of another kind falls back on its own)."""
+    from .batched import batchable, task_loss
+    from .block_eval import stacks_evaluation
+
+    setup = algo.setup
+    if setup.client_batch == 1:
+        return {"client_batch": 1, "client_batch_use": "nothing (train.client_batch: 1)"}
+    why = f"{algo.name} trains its clients one after another" if not algo.trains_in_blocks else None
+    if why is None:
+        x, y = torch.from_numpy(np.zeros((1, *input_shape), dtype=x_dtype)), torch.zeros(1, dtype=torch.int64)
+        why = batchable(setup.model, setup.train, x, y, augment=setup.augment, loss=task_loss(setup))
+    used = [what for what, on in (("training", why is None), ("evaluation", stacks_evaluation(algo))) if on]
+    if not used:
+        return {"client_batch": 1, "client_batch_use": f"nothing: {why}"}
+    alone = f"; training one client at a time: {why}" if why else ""
+    return {"client_batch": setup.client_batch, "client_batch_use": " and ".join(used) + alone}
