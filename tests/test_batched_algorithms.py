@@ -85,7 +85,7 @@ def test_blocks_of_clients_equal_the_sequential_run(tmp_path, case, batched_clie
         assert f.attrs["client_batch"] == 4
 
 
-@pytest.mark.parametrize("case", ["fedavg", "fedprox", "ditto"])
+@pytest.mark.parametrize("case", OPTED_IN)
 def test_a_batched_run_resumes_bit_for_bit(tmp_path, case):
     _run(_cfg(case, tmp_path / "straight.h5", 3))
     _run(_cfg(case, tmp_path / "resumed.h5", 3, rounds=2))

@@ -6,10 +6,12 @@
 - The evaluation payload is used if and only if the algorithm declares ``eval_down``: without it nothing
   goes down for evaluation and ``load_for_eval`` gets None; with it, another payload changes the evaluation.
 - ``data.augment`` reaches every algorithm's client training (on digits): it changes round 1's train loss.
+- An algorithm that does not opt in to batched clients says so ("not batched") in its module's docstring.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import h5py
@@ -18,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from pfl_mpi.algorithms import resolve
 from pfl_mpi.comm.serial import SerialWorld
 from pfl_mpi.config import load_config
 from pfl_mpi.runtime import Engine
@@ -121,3 +124,9 @@ def test_augmentation_reaches_the_client_training(tmp_path, algorithm):
         with h5py.File(cfg.output_path, "r") as f:
             losses.append(float(f["rounds/train_loss"][0]))
     assert losses[0] != losses[1]
+
+
+@pytest.mark.parametrize("algorithm", BUILT_IN)
+def test_an_algorithm_that_trains_its_clients_one_by_one_says_so(algorithm):
+    cls = resolve({"name": algorithm})[0]
+    assert ("not batched" in sys.modules[cls.__module__].__doc__.lower()) != cls.batches_clients()

@@ -383,13 +383,17 @@ class Algorithm:
             client = dataclasses.replace(client, generator=options.pop("generator"))
         return self.local_training(client, **options)
 
+    @classmethod
+    def batches_clients(cls) -> bool:
+        """Whether the algorithm opts in to batched clients: a declared ``client_steps`` (or ``begin_training``),
+        ``client_update`` not overridden. The others say "not batched" in their module's docstring."""
+        declares = cls.client_steps is not Algorithm.client_steps or cls.begin_training is not Algorithm.begin_training
+        return declares and cls.client_update is Algorithm.client_update
+
     @property
     def trains_in_blocks(self) -> bool:
-        """Whether ``client_updates`` trains the clients in blocks: ``setup.client_batch`` > 1 and a declared
-        ``client_steps`` (or ``begin_training``), ``client_update`` not overridden."""
-        own = type(self)
-        declares = own.client_steps is not Algorithm.client_steps or own.begin_training is not Algorithm.begin_training
-        return self.setup.client_batch > 1 and declares and own.client_update is Algorithm.client_update
+        """Whether ``client_updates`` trains the clients in blocks of ``setup.client_batch`` (> 1)."""
+        return self.setup.client_batch > 1 and self.batches_clients()
 
     def client_updates(self, clients: list[Client], payloads: Sequence) -> Iterator[Update]:
         """The updates of a worker's clients of a round, in ``clients`` order (what the runtime calls). An

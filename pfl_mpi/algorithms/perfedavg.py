@@ -24,7 +24,8 @@ The reported ``train_loss`` is the mean over the steps of f(w~; D'), the meta-ob
 
 Evaluation personalises as the paper evaluates: from w, ``eval_steps`` steps w <- w - alpha grad f(w; D)
 on minibatches of the client's training split (the whole split with ``eval_full_batch``), then the test.
-Clients keep no state.
+Clients keep no state. ``data.augment`` applies to every minibatch drawn. Batched clients
+(``train.client_batch``): not batched, clients train one after another: a meta-learning inner loop.
 """
 
 from __future__ import annotations
