@@ -28,6 +28,7 @@ OPTED_IN = {  # algorithm -> its overrides: the features its client step batches
     "signsgd": {},
     "fetchsgd": {},
     "robust": {},
+    "fedamp": {"algorithm.lambda": 0.5, "algorithm.start": "personal"},
 }
 
 

@@ -10,8 +10,7 @@ library loop with the proximal term as regulariser. Choices (where SGD starts, c
 similarities, the tuned sigma and xi_ii) and the full design: docs/algorithms.md#fedamp.
 
 Over 150 lines: two attention rules (the paper's, HeurFedAMP's) and the server's table W of the clients' models.
-Batched clients (``train.client_batch``): not batched, clients train one after another: the proximal pull to
-each client's own cloud model u_i comes through its own loop.
+Batched clients (``train.client_batch``): opted in; a block's clients are pulled each to its own u_i.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..models.params import ParamLayout
+from ..training.proximal import ProximalTerm
 from .base import Algorithm, Client, Collected, Gathered, PerClient, Phase, Setup, Update
 from .registry import register
 
@@ -122,21 +122,18 @@ class FedAMP(Algorithm):
         return {"attention": self.attention(torch.arange(self.setup.num_clients)).float()}
 
     # -- client ---------------------------------------------------------------------------
-    def client_update(self, client: Client, payload: torch.Tensor) -> Update:
-        """The proximal step towards the cloud model u_i (``payload``): the library loop with the proximal term."""
-        model, params = self.setup.model, self.setup.params
-        self.layout.load(model, client.state["model"] if self.params.start == "personal" else payload)
-        chunks = payload.to(params[0].device).split(self.layout.numels)
-        cloud = [u.view_as(p) for p, u in zip(params, chunks, strict=True)]  # u_i, shaped as the parameters
+    def begin_training(self, client: Client, payload: torch.Tensor) -> dict:
+        """The proximal step towards the cloud model u_i (``payload``): the library loop with the proximal term
+        prox ||w - u_i||^2 (a ``ProximalTerm`` of coefficient 2 prox), from w_i or u_i (``start``)."""
+        self.layout.load(self.setup.model, client.state["model"] if self.params.start == "personal" else payload)
+        names = self.layout.names
+        return {"regulariser": ProximalTerm(self.setup.params, names, payload, 2 * self.prox) if self.prox else None}
 
-        def proximal() -> torch.Tensor:
-            return self.prox * sum(((p - u) ** 2).sum() for p, u in zip(params, cloud, strict=True))
-
-        loss = self.local_training(client, regulariser=proximal if self.prox else None)["train_loss"]
-        w = self.layout.flatten(model)
+    def finish_training(self, client: Client, payload: torch.Tensor, means: dict) -> Update:
+        w = self.layout.flatten(self.setup.model)
         client.state["model"].copy_(w)
         distance = float((w - payload).norm())
-        return Update(w, 1.0, {"train_loss": loss, "cloud_distance": distance})
+        return Update(w, 1.0, {"train_loss": means["train_loss"], "cloud_distance": distance})
 
     def load_for_eval(self, client: Client, payload: None) -> None:
         self.layout.load(self.setup.model, client.state["model"])

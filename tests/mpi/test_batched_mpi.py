@@ -15,7 +15,7 @@ from ..helpers import committed, tiny_config
 
 # the opted-in algorithms (tests/test_batched_algorithms.py checks each against the sequential path on one process)
 OPTED_IN = ["fedavg", "fedper", "lgfedavg", "fedprox", "local", "fedrep", "ditto", "qsgd", "topk", "signsgd"]
-OPTED_IN += ["fetchsgd", "robust"]
+OPTED_IN += ["fetchsgd", "robust", "fedamp"]
 SETS = {"data.num_clients": 14, "clients_per_round": 11, "data.partition": "dirichlet", "state_every": 1}
 
 
