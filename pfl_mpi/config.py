@@ -30,7 +30,7 @@ NAME_MAX = 100  # characters of a run name
 class CommConfig(BaseModel):
     """How ranks wait for messages."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     wait: Literal["polled", "blocking"] = Field(
         "polled",
         description="polled: a waiting rank sleeps between polls (frees its core for the others; it notices "
@@ -44,7 +44,7 @@ class CommConfig(BaseModel):
 class RunConfig(BaseModel):
     """One experiment. Every field can be set in YAML or with ``--set key.sub=value``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     name: str = Field(
         "run",

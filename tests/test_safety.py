@@ -60,6 +60,7 @@ def _files(cwd: Path) -> None:
     with h5py.File(cwd / "nan.h5", "w") as f:
         f["x"], f["y"] = x, np.arange(200) % 2
     (cwd / "boom.py").write_text('raise RuntimeError("boom at import")\n', encoding="utf-8")
+    (cwd / "locked.h5.lock").mkdir()  # where the run's lock file would go
     (cwd / "myalgo.py").write_text(PLUGIN, encoding="utf-8")
     (cwd / "yaml.py").write_text('raise SystemExit("the stray yaml.py was imported")\n', encoding="utf-8")
     (cwd / "notes.h5").write_text("not a run file\n", encoding="utf-8")
@@ -91,6 +92,10 @@ BAD = {
         "output",
         "not a pfl_mpi run file",
     ),
+    "lr_infinite": (["tiny.yaml", "--set", "train.lr=.inf"], "train.lr", "finite number"),
+    "out_empty": (["tiny.yaml", "--out", ""], "output", "--out is empty"),
+    "out_name_too_long": (["tiny.yaml", "--out", f"{'b' * 300}.h5"], "output", "File name too long"),
+    "out_lock_is_a_directory": (["tiny.yaml", "--out", "locked.h5"], "output", "cannot create the lock file"),
     "zero_ranks": (["tiny.yaml", "-n", "0"], "-n", "at least 1"),
     "negative_ranks": (["tiny.yaml", "-n", "-3"], "-n", "at least 1"),
     "resume_missing": (["--resume", "none.h5"], "resume", "none.h5"),

@@ -95,8 +95,8 @@ def test_resume_refuses_out_and_fewer_rounds_than_done(copy):
 
 
 def test_a_live_file_has_one_writer_and_the_refusal_names_the_holder(copy):
-    """While a lock is held (as rank 0 of a running job holds it), a second writer, an overwrite and a
-    resume are refused with one line naming the holder; under mpiexec the refusal comes from rank 0
+    """While a lock is held (as rank 0 of a running job holds it), a second writer, an overwrite, a resume and
+    a --resume-if-exists (whatever its rounds) are refused with one line naming the holder; under mpiexec the refusal comes from rank 0
     and no rank hangs."""
     holder = f"pid {os.getpid()} on host {socket.gethostname()}"
     with RunLock(copy):
@@ -104,6 +104,7 @@ def test_a_live_file_has_one_writer_and_the_refusal_names_the_holder(copy):
             pfl("run", "--resume", str(copy), "--set", "rounds=3"),
             pfl("run", "--out", str(copy), "--overwrite", *TINY),
             pfl("run", "--resume", str(copy), "--set", "rounds=3", "-n", "2"),
+            pfl("run", "--out", str(copy), *TINY, "--set", "rounds=1", "--resume-if-exists"),  # not "rounds: 1 <"
         ]
         mpiexec = Path(sys.executable).parent / "mpiexec"
         direct = subprocess.run(

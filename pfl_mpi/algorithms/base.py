@@ -224,7 +224,7 @@ OPTIMIZER_STATE = "optimizer_state"  # the client-state name of the kept optimis
 
 
 class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
 
 class Algorithm:

@@ -29,7 +29,7 @@ _TAG = 0x4259_5A41  # "BYZA": stream tag of the Byzantine draws
 class ByzantineConfig(BaseModel):
     """Which clients are Byzantine and what they send (config section ``algorithm.byzantine``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     fraction: float = Field(0.0, ge=0, le=1, description="fraction of all clients that are Byzantine (from the seed)")
     clients: list[int] = Field(default_factory=list, description="ids of clients that are Byzantine (added to those)")
     attack: Literal["scale", "sign_flip", "random"] = Field(

@@ -27,7 +27,7 @@ from .registry import register
 
 
 class FedAMPParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid", populate_by_name=True)
     attention: Literal["fedamp", "heurfedamp"] = Field(
         "heurfedamp",
         description="fedamp: xi_ij = alpha_k A'(||w_i - w_j||^2) with A(x) = 1 - exp(-x / sigma), xi_ii = 1 - the "

@@ -29,7 +29,7 @@ from .weighting import Weighting
 
 
 class FedAvgParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     weighting: Weighting = Field(
         "samples", description="client weights: samples, uniform, quality or label_kl (see weighting.py)"
     )

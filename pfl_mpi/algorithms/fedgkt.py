@@ -36,7 +36,7 @@ _SERVER_ORDER = 0x4753  # stream tag of the server's minibatch order, per round
 
 
 class FedGKTParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     alpha: float = Field(1.0, ge=0, description="weight of the clients' KD term KL_T(server || client) (code: 1)")
     temperature: float = Field(3.0, gt=0, description="distillation temperature T (the code's default 3)")
     server_alpha: float = Field(1.0, ge=0, description="weight of the server's KD term KL_T(client || server); 0: CE")

@@ -32,7 +32,7 @@ _PUBLIC_START = 0x464D_50  # stream tag of an architecture group's training on t
 
 
 class FedMDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     alignment_size: int = Field(5000, ge=1, description="N_alignment: public samples scored per round (<= public size)")
     logits_matching_epochs: int = Field(1, ge=0, description="N_logits_matching_round: digest epochs on the subset")
     logits_matching_batch_size: int = Field(256, ge=1, description="logits_matching_batchsize: digest batch size")

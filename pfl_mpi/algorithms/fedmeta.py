@@ -44,7 +44,7 @@ from .weighting import client_weight
 
 
 class FedMetaParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     variant: Literal["maml", "fomaml", "metasgd"] = Field(
         "maml", description="meta-learner: MAML (second order), first-order MAML, or Meta-SGD (learned alpha)"
     )

@@ -45,7 +45,7 @@ from .registry import register
 
 
 class FedProtoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     lam: float = Field(
         1.0,
         ge=0,

@@ -38,7 +38,7 @@ _SKETCH = 0x534B_4554  # "SKET": stream tag of the sketch's hash tables
 
 
 class FetchSGDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     rows: int = Field(5, ge=1, description="r: rows of the Count Sketch (independent hash functions)")
     columns: int = Field(1000, ge=1, description="c: columns (buckets) of each row")
     k: int = Field(100, ge=1, description="k: coordinates recovered from the error sketch and applied per round")

@@ -32,7 +32,7 @@ _HYPERNETWORK_SEED = 0x4846  # stream tag of the hypernetwork's initialisation
 
 
 class PFedHNParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     embedding_dim: int | None = Field(
         None, ge=1, description="dimension of the client embeddings v_i; None: int(1 + N/4), the paper's choice"

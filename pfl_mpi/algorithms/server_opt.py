@@ -25,7 +25,7 @@ from ..training.loop import ScheduleConfig, lr_factor
 class ServerOptConfig(BaseModel):
     """The server's optimiser and its hyper-parameters, named as in Reddi et al."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     name: Literal["sgd", "adam", "yogi", "adagrad"] = Field(
         "sgd", description="Server optimiser: sgd (FedAvg / FedAvgM), adam, yogi or adagrad (FedOpt)."

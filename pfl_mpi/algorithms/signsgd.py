@@ -29,7 +29,7 @@ from .shared_model import SharedModelAlgorithm
 
 
 class SignSGDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
     lr: float = Field(0.001, gt=0, description="server step size eta: w <- w + eta * sign(sum_k sign(u_k))")
     sigma: float = Field(0.0, ge=0, description="std of the noise added to u_k before its sign (Chen et al.); 0: none")
     byzantine: ByzantineConfig = Field(default_factory=ByzantineConfig, description="Byzantine clients (testing)")

@@ -102,10 +102,14 @@ def _existing_rounds(cfg) -> int | None:
     import yaml
 
     from ..store import read_summary
+    from ..store.lock import RunFileBusy, holder
 
     path = cfg.output_path
     if not path.exists():
         return None
+    busy = holder(path)  # a live run's file: say so, not what its rounds are
+    if busy:
+        raise ConfigError("output", str(RunFileBusy(path, busy)))
     try:
         summary = read_summary(path)
         stored = yaml.safe_load(str(summary.attrs["config"]))
@@ -124,6 +128,8 @@ def _resolve_run_config(args: argparse.Namespace):
     from ..data import load_federated
     from ..runtime.build import check_buildable
 
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("output", "--out is empty: give the run file's path")
     if args.resume:
         import yaml
 

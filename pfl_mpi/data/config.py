@@ -21,7 +21,7 @@ _NO_USERS = ("digits", "mnist1d", "synthetic", "cifar10", "cifar100")
 class SyntheticConfig(BaseModel):
     """Synthetic(alpha, beta) of FedProx (Li et al., MLSys 2020, section 5)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     alpha: float = Field(
         1.0, ge=0, description="Spread of the local models: u_k ~ N(0, alpha) is the mean of W_k and b_k."
@@ -52,7 +52,7 @@ class SyntheticConfig(BaseModel):
 class Mnist1dConfig(BaseModel):
     """MNIST-1D (Greydanus 2020), generated locally from the templates shipped in the ``mnist1d`` package."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     num_samples: int = Field(
         4000,
@@ -75,7 +75,7 @@ class Mnist1dConfig(BaseModel):
 class PublicConfig(BaseModel):
     """A public data set shared by every client (FedMD's D0), beside the clients' private data."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     source: Literal["holdout", "digits", "mnist1d"] = Field(
         "holdout",
@@ -96,7 +96,7 @@ class PublicConfig(BaseModel):
 class AugmentConfig(BaseModel):
     """Image augmentation of every training batch on the device (see ``pfl_mpi/data/augment.py``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     crop_padding: int = Field(
         4, ge=0, description="Random crop: pad each side with this many zeros, crop back to H x W; 0: no crop."
@@ -107,7 +107,7 @@ class AugmentConfig(BaseModel):
 class HfConfig(BaseModel):
     """Columns and splits of a Hugging Face data set read from disk (``name: hf``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     x: str = Field(
         "image",
@@ -130,7 +130,7 @@ class HfConfig(BaseModel):
 class DataConfig(BaseModel):
     """Which data set, how many clients, how the samples are dealt out and split into train and test."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     name: DataName = Field(
         "digits",

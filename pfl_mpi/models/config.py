@@ -26,7 +26,7 @@ class ArchitectureConfig(BaseModel):
     Extra keys are a user network's options (``name`` = ``package.module:factory`` or a registered name); a
     built-in network refuses them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
 
     name: str = Field(
         "mlp",

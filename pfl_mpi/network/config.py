@@ -20,7 +20,7 @@ class NetworkConfig(BaseModel):
     """Each client's device (bandwidth, latency, speed), whether it takes part in a round, and when the
     server stops waiting. Formulas and status codes: docs/network.md."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     enabled: bool = Field(False, description="simulate the network and devices (false: every sampled client trains)")
     down_mbps: float = Field(20.0, gt=0, le=RATE_MAX, description="median downlink bandwidth of a client (Mbit/s)")

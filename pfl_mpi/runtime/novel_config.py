@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 class NovelConfig(BaseModel):
     """The budget of serving a novel client, the same for every algorithm that trains to serve one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     epochs: int | None = Field(
         None,

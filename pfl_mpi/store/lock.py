@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+from ..errors import ConfigError
+
 TAKE_SECONDS = 1.0  # a lock briefly held by a reader's probe (``holder``) is retried this long
 
 
@@ -53,7 +55,10 @@ class RunLock:
     def acquire(self, patience: float = TAKE_SECONDS) -> RunLock:
         deadline = time.monotonic() + patience
         while True:
-            fd = os.open(self.side, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.side, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:  # a directory of that name, a file system that refuses it, ...
+                raise ConfigError("output", f"cannot create the lock file {self.side}: {err.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:

@@ -74,8 +74,16 @@ def _read_only(path: Path) -> bool:
 
 def check_output(path: Path, *, continuing: bool, overwrite: bool, probe_lock: bool = True) -> None:
     """Refuse an output path that cannot be this run's file, with one line naming it (``ConfigError``):
-    a directory, an unwritable directory, a live run's file, an existing file that is not a run file, or
-    (starting afresh without ``overwrite``) any existing file. ``probe_lock=False``: the caller holds the lock."""
+    a directory, an unwritable directory, a live run's file, an existing file that is not a run file, a path
+    the system refuses (a name too long, ...), or (starting afresh without ``overwrite``) any existing file.
+    ``probe_lock=False``: the caller holds the lock."""
+    try:
+        _check_output(path, continuing, overwrite, probe_lock)
+    except OSError as err:
+        raise ConfigError(KEY, f"{path}: {err.strerror or err}") from None
+
+
+def _check_output(path: Path, continuing: bool, overwrite: bool, probe_lock: bool) -> None:
     if path.is_dir():
         raise ConfigError(KEY, f"{path} is a directory, not a run file path")
     busy = holder(path) if probe_lock else None

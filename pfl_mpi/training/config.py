@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class ScheduleConfig(BaseModel):
     """A learning rate over rounds: lr_t = lr * factor(t) (config ``train.schedule``, ``server_opt.schedule``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     name: Literal["constant", "step", "exponential", "cosine"] = Field(
         "constant",
@@ -45,7 +45,7 @@ def lr_factor(schedule: ScheduleConfig, t: int, rounds: int) -> float:
 class AutoClientBatch(BaseModel):
     """``train.client_batch: {memory_mb: M}``: as ``auto``, within a memory budget of M MB per rank."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     memory_mb: float = Field(gt=0, description="memory budget of one block of clients, in MB")
 
@@ -53,7 +53,7 @@ class AutoClientBatch(BaseModel):
 class TrainConfig(BaseModel):
     """Client-side local training (config section ``train``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     local_epochs: int = Field(1, ge=1, description="epochs over the client's training split per round (E)")
     batch_size: int = Field(32, ge=1, description="minibatch size (B)")
