@@ -120,6 +120,9 @@ def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path
             assert f"keeps {done} committed round(s), status interrupted" in err
     else:
         assert status in ("running", "interrupted")
+    if signum == signal.SIGKILL and kind != "launcher":  # the killed process could not say it: the launcher does
+        assert "pfl-mpi: the job ended with exit code " in err and "(a process of it was killed)" in err, err
+        assert f"{out} keeps its committed rounds; continue with: pfl-mpi run --resume {out}" in err
     if (kind, signum) in REAL_RESUME:
         resumed = subprocess.run(
             [sys.executable, "-m", "pfl_mpi", "run", "--resume", str(out), "--set", f"rounds={done + 1}", "--quiet"],

@@ -22,7 +22,15 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EXIT_CONFIG, EXIT_WRITE, INTERRUPT_CODES, AgreedConfigError, ConfigError, Interrupted
+from ..errors import (
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_WRITE,
+    INTERRUPT_CODES,
+    AgreedConfigError,
+    ConfigError,
+    Interrupted,
+)
 from ..report.score_lines import score_lines
 from ..runtime.cluster import Stopper, launch_mismatch, launcher_rank, requeued
 from ..runtime.novel_record import novel_line
@@ -297,7 +305,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         except ConfigError as err:
             return _fail_config(err)
         if args.ranks and args.ranks > 1:
-            return _launch(args, argv)
+            code = _launch(args, argv)
+            if code not in KNOWN_CODES:  # a process of the job was killed: the ranks could not say it
+                print(f"pfl-mpi: the job ended with exit code {code} (a process of it was killed); "
+                      f"{_kept(prepared[0].output_path)}", file=sys.stderr, flush=True)  # fmt: skip
+            return code
 
     stopper = Stopper()  # from here a signal is noted, and stops the run once it has started
     stopper.install()
@@ -434,6 +446,10 @@ def _run_ranks(args: argparse.Namespace, world, prepared, stopper: Stopper) -> i
 def _release(lock) -> None:
     if lock is not None:
         lock.release()
+
+
+# exit codes whose process says why in a line of its own; any other one means a process of the job was killed
+KNOWN_CODES = (0, 1, EXIT_CONFIG, EXIT_DIVERGED, EXIT_WRITE, EXIT_LAUNCH, *INTERRUPT_CODES)
 
 
 def _kept(path: Path) -> str:
