@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,44 +138,41 @@ def supervise(command: list[str], grace: float = STOP_GRACE) -> int:
     its grace period, as for any job that a SIGTERM ended)."""
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_term_with_parent)  # noqa: PLW1509
-    received: list[tuple[int, float]] = []  # (signal, when)
+    received: list[int] = []
+    killed = threading.Event()
+
+    def kill_late() -> None:  # the grace period after the first signal is over
+        if proc.poll() is not None:
+            return
+        print(
+            f"pfl-mpi: the job did not end within {grace:g} s of {signal.Signals(received[0]).name}: killing its "
+            "processes; the file keeps its committed rounds",
+            file=sys.stderr,
+            flush=True,
+        )
+        killed.set()
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(grace, kill_late)
+    timer.daemon = True
 
     def forward(signum: int, frame) -> None:
-        received.append((signum, time.monotonic()))
+        received.append(signum)
+        if len(received) == 1:
+            timer.start()
         with contextlib.suppress(OSError):
             proc.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        killed = _wait_or_kill(proc, received, grace)
-        _end_leftovers(grace if len(received) < 2 and not killed else 0.0)
+        code = proc.wait()
+        timer.cancel()
+        _end_leftovers(grace if len(received) < 2 and not killed.is_set() else 0.0)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if killed:
+    if killed.is_set():
         return 128 + signal.SIGTERM
-    return 128 - proc.returncode if proc.returncode < 0 else proc.returncode
-
-
-def _wait_or_kill(proc: subprocess.Popen, received: list[tuple[int, float]], grace: float) -> bool:
-    """Wait for ``proc``; kill it once ``grace`` seconds have passed since the first signal received.
-    True if it was killed here."""
-    while True:
-        try:
-            proc.wait(timeout=0.1)
-            return False
-        except subprocess.TimeoutExpired:
-            pass
-        if received and time.monotonic() - received[0][1] >= grace:
-            name = signal.Signals(received[0][0]).name
-            print(
-                f"pfl-mpi: the job did not end within {grace:g} s of {name}: killing its processes; "
-                "the file keeps its committed rounds",
-                file=sys.stderr,
-                flush=True,
-            )
-            for pid in _descendants(os.getpid()):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-            return True
+    return 128 - code if code < 0 else code
