@@ -188,15 +188,9 @@ class Engine:
 
     # -- the file -------------------------------------------------------------------------
     def _create_file(self, histograms: np.ndarray) -> RunWriter:
+        algo, batching = self.algo, batching_record(self.algo, self.data.input_shape, self.data.x_dtype)
         return create_run_file(
-            self.cfg,
-            self.world,
-            self.data,
-            histograms,
-            self.host,
-            self.layout,
-            self.algo.initial_client_state,
-            batching_record(self.algo, self.data.input_shape, self.data.x_dtype),  # what train.client_batch did
+            self.cfg, self.world, self.data, histograms, self.host, self.layout, algo.initial_client_state, batching
         )
 
     def _restore(self) -> None:
