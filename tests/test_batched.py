@@ -214,7 +214,9 @@ def test_a_block_that_auto_chose_stays_within_the_budget(net, shape, options):
         assert k == 1 or peak <= mb * 2**20, (k, peak)
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "many", "{memory_mb: -1}"])
-def test_a_bad_client_batch_is_refused_naming_the_key(value):
-    with pytest.raises(ConfigError, match=r"train\.client_batch"):
+@pytest.mark.parametrize("value", ["0", "-2", "many", "{memory_mb: -1}", "{memory_mb: 0}", "{mem: 3}", "true", "2.5"])
+def test_a_bad_client_batch_is_refused_naming_the_key_and_its_forms(value):
+    with pytest.raises(ConfigError) as info:
         load_config(None, [f"train.client_batch={value}"])
+    assert info.value.key == "train.client_batch"
+    assert info.value.message.startswith("must be auto, {memory_mb: M} with M > 0, or an integer >= 1; got ")

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ScheduleConfig(BaseModel):
@@ -91,12 +91,19 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{value!r} must be written package.module:function")
         return value
 
-    @field_validator("client_batch")
+    @field_validator("client_batch", mode="before")
     @classmethod
-    def _positive(cls, value: int | str | AutoClientBatch) -> int | str | AutoClientBatch:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be auto, {{memory_mb: M}} or an integer >= 1, got {value}")
-        return value
+    def _client_batch(cls, value: object) -> object:
+        """One message for every wrong form (pydantic would name the first member of the union it tried)."""
+        wrong = f"must be auto, {{memory_mb: M}} with M > 0, or an integer >= 1; got {value!r}"
+        if isinstance(value, dict):
+            try:
+                return AutoClientBatch.model_validate(value)
+            except ValidationError:
+                raise ValueError(wrong) from None
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(wrong)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
