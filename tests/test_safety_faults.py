@@ -66,8 +66,9 @@ def _target(launcher: subprocess.Popen, kind: str) -> int:
     tree = process_tree(launcher.pid)
     if kind == "launcher":
         return launcher.pid
-    if kind == "mpiexec":
-        return next(p for p in tree if "mpiexec" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"))
+    if kind in ("mpiexec", "proxy"):
+        name = "mpiexec" if kind == "mpiexec" else "hydra_pmi_proxy"
+        return next(p for p in tree if name in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"))
     want = 0 if kind == "rank0" else 1
     return next(p for p in tree if _rank_of(p) == want)
 
@@ -164,5 +165,26 @@ def test_sigterm_to_the_launcher_of_a_hung_job_leaves_no_survivor(tmp_path):
     ended_by_rank = "did not stop within its grace period after SIGTERM" in err
     ended_by_launcher = "the job did not end within 15 s of SIGTERM" in err
     assert (ended_by_rank or ended_by_launcher) and "Traceback" not in err, err
+    check_reopenable(out)
+    assert _committed(out) >= 2
+
+
+def test_killing_mpiexecs_proxy_ends_the_job_with_one_line_and_no_survivor(tmp_path):
+    """SIGKILL to MPICH's hydra_pmi_proxy: the ranks lose their parent and mpiexec would wait for ever; the
+    launcher, which adopts them, ends the job and says so; the file keeps its committed rounds. (The proxy
+    ignores SIGTERM: the job then goes on.)"""
+    out = tmp_path / "x.h5"
+    launcher = _start_long_job(out)
+    try:
+        processes = process_tree(launcher.pid)
+        os.kill(_target(launcher, "proxy"), signal.SIGKILL)
+        _, err = launcher.communicate(timeout=DEADLINE)
+        _wait(lambda: not any(alive(p) for p in processes), "every process of the job to end")
+    finally:
+        for pid in process_tree(launcher.pid) if launcher.poll() is None else ():
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+    assert launcher.returncode != 0 and "Traceback" not in err, err
+    assert f"{out} keeps its committed rounds; continue with: pfl-mpi run --resume {out}" in err, err
     check_reopenable(out)
     assert _committed(out) >= 2

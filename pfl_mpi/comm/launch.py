@@ -73,9 +73,9 @@ def _term_with_parent() -> None:  # runs in the child between fork and exec
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _descendants(root: int) -> list[int]:
-    """Living (not zombie) processes below ``root``, from /proc."""
-    parent: dict[int, int] = {}
+def _processes() -> dict[int, tuple[int, int]]:
+    """(parent, start time in clock ticks) of every living (not zombie) process, from /proc."""
+    found: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not entry.isdigit():
             continue
@@ -85,7 +85,13 @@ def _descendants(root: int) -> list[int]:
         except OSError:
             continue
         if fields[0] != "Z":
-            parent[int(entry)] = int(fields[1])
+            found[int(entry)] = (int(fields[1]), int(fields[19]))
+    return found
+
+
+def _descendants(root: int) -> list[int]:
+    """Living (not zombie) processes below ``root``, from /proc."""
+    parent = {pid: ppid for pid, (ppid, _) in _processes().items()}
     found, frontier = [], [root]
     while frontier:
         pid = frontier.pop()
@@ -166,8 +172,11 @@ def supervise(command: list[str], grace: float = STOP_GRACE) -> int:
             proc.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    ended = threading.Event()
+    threading.Thread(target=_watch_for_orphans, args=(proc, ended), daemon=True).start()
     try:
         code = proc.wait()
+        ended.set()
         timer.cancel()
         _end_leftovers(grace if len(received) < 2 and not killed.is_set() else 0.0)
     finally:
@@ -176,3 +185,24 @@ def supervise(command: list[str], grace: float = STOP_GRACE) -> int:
     if killed.is_set():
         return 128 + signal.SIGTERM
     return 128 - code if code < 0 else code
+
+
+ORPHAN_CHECK_SECONDS = 2.0  # how often the launcher looks for ranks that lost their launcher process
+
+
+def _watch_for_orphans(proc: subprocess.Popen, ended: threading.Event) -> None:
+    """While mpiexec runs, its ranks are below it. A process started after mpiexec and adopted by this one (its
+    parent died: mpiexec's proxy, killed) in two checks in a row means mpiexec lost part of its job and would wait
+    for ever: kill mpiexec and everything below this process (the caller then reports the killed job)."""
+    me, seen = os.getpid(), False
+    started = _processes().get(proc.pid, (0, 0))[1]
+    while not ended.wait(ORPHAN_CHECK_SECONDS):
+        processes = _processes()
+        adopted = [pid for pid, (parent, start) in processes.items() if parent == me and start >= started]
+        adopted = [pid for pid in adopted if pid != proc.pid]
+        if adopted and seen and proc.poll() is None:
+            for pid in [proc.pid, *_descendants(me)]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            return
+        seen = bool(adopted)
