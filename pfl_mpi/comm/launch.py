@@ -140,7 +140,8 @@ def supervise(command: list[str], grace: float = STOP_GRACE) -> int:
     saying so. mpiexec gets SIGTERM if this process dies (SIGKILL included), and runs in its own session so
     that a terminal's Ctrl-C reaches only this process. This process adopts the ranks when mpiexec dies
     (child subreaper): whatever is left when mpiexec has ended gets SIGTERM, then SIGKILL after ``grace``
-    seconds. The exit code is mpiexec's (128 + signal if a signal ended it; 143 for a job killed here after
+    seconds; ranks it adopts while mpiexec runs (their proxy died) end the job (``_watch_for_orphans``).
+    The exit code is mpiexec's (128 + signal if a signal ended it; 143 for a job killed here after
     its grace period, as for any job that a SIGTERM ended)."""
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_term_with_parent)  # noqa: PLW1509
@@ -187,7 +188,7 @@ def supervise(command: list[str], grace: float = STOP_GRACE) -> int:
     return 128 - code if code < 0 else code
 
 
-ORPHAN_CHECK_SECONDS = 2.0  # how often the launcher looks for ranks that lost their launcher process
+ORPHAN_CHECK_SECONDS = 2.0  # how often the launcher looks for ranks that lost their parent (mpiexec's proxy)
 
 
 def _watch_for_orphans(proc: subprocess.Popen, ended: threading.Event) -> None:
