@@ -93,6 +93,22 @@ def _start_long_job(out: Path) -> subprocess.Popen:
     return launcher
 
 
+def _end_job(launcher: subprocess.Popen, signals: list[tuple[str, int]]) -> str:
+    """Send each (process kind, signal) in turn, then wait for the launcher and every process of the job to end
+    (whatever is left after a failure is killed); the launcher's stderr."""
+    try:
+        processes = process_tree(launcher.pid)
+        for kind, signum in signals:
+            os.kill(_target(launcher, kind), signum)
+        _, err = launcher.communicate(timeout=DEADLINE)
+        _wait(lambda: not any(alive(p) for p in processes), "every process of the job to end")
+    finally:
+        for pid in process_tree(launcher.pid) if launcher.poll() is None else ():
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+    return err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
 @pytest.mark.parametrize("kind", ["launcher", "mpiexec", "rank0", "worker"])
 def test_killing_any_process_leaves_no_survivor_and_a_file_that_resumes(tmp_path, kind, signum):
@@ -151,16 +167,7 @@ def test_sigterm_to_the_launcher_of_a_hung_job_leaves_no_survivor(tmp_path):
     Either way no process is left, and the file keeps its committed rounds, readable for a resume."""
     out = tmp_path / "hung.h5"
     launcher = _start_long_job(out)
-    try:
-        processes = process_tree(launcher.pid)
-        os.kill(_target(launcher, "worker"), signal.SIGSTOP)
-        os.kill(launcher.pid, signal.SIGTERM)
-        _, err = launcher.communicate(timeout=DEADLINE)
-        _wait(lambda: not any(alive(p) for p in processes), "every process of the job to end")
-    finally:
-        for pid in process_tree(launcher.pid) if launcher.poll() is None else ():
-            os.kill(pid, signal.SIGKILL)
-        launcher.wait()
+    err = _end_job(launcher, [("worker", signal.SIGSTOP), ("launcher", signal.SIGTERM)])
     assert launcher.returncode == 143, err
     ended_by_rank = "did not stop within its grace period after SIGTERM" in err
     ended_by_launcher = "the job did not end within 15 s of SIGTERM" in err
@@ -175,15 +182,7 @@ def test_killing_mpiexecs_proxy_ends_the_job_with_one_line_and_no_survivor(tmp_p
     ignores SIGTERM: the job then goes on.)"""
     out = tmp_path / "x.h5"
     launcher = _start_long_job(out)
-    try:
-        processes = process_tree(launcher.pid)
-        os.kill(_target(launcher, "proxy"), signal.SIGKILL)
-        _, err = launcher.communicate(timeout=DEADLINE)
-        _wait(lambda: not any(alive(p) for p in processes), "every process of the job to end")
-    finally:
-        for pid in process_tree(launcher.pid) if launcher.poll() is None else ():
-            os.kill(pid, signal.SIGKILL)
-        launcher.wait()
+    err = _end_job(launcher, [("proxy", signal.SIGKILL)])
     assert launcher.returncode != 0 and "Traceback" not in err, err
     assert f"{out} keeps its committed rounds; continue with: pfl-mpi run --resume {out}" in err, err
     check_reopenable(out)
